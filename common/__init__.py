@@ -1,0 +1,1 @@
+"""Helpers shared by the server and client command lines (no protocol, no I/O)."""

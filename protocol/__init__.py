@@ -1,0 +1,38 @@
+"""The counter protocol, version 1: bytes <-> values, with no I/O (sans-I/O).
+
+Everything a server or client needs to speak SPEC §2 lives here as pure
+functions plus one small incremental decoder, so it can be tested exhaustively
+without a network.
+"""
+
+from protocol.decoder import FrameDecoder
+from protocol.frames import (
+    FRAME_SIZE,
+    MAX_COUNTER,
+    REPLY_SIZE,
+    InvalidFrame,
+    RejectReason,
+    checksum,
+    decode_replies,
+    decode_reply,
+    decode_request,
+    encode_replies,
+    encode_reply,
+    encode_request,
+)
+
+__all__ = [
+    "FRAME_SIZE",
+    "MAX_COUNTER",
+    "REPLY_SIZE",
+    "FrameDecoder",
+    "InvalidFrame",
+    "RejectReason",
+    "checksum",
+    "decode_replies",
+    "decode_reply",
+    "decode_request",
+    "encode_replies",
+    "encode_reply",
+    "encode_request",
+]

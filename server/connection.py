@@ -1,0 +1,92 @@
+"""One client connection: the hot path (read, verify, apply, reply) and the
+careful close that follows a refused frame.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Protocol
+
+from protocol import MAX_COUNTER, FrameDecoder, InvalidFrame, RejectReason, encode_replies
+from server.stats import ServerStats
+from server.store import CounterStore
+
+RECV_SIZE = 64 * 1024
+# After refusing a frame we half-close and read what the client still sends
+# for a little while, so that closing with unread input (which makes the
+# kernel send RST) cannot destroy the replies we owed it.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1 << 20
+
+
+class ServerState(Protocol):
+    stopping: bool
+
+
+def serve(
+    sock: socket.socket, store: CounterStore, stats: ServerStats, state: ServerState
+) -> InvalidFrame | None:
+    """Serve frames until the peer closes, a frame is refused or shutdown begins.
+
+    Every complete valid frame of a read is applied in order and all their
+    replies go out in one write. Returns the refusal (checksum or overflow;
+    truncated if the peer closed mid-frame), or None. OSError from the socket
+    (reset, broken pipe) propagates, except when shutdown cut the read side.
+    """
+    decoder = FrameDecoder()
+    feed = decoder.feed
+    apply = store.apply
+    recv = sock.recv
+    sendall = sock.sendall
+    while not state.stopping:
+        try:
+            chunk = recv(RECV_SIZE)
+        except OSError:
+            if state.stopping:
+                return None
+            raise
+        if not chunk:
+            return decoder.close()
+        stats.bytes_in += len(chunk)
+        increments = feed(chunk)
+        if increments:
+            replies = apply(increments)
+            if replies:
+                out = encode_replies(replies)
+                sendall(out)
+                stats.bytes_out += len(out)
+                stats.reply_writes += 1
+            if len(replies) < len(increments):
+                return _overflow(increments[len(replies)], store.value)
+        if decoder.error is not None:
+            return decoder.error
+    return None
+
+
+def _overflow(increment: int, value: int) -> InvalidFrame:
+    return InvalidFrame(
+        RejectReason.OVERFLOW,
+        f"increment {increment} would take the counter ({value}) past {MAX_COUNTER}",
+    )
+
+
+def close_after_refusal(sock: socket.socket) -> None:
+    """Half-close so the replies already sent arrive, drain briefly, close."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_SECONDS
+        drained = 0
+        while drained < LINGER_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            chunk = sock.recv(RECV_SIZE)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass
+    finally:
+        sock.close()

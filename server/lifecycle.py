@@ -1,0 +1,127 @@
+"""The server's lifecycle: accept connections into a bounded greenlet pool,
+hand each to the connection loop, and stop gracefully.
+
+Modelled on gevent's own ``StreamServer``: ``start()``, then ``stop()`` which
+stops accepting, stops reading new frames, lets every connection send the
+replies it owes, and cuts whatever is still running after the timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from common.cli import format_address
+from protocol import InvalidFrame, RejectReason
+from server.connection import close_after_refusal, serve
+from server.ratelog import RateLimitedLog
+from server.stats import ServerStats
+from server.store import CounterStore
+
+log = logging.getLogger("counter.server")
+
+
+class CounterServer:
+    """Serves the counter protocol on ``listener`` with at most ``pool_size``
+    connections at once; further connections wait in the listen backlog."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        store: CounterStore,
+        pool_size: int,
+        stats: ServerStats | None = None,
+    ) -> None:
+        self.store = store
+        self.stats = stats if stats is not None else ServerStats()
+        self.pool = Pool(pool_size)
+        self.stopping = False
+        self._connections: set[socket.socket] = set()
+        self._stream_server = StreamServer(listener, self._handle, spawn=self.pool)
+        self._events = RateLimitedLog(log)
+
+    @property
+    def address(self) -> str:
+        """The listening address as ``host:port``."""
+        return format_address(self._stream_server.socket.getsockname())
+
+    def start(self) -> None:
+        """Start accepting connections (returns at once; serving runs in greenlets)."""
+        self._stream_server.start()
+
+    def stop(self, timeout: float) -> int:
+        """Stop gracefully within ``timeout`` seconds; return how many
+        connections had to be cut because they did not finish in time."""
+        self.stopping = True
+        self._stream_server.close()
+        for sock in list(self._connections):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
+        cut = 0
+        if not self.pool.join(timeout=timeout):
+            cut = len(self.pool)
+            log.warning(
+                "%d connections did not finish within the %.1fs shutdown timeout; closing them",
+                cut,
+                timeout,
+            )
+            self.pool.kill(block=True, timeout=1.0)
+        self.store.close()
+        return cut
+
+    def _handle(self, sock: socket.socket, address: tuple) -> None:
+        stats = self.stats
+        stats.connections_accepted += 1
+        stats.connections_active += 1
+        self._connections.add(sock)
+        if self.pool.full():
+            stats.pool_saturation_events += 1
+            self._events.log(
+                "saturation",
+                logging.WARNING,
+                "connection pool full (%d of %d in use): new connections wait "
+                "in the listen backlog until one closes",
+                len(self.pool),
+                self.pool.size,
+            )
+        refusal = None
+        try:
+            if not self.stopping:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                refusal = serve(sock, self.store, stats, self)
+        except OSError as exc:
+            stats.connections_reset += 1
+            log.debug("connection from %s ended: %s", format_address(address), exc)
+        except Exception:
+            self._events.log(
+                "unexpected",
+                logging.ERROR,
+                "unexpected error serving %s; connection closed",
+                format_address(address),
+                exc_info=True,
+            )
+        finally:
+            self._connections.discard(sock)
+            stats.connections_active -= 1
+            if refusal is not None:
+                self._refuse(sock, address, refusal)
+            sock.close()
+
+    def _refuse(self, sock: socket.socket, address: tuple, refusal: InvalidFrame) -> None:
+        self.stats.rejected[refusal.reason] += 1
+        truncated = refusal.reason is RejectReason.TRUNCATED
+        self._events.log(
+            refusal.reason.value,
+            logging.INFO if truncated else logging.WARNING,
+            "%s from %s: %s; %s",
+            "discarded partial frame" if truncated else "refused frame",
+            format_address(address),
+            refusal,
+            "peer had closed" if truncated else "connection closed",
+        )
+        if not truncated:
+            close_after_refusal(sock)

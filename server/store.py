@@ -1,0 +1,77 @@
+"""Counter stores: where the shared counter lives.
+
+The connection loop only knows the ``CounterStore`` interface, so durable,
+multi-process and Redis-backed stores plug in without touching it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import accumulate
+from typing import Protocol
+
+from protocol import MAX_COUNTER
+
+
+class CounterStore(Protocol):
+    """The one shared counter.
+
+    ``apply`` adds a batch of increments in order, as one atomic step with
+    respect to every other caller, and returns the counter value right after
+    each increment. It stops before the first increment that would take the
+    counter past ``MAX_COUNTER``: a result shorter than the batch means the
+    next increment was refused for overflow and nothing after it was applied.
+    """
+
+    def apply(self, increments: Sequence[int]) -> Sequence[int]: ...
+
+    @property
+    def value(self) -> int:
+        """The current counter value."""
+        ...
+
+    @property
+    def requests_applied(self) -> int:
+        """Frames applied since start, zero-increment reads included."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; called once at shutdown after the last apply."""
+        ...
+
+
+class MemoryCounterStore:
+    """The counter in this process's memory, as in the Go original.
+
+    Atomic under gevent because ``apply`` never yields to another greenlet.
+    """
+
+    def __init__(self, initial: int = 0) -> None:
+        if not 0 <= initial <= MAX_COUNTER:
+            raise ValueError(f"initial value {initial} is outside 0..2^64-1")
+        self._value = initial
+        self._applied = 0
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @property
+    def requests_applied(self) -> int:
+        return self._applied
+
+    def apply(self, increments: Sequence[int]) -> Sequence[int]:
+        replies = list(accumulate(increments, initial=self._value))
+        del replies[0]
+        if replies and replies[-1] > MAX_COUNTER:
+            # Increments are never negative, so the values rise monotonically:
+            # keep the prefix that fits.
+            fits = next(i for i, value in enumerate(replies) if value > MAX_COUNTER)
+            del replies[fits:]
+        if replies:
+            self._value = replies[-1]
+            self._applied += len(replies)
+        return replies
+
+    def close(self) -> None:
+        pass
