@@ -117,9 +117,10 @@ class CounterServer:
         self._events.log(
             refusal.reason.value,
             logging.INFO if truncated else logging.WARNING,
-            "%s from %s: %s; %s",
+            "%s from %s (%s): %s; %s",
             "discarded partial frame" if truncated else "refused frame",
             format_address(address),
+            refusal.reason.value,
             refusal,
             "peer had closed" if truncated else "connection closed",
         )

@@ -1,0 +1,20 @@
+"""Shared fixtures: a real server process on loopback, stopped after the test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from support import ServerProcess, start_server
+
+
+@pytest.fixture
+def server() -> Iterator[ServerProcess]:
+    """A server with default settings on a free loopback port."""
+    proc = start_server()
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.stop()
+        assert "Traceback" not in proc.stderr, proc.stderr

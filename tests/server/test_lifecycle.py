@@ -1,0 +1,210 @@
+"""Start-up, graceful shutdown and the command line (SPEC §3)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from support import (
+    REPO_ROOT,
+    connect,
+    exchange,
+    frames,
+    read_counter,
+    run_server_command,
+    stall_server,
+    start_server,
+)
+
+from protocol import REPLY_SIZE, decode_replies
+
+STOPPED = re.compile(r"Server stopped after processing total requests: (\d+)")
+FINAL = re.compile(r"Final counter value: (\d+)")
+
+
+def test_startup_line_names_address_pool_and_pid():
+    server = start_server("--multiplier", "3")
+    try:
+        first_line = server.stdout_path.read_text().splitlines()[0]
+        assert f"127.0.0.1:{server.port}" in first_line
+        assert f"pid {server.proc.pid}" in first_line
+        assert server.pool_size % 3 == 0 and server.pool_size >= 3
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_stop_prints_totals_and_exits_0(signum):
+    server = start_server()
+    exchange(server.port, 1, 2, 3)
+    exchange(server.port, 0)
+    server.signal(signum)
+    assert server.wait() == 0
+    assert STOPPED.search(server.stdout)[1] == "4"  # frames applied, zero-increment reads included
+    assert FINAL.search(server.stdout)[1] == "6"
+    assert "Traceback" not in server.stderr
+
+
+def test_sigterm_under_load_loses_nothing_acknowledged():
+    server = start_server()
+    clients = 20
+    received: list[list[int]] = [[] for _ in range(clients)]
+    problems: list[str] = []
+    go = threading.Barrier(clients + 1, timeout=30)
+
+    def client(index: int) -> None:
+        try:
+            sock = connect(server.port)
+        except OSError as exc:
+            problems.append(f"connect: {exc}")
+            return
+        with sock:
+            go.wait()
+            try:
+                while True:
+                    sock.sendall(frames(*[1] * 10))
+                    data = b""
+                    while len(data) < 10 * REPLY_SIZE:
+                        chunk = sock.recv(10 * REPLY_SIZE - len(data))
+                        if not chunk:
+                            break
+                        data += chunk
+                    usable = len(data) - len(data) % REPLY_SIZE
+                    received[index].extend(decode_replies(data[:usable]))
+                    if len(data) < 10 * REPLY_SIZE:
+                        return  # server closed: shutdown
+            except OSError:
+                return  # reset or broken pipe after the server closed
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    go.wait()
+    time.sleep(1.0)
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive(), "a client hung after the server stopped"
+    assert not problems, problems
+    applied = int(STOPPED.search(server.stdout)[1])
+    final = int(FINAL.search(server.stdout)[1])
+    assert applied == final  # every frame was an increment of 1 from 0
+    everything = [v for own in received for v in own]
+    assert len(everything) > 1000, "the load did not get going"
+    assert len(set(everything)) == len(everything), "a value was given twice"
+    assert max(everything) <= final, "a client was told of an increment that was not applied"
+    for own in received:
+        assert own == sorted(own)
+
+
+def test_shutdown_timeout_cuts_a_client_that_never_reads():
+    server = start_server("--shutdown-timeout", "1")
+    with stall_server(server.port):
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0
+        elapsed = time.monotonic() - started
+    assert elapsed < 8, f"shutdown took {elapsed:.1f}s with a 1s timeout"
+    assert "did not finish within the 1.0s shutdown timeout" in server.stderr
+    applied = int(STOPPED.search(server.stdout)[1])
+    assert applied == int(FINAL.search(server.stdout)[1]) > 0
+
+
+def test_second_signal_exits_at_once():
+    server = start_server("--shutdown-timeout", "60")
+    with stall_server(server.port):
+        server.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert server.proc.poll() is None, "the first signal should wait for the stuck client"
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout=5) == 128 + signal.SIGTERM
+    assert "Second SIGTERM" in server.stderr
+
+
+def test_port_already_in_use_is_one_line_and_exit_1():
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    with holder:
+        result = run_server_command("--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: address already in use"
+    assert result.stdout == ""
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        return sock.getsockname()[1]
+
+
+def test_go_style_port_and_default_host():
+    port = free_port()
+    server = start_server("--port", f":{port}", "--host", "0.0.0.0")
+    try:
+        assert server.port == port
+        assert exchange(port, 2) == (2,)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "abc"], "--port: must be a port number"),
+        (["--port", "70000"], "--port: port must be between 0 and 65535"),
+        (["--multiplier", "0"], "--multiplier: must be a positive integer"),
+        (["--multiplier", "many"], "--multiplier: must be"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout: must be a number >= 0"),
+        (["--log-level", "loud"], "--log-level: must be one of"),
+        (["--bogus"], "error:"),
+        (["extra-argument"], "error:"),
+    ],
+)
+def test_bad_flags_give_one_line_and_usage_and_exit_2(args, message):
+    result = run_server_command(*args)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("server.py: error: ")
+    assert message in lines[0]
+    assert "Usage:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_help_exits_0():
+    result = run_server_command("--help")
+    assert result.returncode == 0
+    assert "--multiplier N" in result.stdout and "--shutdown-timeout" in result.stdout
+
+
+def test_runs_from_another_directory_with_a_relative_path():
+    tests_dir = REPO_ROOT / "tests"
+    server = start_server(cwd=tests_dir, script=os.path.join("..", "server", "server.py"))
+    try:
+        assert exchange(server.port, 1) == (1,)
+    finally:
+        server.stop()
+
+
+def test_runs_as_a_module_from_the_repo_root():
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.server", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage:" in proc.stdout
+
+
+def test_counter_state_is_per_process(server):
+    # A fresh server starts from zero (no hidden state between runs).
+    assert read_counter(server.port) == 0

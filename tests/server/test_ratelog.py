@@ -1,0 +1,34 @@
+"""Rate-limited logging."""
+
+from __future__ import annotations
+
+import logging
+
+from server.ratelog import RateLimitedLog
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_burst_then_suppression_then_summary(caplog):
+    clock = FakeClock()
+    events = RateLimitedLog(logging.getLogger("t"), interval=10, burst=3, clock=clock)
+    with caplog.at_level(logging.INFO, logger="t"):
+        logged = [events.log("bad", logging.INFO, "bad frame %d", i) for i in range(10)]
+        assert logged == [True] * 3 + [False] * 7
+        assert events.log("other", logging.INFO, "other key")  # keys are independent
+        clock.now = 10.0
+        assert events.log("bad", logging.INFO, "bad frame %d", 10)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "bad frame 0",
+        "bad frame 1",
+        "bad frame 2",
+        "other key",
+        "bad frame 10 (7 similar messages suppressed)",
+    ]
