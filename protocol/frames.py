@@ -78,6 +78,8 @@ def encode_reply(value: int) -> bytes:
 
 def encode_replies(values: Sequence[int]) -> bytes:
     """All replies for ``values`` concatenated, in order, packed in one call."""
+    if len(values) == 1:
+        return _U64.pack(values[0])
     return struct.pack(f">{len(values)}Q", *values)
 
 

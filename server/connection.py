@@ -38,7 +38,7 @@ def serve(
     feed = decoder.feed
     apply = store.apply
     recv = sock.recv
-    sendall = sock.sendall
+    send = sock.send
     while not state.stopping:
         try:
             chunk = recv(RECV_SIZE)
@@ -54,7 +54,9 @@ def serve(
             replies = apply(increments)
             if replies:
                 out = encode_replies(replies)
-                sendall(out)
+                sent = send(out)
+                if sent != len(out):  # rare: the socket buffer is full
+                    sock.sendall(memoryview(out)[sent:])
                 stats.bytes_out += len(out)
                 stats.reply_writes += 1
             if len(replies) < len(increments):

@@ -19,6 +19,7 @@ from common.cli import format_address
 from protocol import InvalidFrame, RejectReason
 from server.connection import close_after_refusal, serve
 from server.ratelog import RateLimitedLog
+from server.saturation import SaturationWatch
 from server.stats import ServerStats
 from server.store import CounterStore
 
@@ -43,6 +44,7 @@ class CounterServer:
         self._connections: set[socket.socket] = set()
         self._stream_server = StreamServer(listener, self._handle, spawn=self.pool)
         self._events = RateLimitedLog(log)
+        self._saturation = SaturationWatch(listener, self.pool, self.stats, self._events)
 
     @property
     def address(self) -> str:
@@ -52,11 +54,13 @@ class CounterServer:
     def start(self) -> None:
         """Start accepting connections (returns at once; serving runs in greenlets)."""
         self._stream_server.start()
+        self._saturation.start()
 
     def stop(self, timeout: float) -> int:
         """Stop gracefully within ``timeout`` seconds; return how many
         connections had to be cut because they did not finish in time."""
         self.stopping = True
+        self._saturation.stop()
         self._stream_server.close()
         for sock in list(self._connections):
             with contextlib.suppress(OSError):
@@ -78,16 +82,6 @@ class CounterServer:
         stats.connections_accepted += 1
         stats.connections_active += 1
         self._connections.add(sock)
-        if self.pool.full():
-            stats.pool_saturation_events += 1
-            self._events.log(
-                "saturation",
-                logging.WARNING,
-                "connection pool full (%d of %d in use): new connections wait "
-                "in the listen backlog until one closes",
-                len(self.pool),
-                self.pool.size,
-            )
         refusal = None
         try:
             if not self.stopping:

@@ -17,7 +17,9 @@ from common.cli import (
 )
 
 
-@pytest.mark.parametrize(("raw", "port"), [("8080", 8080), (":8080", 8080), ("0", 0), ("65535", 65535)])
+@pytest.mark.parametrize(
+    ("raw", "port"), [("8080", 8080), (":8080", 8080), ("0", 0), ("65535", 65535)]
+)
 def test_port_number(raw, port):
     assert port_number(raw) == port
 

@@ -135,7 +135,9 @@ def test_port_already_in_use_is_one_line_and_exit_1():
     with holder:
         result = run_server_command("--host", "127.0.0.1", "--port", str(port))
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: address already in use"
+    assert (
+        result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: address already in use"
+    )
     assert result.stdout == ""
 
 

@@ -185,9 +185,11 @@ def test_full_pool_makes_new_connections_wait_then_serves_them():
         for sock in holders:
             sock.sendall(frames(0))
             recv_replies(sock, 1)
+        time.sleep(1.2)  # two saturation checks
+        assert "pool full" not in server.stderr_path.read_text(), "warned with nobody waiting"
         waiting = connect(server.port)
         waiting.sendall(frames(1))
-        waiting.settimeout(0.5)
+        waiting.settimeout(1.2)
         with pytest.raises(TimeoutError):
             waiting.recv(8)
         holders.pop().close()
@@ -198,6 +200,7 @@ def test_full_pool_makes_new_connections_wait_then_serves_them():
     finally:
         server.stop()
     assert "connection pool full" in server.stderr
+    assert "1 connections waiting to be accepted" in server.stderr
 
 
 def test_counter_is_shared_across_connections(server):

@@ -1,0 +1,1 @@
+"""The load-generating client: drives a counter server and reports on it."""

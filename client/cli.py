@@ -1,0 +1,131 @@
+"""Command line of the load client: run a load and report, or read the counter."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+
+import gevent
+
+from client.load import LoadRun, LoadSettings, read_counter
+from client.report import format_text, summarize
+from common.cli import (
+    convert,
+    cpu_count,
+    host_port,
+    non_negative_float,
+    parse_args,
+    positive_int,
+)
+from protocol import MAX_COUNTER
+
+__doc__ = """Load client for the counter server: many persistent connections send
+increments for a while, every reply is checked, and a report is printed.
+
+Usage:
+  client.py [options]
+  client.py --get [options]
+  client.py -h | --help
+
+Options:
+  --serverAddress HOST:PORT  Server to drive ([::1]:PORT for IPv6). [default: 127.0.0.1:8080]
+  --multiplier M             Open NumCPU x M connections. [default: 20]
+  --duration SECS            Send for this long, then collect owed replies. [default: 60]
+  --pipeline D               Frames kept in flight on each connection (1 is
+                             ping-pong, like the Go original). [default: 1]
+  --value V                  Increment each frame carries. [default: 1]
+  --timeout SECS             Longest wait to connect or for a reply. [default: 10]
+  --json                     Print the report as one JSON object instead of text.
+  --get                      Print the current counter value (sends a zero
+                             increment) and exit.
+  -h --help                  Show this help.
+
+Exit status: 0 when every request was acknowledged correctly, 1 otherwise,
+2 for a usage error.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the client; returns the process exit status."""
+    args = parse_args(__doc__, argv)
+    host, port = convert(__doc__, "--serverAddress", args["--serverAddress"], host_port)
+    timeout = convert(__doc__, "--timeout", args["--timeout"], _positive_seconds)
+    if args["--get"]:
+        return _print_counter(host, port, timeout)
+    settings = LoadSettings(
+        host=host,
+        port=port,
+        connections=cpu_count()
+        * convert(__doc__, "--multiplier", args["--multiplier"], positive_int),
+        duration=convert(__doc__, "--duration", args["--duration"], non_negative_float),
+        pipeline=convert(__doc__, "--pipeline", args["--pipeline"], positive_int),
+        increment=convert(__doc__, "--value", args["--value"], _increment),
+        timeout=timeout,
+    )
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        print(f"error: cannot resolve {host}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+    run = LoadRun(settings)
+    progress = gevent.spawn(_progress, run) if sys.stderr.isatty() else None
+    try:
+        run.run()
+    except KeyboardInterrupt:
+        run.stop()
+    finally:
+        if progress is not None:
+            progress.kill()
+    summary = summarize(run)
+    if summary["requests_acknowledged"] == 0 and summary["first_error"]:
+        print(f"error: {args['--serverAddress']}: {summary['first_error']}", file=sys.stderr)
+    print(json.dumps(summary) if args["--json"] else format_text(summary), flush=True)
+    ok = summary["errors_total"] == 0 and summary["connections_failed"] == 0
+    return 0 if ok else 1
+
+
+def _print_counter(host: str, port: int, timeout: float) -> int:
+    try:
+        print(read_counter(host, port, timeout))
+    except OSError as exc:
+        print(
+            f"error: cannot read the counter from {host}:{port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _progress(run: LoadRun) -> None:
+    previous = 0
+    while True:
+        gevent.sleep(1.0)
+        acknowledged = run.totals.acknowledged
+        elapsed = time.perf_counter() - run.started_at if run.started_at else 0.0
+        print(
+            f"[{elapsed:5.1f}s] {acknowledged - previous:,} replies/s, "
+            f"{acknowledged:,} acknowledged, {run.totals.errors:,} errors",
+            file=sys.stderr,
+            flush=True,
+        )
+        previous = acknowledged
+
+
+def _positive_seconds(raw: str) -> float:
+    value = non_negative_float(raw)
+    if value == 0:
+        raise ValueError(f"must be more than 0 seconds, got {raw!r}")
+    return value
+
+
+def _increment(raw: str) -> int:
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        raise ValueError(f"must be an integer from 0 to 2^64-1, got {raw!r}") from None
+    if not 0 <= value <= MAX_COUNTER:
+        raise ValueError(f"must be an integer from 0 to 2^64-1, got {raw!r}")
+    return value

@@ -1,0 +1,18 @@
+"""Entry point: ``python client/client.py [options]``; see ``--help``."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+if not __package__:
+    # Run as a script: import our packages from the repository root rather
+    # than from client/ (where this file would shadow the client package).
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from client.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

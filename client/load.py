@@ -1,0 +1,220 @@
+"""Load generation: many persistent connections, each keeping a number of
+frames in flight, every reply checked; plain counters for the live progress
+line and per-connection results for the final report.
+
+Depends only on SPEC §2, so it drives any server that speaks the protocol
+(the Go original included).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+
+from protocol import REPLY_SIZE, encode_request
+
+RECV_SIZE = 64 * 1024
+
+# Error kinds, as counted and reported.
+REFUSED = "refused"  # connection refused or unreachable
+CLOSED = "closed"  # the server closed or reset the connection with replies owed
+SHORT_REPLY = "short_reply"  # the connection ended partway through a reply
+NOT_INCREASING = "not_increasing"  # a reply not above the previous one (value > 0)
+TIMEOUT = "timeout"  # no reply, or no connection, within the timeout
+EXTRA_REPLY = "extra_reply"  # more replies than frames sent
+ERROR_KINDS = (REFUSED, CLOSED, SHORT_REPLY, NOT_INCREASING, TIMEOUT, EXTRA_REPLY)
+
+
+@dataclass
+class LiveTotals:
+    """Running totals the progress line reads once a second."""
+
+    acknowledged: int = 0
+    errors: int = 0
+
+
+@dataclass
+class ConnectionResult:
+    """What one connection did."""
+
+    sent: int = 0
+    acknowledged: int = 0
+    last_value: int | None = None
+    errors: Counter = field(default_factory=Counter)
+    error_detail: str = ""
+    latency_us: Counter = field(default_factory=Counter)  # microseconds -> replies
+
+
+@dataclass
+class LoadSettings:
+    host: str
+    port: int
+    connections: int
+    duration: float
+    pipeline: int = 1
+    increment: int = 1
+    timeout: float = 10.0
+
+
+class LoadRun:
+    """Connects every connection first, starts them together, stops sending
+    at the deadline and collects the replies still owed."""
+
+    def __init__(self, settings: LoadSettings) -> None:
+        self.settings = settings
+        self.totals = LiveTotals()
+        self.results = [ConnectionResult() for _ in range(settings.connections)]
+        self.started_at = 0.0
+        self.elapsed = 0.0
+        self._go = Event()
+        self._stopping = False
+
+    def run(self) -> list[ConnectionResult]:
+        """Run the whole load (blocks for about ``duration`` seconds)."""
+        pool = Pool(self.settings.connections)
+        sockets = list(pool.imap(self._connect, self.results))
+        self.started_at = time.perf_counter()
+        stopper = gevent.spawn_later(self.settings.duration, self.stop)
+        for sock, result in zip(sockets, self.results, strict=True):
+            if sock is not None:
+                pool.spawn(self._drive, sock, result)
+        self._go.set()
+        pool.join()
+        stopper.kill()
+        self.elapsed = time.perf_counter() - self.started_at
+        return self.results
+
+    def stop(self) -> None:
+        """Stop sending new frames; connections finish collecting owed replies."""
+        self._stopping = True
+
+    def _connect(self, result: ConnectionResult) -> socket.socket | None:
+        settings = self.settings
+        try:
+            sock = socket.create_connection(
+                (settings.host, settings.port), timeout=settings.timeout
+            )
+        except TimeoutError as exc:
+            self._fail(result, TIMEOUT, f"connect: {exc or 'timed out'}")
+            return None
+        except OSError as exc:
+            self._fail(result, REFUSED, f"connect: {exc.strerror or exc}")
+            return None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _fail(self, result: ConnectionResult, kind: str, detail: str, count: int = 1) -> None:
+        result.errors[kind] += count
+        result.error_detail = result.error_detail or detail
+        self.totals.errors += count
+
+    def _drive(self, sock: socket.socket, result: ConnectionResult) -> None:
+        try:
+            self._go.wait()
+            self._exchange(sock, result)
+        finally:
+            sock.close()
+
+    def _exchange(self, sock: socket.socket, result: ConnectionResult) -> None:
+        settings = self.settings
+        frame = encode_request(settings.increment)
+        must_increase = settings.increment > 0
+        totals = self.totals
+        latency = result.latency_us
+        in_flight: deque[list] = deque()  # [send time, frames] per write, oldest first
+        pending = b""
+        last = -1
+        send = sock.send
+        recv = sock.recv
+
+        now = time.perf_counter()
+        sock.sendall(frame * settings.pipeline)
+        in_flight.append([now, settings.pipeline])
+        owed = result.sent = settings.pipeline
+        while owed:
+            try:
+                chunk = recv(RECV_SIZE)
+            except TimeoutError:
+                self._fail(result, TIMEOUT, f"no reply within {settings.timeout}s", owed)
+                return
+            except OSError as exc:
+                self._fail(result, CLOSED, f"connection lost: {exc.strerror or exc}", owed)
+                return
+            if not chunk:
+                kind = SHORT_REPLY if pending else CLOSED
+                self._fail(
+                    result, kind, f"server closed the connection with {owed} replies owed", owed
+                )
+                return
+            now = time.perf_counter()
+            data = pending + chunk if pending else chunk
+            count = len(data) // REPLY_SIZE
+            pending = data[count * REPLY_SIZE :]
+            if not count:
+                continue
+            if count > owed:
+                self._fail(result, EXTRA_REPLY, f"{count - owed} replies for frames never sent")
+                return
+            values = struct.unpack_from(f">{count}Q", data)
+            if must_increase:
+                if values[0] <= last or (count > 1 and list(values) != sorted(set(values))):
+                    self._count_not_increasing(result, last, values)
+            elif values[0] < last or (count > 1 and list(values) != sorted(values)):
+                self._count_not_increasing(result, last, values)
+            last = values[-1]
+            result.last_value = last
+            result.acknowledged += count
+            totals.acknowledged += count
+            owed -= count
+            _record_latencies(latency, in_flight, count, now)
+            if not self._stopping:
+                out = frame * count if count > 1 else frame
+                sent = send(out)
+                if sent != len(out):
+                    sock.sendall(out[sent:])
+                in_flight.append([time.perf_counter(), count])
+                owed += count
+                result.sent += count
+
+    def _count_not_increasing(
+        self, result: ConnectionResult, last: int, values: tuple[int, ...]
+    ) -> None:
+        strict = self.settings.increment > 0
+        previous, bad = last, 0
+        for value in values:
+            if value < previous or (strict and value == previous):
+                bad += 1
+            previous = value
+        self._fail(result, NOT_INCREASING, f"reply {values} did not rise above {last}", bad)
+
+
+def _record_latencies(latency: Counter, in_flight: deque, count: int, now: float) -> None:
+    """Charge ``count`` replies received at ``now`` to the oldest writes in flight."""
+    while count:
+        batch = in_flight[0]
+        taken = min(count, batch[1])
+        latency[int((now - batch[0]) * 1_000_000)] += taken
+        batch[1] -= taken
+        count -= taken
+        if not batch[1]:
+            in_flight.popleft()
+
+
+def read_counter(host: str, port: int, timeout: float = 10.0) -> int:
+    """The server's current counter value (sends a zero increment)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(encode_request(0))
+        data = b""
+        while len(data) < REPLY_SIZE:
+            chunk = sock.recv(REPLY_SIZE - len(data))
+            if not chunk:
+                raise ConnectionError("server closed the connection without replying")
+            data += chunk
+    return struct.unpack(">Q", data)[0]
