@@ -71,7 +71,8 @@ class LoadRun:
         self.settings = settings
         self.totals = LiveTotals()
         self.results = [ConnectionResult() for _ in range(settings.connections)]
-        self.started_at = 0.0
+        self.started_at = 0.0  # perf_counter() when the connections started sending
+        self.started_wall = 0.0  # the same moment as Unix time, for reports
         self.elapsed = 0.0
         self._go = Event()
         self._stopping = False
@@ -81,6 +82,7 @@ class LoadRun:
         pool = Pool(self.settings.connections)
         sockets = list(pool.imap(self._connect, self.results))
         self.started_at = time.perf_counter()
+        self.started_wall = time.time()
         stopper = gevent.spawn_later(self.settings.duration, self.stop)
         for sock, result in zip(sockets, self.results, strict=True):
             if sock is not None:

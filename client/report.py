@@ -32,6 +32,8 @@ def summarize(run: LoadRun) -> dict:
     first_error = next((r.error_detail for r in results if r.error_detail), None)
     return {
         "server": f"{settings.host}:{settings.port}",
+        "started_at": round(run.started_wall, 3),
+        "finished_at": round(run.started_wall + elapsed, 3),
         "connections": settings.connections,
         "connections_failed": sum(1 for r in results if r.errors),
         "pipeline": settings.pipeline,

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Stress run in one command: many concurrent client processes against one
+# server, then a check that the counter moved by exactly the sum of every
+# acknowledged increment. Exit 0 only when every client succeeded and the
+# sums match.
+#
+# Environment (all optional):
+#   CLIENTS     client processes launched at once            (default 70)
+#   DURATION    seconds each client sends for                (default 10)
+#   MULTIPLIER  connections per client = NumCPU x MULTIPLIER (default 1)
+#   PIPELINE    frames in flight per connection              (default 1)
+#   SERVER      HOST:PORT of a running server; when unset, spam.sh starts
+#               our server on a free loopback port and stops it at the end
+#   PYTHON      interpreter (default: the repo's .venv/bin/python, else python3)
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CLIENTS="${CLIENTS:-70}"
+DURATION="${DURATION:-10}"
+MULTIPLIER="${MULTIPLIER:-1}"
+PIPELINE="${PIPELINE:-1}"
+SERVER="${SERVER:-}"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+die() { echo "spam.sh: $*" >&2; exit 2; }
+for name in CLIENTS DURATION MULTIPLIER PIPELINE; do
+    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || die "$name must be a positive integer, got '${!name}'"
+done
+
+WORKDIR="$(mktemp -d "${TMPDIR:-/tmp}/spam.XXXXXX")"
+SERVER_PID=""
+CLIENT_PIDS=()
+
+stop_server() {
+    [[ -n "$SERVER_PID" ]] || return 0
+    if kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null
+        for _ in $(seq 1 150); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$SERVER_PID" 2>/dev/null
+    fi
+    wait "$SERVER_PID" 2>/dev/null
+    SERVER_PID=""
+}
+
+cleanup() {
+    local pid
+    for pid in "${CLIENT_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    for pid in "${CLIENT_PIDS[@]}"; do wait "$pid" 2>/dev/null; done
+    CLIENT_PIDS=()
+    stop_server
+    rm -rf "$WORKDIR"
+}
+trap cleanup EXIT
+trap 'echo "spam.sh: interrupted; stopping the clients and server it started" >&2; exit 130' INT TERM
+
+client() { "$PYTHON" "$ROOT/client/client.py" --serverAddress "$SERVER" "$@"; }
+
+if [[ -z "$SERVER" ]]; then
+    # Pool large enough for every connection: each client opens NumCPU x MULTIPLIER
+    # and the server's pool is NumCPU x its multiplier (plus one for --get).
+    # setsid: a Ctrl-C on the terminal reaches spam.sh, which stops the server once.
+    setsid "$PYTHON" "$ROOT/server/server.py" --host 127.0.0.1 --port 0 \
+        --multiplier $((CLIENTS * MULTIPLIER + 1)) --log-level warning \
+        >"$WORKDIR/server.out" 2>"$WORKDIR/server.err" </dev/null &
+    SERVER_PID=$!
+    for _ in $(seq 1 200); do
+        PORT="$(sed -n 's/.*listening on [^ ]*:\([0-9]*\) .*/\1/p' "$WORKDIR/server.out")"
+        [[ -n "$PORT" ]] && break
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ -z "${PORT:-}" ]]; then
+        echo "spam.sh: the server did not start:" >&2
+        cat "$WORKDIR/server.err" >&2
+        exit 1
+    fi
+    SERVER="127.0.0.1:$PORT"
+    WHERE="started by spam.sh, pid $SERVER_PID"
+else
+    WHERE="given by SERVER"
+fi
+
+BEFORE="$(client --get)" || { echo "spam.sh: cannot read the counter at $SERVER" >&2; exit 1; }
+echo "spam.sh: $CLIENTS clients x NumCPU*$MULTIPLIER connections, $PIPELINE in flight each," \
+     "${DURATION}s, against $SERVER ($WHERE)"
+
+# Each client runs for DURATION plus time to connect and collect owed replies;
+# timeout(1) bounds a client that hangs anyway.
+for i in $(seq 1 "$CLIENTS"); do
+    timeout --signal=TERM $((DURATION + 60)) \
+        "$PYTHON" "$ROOT/client/client.py" --serverAddress "$SERVER" --json \
+        --multiplier "$MULTIPLIER" --pipeline "$PIPELINE" --duration "$DURATION" \
+        >"$WORKDIR/client-$i.json" 2>"$WORKDIR/client-$i.err" </dev/null &
+    CLIENT_PIDS+=($!)
+done
+for pid in "${CLIENT_PIDS[@]}"; do wait "$pid"; done
+CLIENT_PIDS=()
+
+AFTER="$(client --get)" || { echo "spam.sh: cannot read the counter at $SERVER after the run" >&2; exit 1; }
+(cd "$ROOT" && "$PYTHON" -m client.spam_report --before "$BEFORE" --after "$AFTER" \
+    --clients "$CLIENTS" "$WORKDIR"/client-*.json)
+STATUS=$?
+if [[ $STATUS -ne 0 ]]; then
+    for f in "$WORKDIR"/client-*.err; do
+        if [[ -s "$f" ]]; then echo "first client error output ($(basename "$f")):" >&2; head -5 "$f" >&2; break; fi
+    done
+fi
+if [[ -n "$SERVER_PID" ]]; then
+    stop_server
+    grep -E "^(Server stopped|Final counter)" "$WORKDIR/server.out" | sed 's/^/server: /'
+fi
+if [[ -s "$WORKDIR/server.err" ]] && grep -q Traceback "$WORKDIR/server.err"; then
+    echo "spam.sh: the server logged a traceback:" >&2; cat "$WORKDIR/server.err" >&2; STATUS=1
+fi
+exit $STATUS
