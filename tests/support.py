@@ -174,3 +174,18 @@ def stall_server(port: int, limit_seconds: float = 30.0) -> socket.socket:
             return sock
     sock.close()
     raise AssertionError(f"the server kept reading for {limit_seconds}s without stalling")
+
+
+CLIENT_SCRIPT = REPO_ROOT / "client" / "client.py"
+
+
+def run_client(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run the client's command line to completion from a temporary directory."""
+    return subprocess.run(
+        [sys.executable, str(CLIENT_SCRIPT), *args],
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )

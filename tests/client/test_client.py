@@ -1,0 +1,237 @@
+"""The load client against a real server, and against servers that misbehave."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+
+import pytest
+from support import CLIENT_SCRIPT, read_counter, run_client, start_server
+
+REPORT_FIELDS = {
+    "server": str,
+    "started_at": float,
+    "finished_at": float,
+    "connections": int,
+    "connections_failed": int,
+    "pipeline": int,
+    "increment": int,
+    "duration_s": float,
+    "requests_sent": int,
+    "requests_acknowledged": int,
+    "increments_acknowledged": int,
+    "errors": dict,
+    "errors_total": int,
+    "replies_per_second": float,
+    "latency_us": dict,
+    "last_counter_value": int,
+}
+
+
+def address(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.mark.parametrize(("pipeline", "value"), [(1, 1), (16, 1), (4, 5)])
+def test_reported_totals_equal_the_counter_delta(server, pipeline, value):
+    before = read_counter(server.port)
+    result = run_client(
+        "--serverAddress", address(server), "--duration", "1", "--multiplier", "2",
+        "--pipeline", str(pipeline), "--value", str(value), "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    after = read_counter(server.port)
+    assert report["errors_total"] == 0
+    assert report["requests_acknowledged"] == report["requests_sent"] > 0
+    assert report["increments_acknowledged"] == report["requests_acknowledged"] * value
+    assert after - before == report["increments_acknowledged"]
+    assert report["last_counter_value"] == after
+
+
+def test_json_report_fields(server):
+    result = run_client("--serverAddress", address(server), "--duration", "0.5", "--json")
+    report = json.loads(result.stdout)
+    for name, kind in REPORT_FIELDS.items():
+        assert isinstance(report[name], kind), (name, report[name])
+    assert set(report["errors"]) == {
+        "refused", "closed", "short_reply", "not_increasing", "timeout", "extra_reply",
+    }  # fmt: skip
+    latency = report["latency_us"]
+    assert list(latency) == ["p50", "p90", "p99", "p99_9", "max"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p99_9"]
+    assert latency["p99_9"] <= latency["max"] * 1.001
+    assert report["finished_at"] - report["started_at"] == pytest.approx(
+        report["duration_s"], abs=0.01
+    )
+
+
+def test_text_report(server):
+    result = run_client("--serverAddress", address(server), "--duration", "0.5")
+    assert result.returncode == 0, result.stderr
+    for label in ("requests acknowledged", "throughput", "errors", "latency (ms)", "p99.9"):
+        assert label in result.stdout
+    assert "errors                 0 (none)" in result.stdout
+
+
+def test_get_prints_the_counter(server):
+    run_client("--serverAddress", address(server), "--duration", "0.3")
+    result = run_client("--get", "--serverAddress", f":{server.port}")
+    assert result.returncode == 0
+    assert int(result.stdout) == read_counter(server.port) > 0
+
+
+def unused_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        return sock.getsockname()[1]
+
+
+def test_refused_port_is_one_clear_line():
+    port = unused_port()
+    result = run_client("--serverAddress", f"127.0.0.1:{port}", "--duration", "1", "--json")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: 127.0.0.1:{port}: connect: Connection refused"
+    report = json.loads(result.stdout)
+    assert report["errors"]["refused"] == report["connections"]
+    assert report["requests_acknowledged"] == 0
+
+
+def test_get_against_a_refused_port():
+    port = unused_port()
+    result = run_client("--get", "--serverAddress", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"error: cannot read the counter from 127.0.0.1:{port}: Connection refused"
+    )
+
+
+def test_unresolvable_host():
+    result = run_client("--serverAddress", "no-such-host.invalid:8080", "--duration", "1")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot resolve no-such-host.invalid")
+    assert "Traceback" not in result.stderr
+
+
+def test_server_killed_mid_run_gives_partial_results():
+    server = start_server()
+    client = subprocess.Popen(
+        [sys.executable, str(CLIENT_SCRIPT), "--serverAddress", address(server),
+         "--duration", "20", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.5)
+    server.signal(signal.SIGKILL)
+    server.wait()
+    out, err = client.communicate(timeout=30)
+    assert client.returncode == 1
+    assert "Traceback" not in err
+    report = json.loads(out)
+    assert report["requests_acknowledged"] > 0
+    assert report["errors"]["closed"] + report["errors"]["refused"] > 0
+    assert report["connections_failed"] == report["connections"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--serverAddress", "nohostport"], "--serverAddress: expected HOST:PORT"),
+        (["--multiplier", "0"], "--multiplier: must be a positive integer"),
+        (["--duration", "soon"], "--duration: must be a number"),
+        (["--pipeline", "-3"], "--pipeline: must be a positive integer"),
+        (["--value", "-1"], "--value: must be an integer from 0 to 2^64-1"),
+        (["--value", str(2**64)], "--value: must be an integer from 0 to 2^64-1"),
+        (["--timeout", "0"], "--timeout: must be more than 0 seconds"),
+        (["--frobnicate"], "error:"),
+    ],
+)
+def test_bad_flags_exit_2(args, message):
+    result = run_client(*args)
+    assert result.returncode == 2
+    assert message in result.stderr.splitlines()[0]
+    assert "Usage:" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- servers that misbehave: the client must notice and say what went wrong ---
+
+
+@contextmanager
+def fake_server(reply: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A one-thread-per-connection server on loopback running ``reply``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=_run, args=(conn,), daemon=True).start()
+
+    def _run(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            with suppress(OSError):
+                reply(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def decreasing(conn: socket.socket) -> None:
+    value = 1000
+    while conn.recv(16):
+        value = max(value - 1, 0)
+        conn.sendall(struct.pack(">Q", value))
+
+
+def short_then_close(conn: socket.socket) -> None:
+    conn.recv(16)
+    conn.sendall(b"\0\0\0")
+
+
+def silent(conn: socket.socket) -> None:
+    while conn.recv(16):
+        pass
+
+
+def too_many(conn: socket.socket) -> None:
+    conn.recv(16)
+    conn.sendall(struct.pack(">QQ", 1, 2))
+    time.sleep(1)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "kind", "extra"),
+    [
+        (decreasing, "not_increasing", []),
+        (short_then_close, "short_reply", []),
+        (silent, "timeout", ["--timeout", "1"]),
+        (too_many, "extra_reply", []),
+    ],
+)
+def test_misbehaving_server_is_counted_by_kind(behaviour, kind, extra):
+    with fake_server(behaviour) as port:
+        result = run_client(
+            "--serverAddress", f"127.0.0.1:{port}", "--multiplier", "1", "--duration", "0.5",
+            "--json", *extra,
+        )  # fmt: skip
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["errors"][kind] > 0, report
+    assert "Traceback" not in result.stderr

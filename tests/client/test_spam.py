@@ -1,0 +1,137 @@
+"""spam.sh end to end (small settings), and its summary's arithmetic."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from support import REPO_ROOT, read_counter, start_server
+
+from client.spam_report import verdict
+
+SPAM = REPO_ROOT / "spam.sh"
+
+
+def run_spam(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(SPAM)],
+        cwd="/",
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def our_processes(marker: str) -> list[str]:
+    """Command lines of live processes mentioning ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline:
+                found.append(cmdline)
+    return found
+
+
+def test_spam_starts_its_own_server_and_checks_the_sums():
+    result = run_spam({"CLIENTS": "4", "DURATION": "2"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "clients ok / failed      4 / 0" in out
+    assert "RESULT: OK" in out
+    acked = int(re.search(r"increments acknowledged\s+([\d,]+)", out)[1].replace(",", ""))
+    moved = int(re.search(r"moved by ([\d,]+)", out)[1].replace(",", ""))
+    assert acked == moved > 0
+    assert f"Final counter value: {moved:,}".replace(",", "") in out.replace(",", "")
+    assert not our_processes(
+        str(REPO_ROOT / "server" / "server.py") + " --host 127.0.0.1 --port 0 --multiplier 5"
+    )
+
+
+def test_spam_against_a_given_server_leaves_it_running():
+    server = start_server("--multiplier", "10")
+    try:
+        before = read_counter(server.port)
+        result = run_spam(
+            {"CLIENTS": "3", "DURATION": "1", "PIPELINE": "8", "SERVER": f"127.0.0.1:{server.port}"}
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "RESULT: OK" in result.stdout
+        assert server.proc.poll() is None, "spam.sh stopped a server it did not start"
+        assert read_counter(server.port) > before
+    finally:
+        assert server.stop() == 0
+
+
+def test_spam_reports_an_unreachable_server():
+    result = run_spam({"CLIENTS": "2", "DURATION": "1", "SERVER": "127.0.0.1:1"})
+    assert result.returncode == 1
+    assert "cannot read the counter at 127.0.0.1:1" in result.stderr
+
+
+def test_spam_rejects_bad_settings():
+    result = run_spam({"CLIENTS": "many"})
+    assert result.returncode == 2
+    assert "CLIENTS must be a positive integer" in result.stderr
+
+
+def test_ctrl_c_leaves_no_process_behind():
+    marker = "--duration 45"
+    proc = subprocess.Popen(
+        [str(SPAM)],
+        env={**os.environ, "CLIENTS": "3", "DURATION": "45"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while len(our_processes(marker)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert our_processes(marker), "clients never started"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "interrupted" in err
+    time.sleep(0.5)
+    assert not our_processes(marker)
+
+
+def report(acked: int, errors: int = 0) -> dict:
+    return {
+        "increments_acknowledged": acked,
+        "requests_acknowledged": acked,
+        "errors_total": errors,
+        "connections_failed": 1 if errors else 0,
+        "first_error": "boom" if errors else None,
+        "started_at": 100.0,
+        "finished_at": 102.0,
+        "latency_us": {"p99": 1500},
+    }
+
+
+def test_verdict_passes_only_when_sums_match():
+    good = verdict(10, 40, 2, [report(10), report(20)], missing=0)
+    assert good["ok"] and good["moved"] == 30 and good["replies_per_second"] == 15.0
+    off = verdict(10, 41, 2, [report(10), report(20)], missing=0)
+    assert not off["ok"]
+    assert off["problems"] == [
+        "the counter moved by 31 but clients acknowledged 30 (difference +1)"
+    ]
+
+
+def test_verdict_counts_failed_and_missing_clients():
+    summary = verdict(0, 30, 3, [report(10), report(20, errors=2)], missing=1)
+    assert not summary["ok"]
+    assert summary["clients_ok"] == 1 and summary["clients_failed"] == 2
+    assert any("1 of 3 clients produced no report" in p for p in summary["problems"])
+    assert any("first: boom" in p for p in summary["problems"])
