@@ -9,9 +9,12 @@ replies it owes, and cuts whatever is still running after the timeout.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import socket
 
+import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -24,6 +27,36 @@ from server.stats import ServerStats
 from server.store import CounterStore
 
 log = logging.getLogger("counter.server")
+
+ACCEPT_RETRY_SECONDS = 0.1
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class _Acceptor(StreamServer):
+    """gevent's StreamServer, but running out of file descriptors while
+    accepting pauses accepting briefly and is reported in one log line,
+    instead of a traceback per attempt."""
+
+    def __init__(self, *args, on_accept_error, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_accept_error = on_accept_error
+
+    def do_read(self):
+        try:
+            return super().do_read()
+        except ConnectionAbortedError:
+            return None  # the peer gave up before we accepted: nothing to serve
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            self._on_accept_error(exc)
+            self.stop_accepting()
+            gevent.spawn_later(ACCEPT_RETRY_SECONDS, self._resume_accepting)
+            return None
+
+    def _resume_accepting(self) -> None:
+        if not self.closed:
+            self.start_accepting()
 
 
 class CounterServer:
@@ -42,7 +75,9 @@ class CounterServer:
         self.pool = Pool(pool_size)
         self.stopping = False
         self._connections: set[socket.socket] = set()
-        self._stream_server = StreamServer(listener, self._handle, spawn=self.pool)
+        self._stream_server = _Acceptor(
+            listener, self._handle, spawn=self.pool, on_accept_error=self._accept_failed
+        )
         self._events = RateLimitedLog(log)
         self._saturation = SaturationWatch(listener, self.pool, self.stats, self._events)
 
@@ -76,6 +111,16 @@ class CounterServer:
             self.pool.kill(block=True, timeout=1.0)
         self.store.close()
         return cut
+
+    def _accept_failed(self, exc: OSError) -> None:
+        self.stats.accept_errors += 1
+        self._events.log(
+            "accept",
+            logging.WARNING,
+            "cannot accept connections: %s (raise the open-file limit, ulimit -n, or lower "
+            "--multiplier); retrying",
+            os.strerror(exc.errno).lower(),
+        )
 
     def _handle(self, sock: socket.socket, address: tuple) -> None:
         stats = self.stats

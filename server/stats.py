@@ -17,6 +17,7 @@ class ServerStats:
     connections_accepted: int = 0
     connections_active: int = 0
     connections_reset: int = 0
+    accept_errors: int = 0  # out of file descriptors or memory while accepting
     connections_waiting: int = 0  # in the listen queue while the pool is full
     pool_saturation_events: int = 0
     bytes_in: int = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -81,8 +82,11 @@ def run_server_command(*args: str, cwd: Path | None = None, timeout: float = 30.
     )
 
 
-def start_server(*args: str, cwd: Path | None = None, script: str | None = None) -> ServerProcess:
-    """Start the server on a free loopback port and wait for its start-up line."""
+def start_server(
+    *args: str, cwd: Path | None = None, script: str | None = None, max_files: int | None = None
+) -> ServerProcess:
+    """Start the server on a free loopback port and wait for its start-up line
+    (with at most ``max_files`` open file descriptors, if given)."""
     workdir = Path(cwd or tempfile.mkdtemp(prefix="counter-test-"))
     out_path = Path(tempfile.mkstemp(prefix="server-out-", suffix=".txt")[1])
     err_path = Path(tempfile.mkstemp(prefix="server-err-", suffix=".txt")[1])
@@ -92,8 +96,18 @@ def start_server(*args: str, cwd: Path | None = None, script: str | None = None)
         argv += ["--port", "0"]
     if "--host" not in args:
         argv += ["--host", "127.0.0.1"]
+
+    def limit_files() -> None:
+        if max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
     proc = subprocess.Popen(
-        [*argv, *args], cwd=workdir, stdout=out, stderr=err, stdin=subprocess.DEVNULL
+        [*argv, *args],
+        cwd=workdir,
+        stdout=out,
+        stderr=err,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=limit_files,
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -213,3 +213,27 @@ def test_counter_is_shared_across_connections(server):
         assert recv_replies(second, 1) == (15,)
     time.sleep(0)  # both closed cleanly
     assert read_counter(server.port) == 15
+
+
+def test_running_out_of_file_descriptors_is_reported_once_and_recovers():
+    server = start_server("--multiplier", "100", max_files=40)
+    clients = []
+    try:
+        for _ in range(60):
+            clients.append(connect(server.port))
+        time.sleep(0.5)
+        for sock in clients:
+            sock.close()
+        clients.clear()
+        deadline = time.monotonic() + 10
+        while "cannot accept connections" not in server.stderr_path.read_text():
+            assert time.monotonic() < deadline, "the accept failure was not logged"
+            time.sleep(0.1)
+        assert exchange(server.port, 3) == (3,)
+    finally:
+        for sock in clients:
+            sock.close()
+        server.stop()
+    assert "too many open files" in server.stderr
+    assert "Traceback" not in server.stderr
+    assert server.stderr.count("cannot accept connections") <= 5  # rate-limited
