@@ -19,6 +19,7 @@ from common.cli import (
     parse_args,
     positive_int,
 )
+from common.signals import StopSignals
 from protocol import MAX_COUNTER
 
 __doc__ = """Load client for the counter server: many persistent connections send
@@ -42,8 +43,11 @@ Options:
                              increment) and exit.
   -h --help                  Show this help.
 
-Exit status: 0 when every request was acknowledged correctly, 1 otherwise,
-2 for a usage error.
+SIGINT/SIGTERM stops sending early, collects the replies owed and reports; a
+second one exits at once.
+
+Exit status: 0 when every request was acknowledged correctly, 1 when anything
+went wrong, 2 for a usage error, 130 when interrupted without errors.
 """
 
 
@@ -71,20 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     run = LoadRun(settings)
+    stop_signals = StopSignals(on_stop=run.interrupt)  # Ctrl-C: stop sending, collect, report
     progress = gevent.spawn(_progress, run) if sys.stderr.isatty() else None
     try:
         run.run()
-    except KeyboardInterrupt:
-        run.stop()
     finally:
+        stop_signals.cancel()
         if progress is not None:
             progress.kill()
     summary = summarize(run)
     if summary["requests_acknowledged"] == 0 and summary["first_error"]:
         print(f"error: {args['--serverAddress']}: {summary['first_error']}", file=sys.stderr)
     print(json.dumps(summary) if args["--json"] else format_text(summary), flush=True)
-    ok = summary["errors_total"] == 0 and summary["connections_failed"] == 0
-    return 0 if ok else 1
+    if summary["errors_total"] or summary["connections_failed"]:
+        return 1
+    return 130 if run.interrupted else 0
 
 
 def _print_counter(host: str, port: int, timeout: float) -> int:

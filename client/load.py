@@ -74,6 +74,7 @@ class LoadRun:
         self.started_at = 0.0  # perf_counter() when the connections started sending
         self.started_wall = 0.0  # the same moment as Unix time, for reports
         self.elapsed = 0.0
+        self.interrupted = False
         self._go = Event()
         self._stopping = False
 
@@ -96,6 +97,11 @@ class LoadRun:
     def stop(self) -> None:
         """Stop sending new frames; connections finish collecting owed replies."""
         self._stopping = True
+
+    def interrupt(self) -> None:
+        """Stop before the deadline (a signal): like ``stop``, and say so in the report."""
+        self.interrupted = True
+        self.stop()
 
     def _connect(self, result: ConnectionResult) -> socket.socket | None:
         settings = self.settings

@@ -39,6 +39,7 @@ def summarize(run: LoadRun) -> dict:
         "pipeline": settings.pipeline,
         "increment": settings.increment,
         "duration_s": round(elapsed, 3),
+        "interrupted": run.interrupted,
         "requests_sent": sum(r.sent for r in results),
         "requests_acknowledged": acknowledged,
         "increments_acknowledged": acknowledged * settings.increment,
@@ -60,7 +61,8 @@ def format_text(summary: dict) -> str:
         f"connections            {summary['connections']:,} "
         f"({summary['connections_failed']:,} with errors), "
         f"{summary['pipeline']} in flight each, increment {summary['increment']}",
-        f"duration               {summary['duration_s']:.2f} s",
+        f"duration               {summary['duration_s']:.2f} s"
+        + (" (interrupted)" if summary["interrupted"] else ""),
         f"requests acknowledged  {summary['requests_acknowledged']:,} "
         f"of {summary['requests_sent']:,} sent",
         f"throughput             {summary['replies_per_second']:,.0f} replies/s",

@@ -6,12 +6,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
 import socket
 import sys
-
-import gevent
-from gevent.event import Event
 
 from common.cli import (
     configure_logging,
@@ -23,6 +19,7 @@ from common.cli import (
     port_number,
     positive_int,
 )
+from common.signals import StopSignals
 from server.lifecycle import CounterServer
 from server.store import MemoryCounterStore
 
@@ -90,30 +87,6 @@ def open_listener(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (IPv6 if ``host`` has a colon)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
-
-
-class StopSignals:
-    """Set by the first SIGINT or SIGTERM; a second one exits the process at once."""
-
-    def __init__(self) -> None:
-        self._requested = Event()
-        # A watcher stops working once garbage-collected: keep references.
-        self._watchers = [
-            gevent.signal_handler(signum, self._on_signal, signum)
-            for signum in (signal.SIGINT, signal.SIGTERM)
-        ]
-
-    def wait(self) -> None:
-        """Block until the first stop signal."""
-        self._requested.wait()
-
-    def _on_signal(self, signum: int) -> None:
-        if self._requested.is_set():
-            name = signal.Signals(signum).name
-            message = f"Second {name}: exiting now without waiting for owed replies"
-            print(message, file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self._requested.set()
 
 
 def describe(exc: OSError) -> str:

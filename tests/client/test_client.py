@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import socket
 import struct
@@ -235,3 +237,50 @@ def test_misbehaving_server_is_counted_by_kind(behaviour, kind, extra):
     report = json.loads(result.stdout)
     assert report["errors"][kind] > 0, report
     assert "Traceback" not in result.stderr
+
+
+def test_sigint_stops_early_and_still_reports_everything_owed(server):
+    client = subprocess.Popen(
+        [sys.executable, str(CLIENT_SCRIPT), "--serverAddress", address(server),
+         "--duration", "30", "--pipeline", "8", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.5)
+    client.send_signal(signal.SIGINT)
+    out, err = client.communicate(timeout=30)
+    assert client.returncode == 130, err
+    assert "Traceback" not in err
+    report = json.loads(out)
+    assert report["interrupted"] is True
+    assert report["duration_s"] < 20
+    assert report["errors_total"] == 0
+    assert report["requests_acknowledged"] == report["requests_sent"] > 0
+    assert read_counter(server.port) == report["increments_acknowledged"]
+
+
+def test_progress_line_on_a_terminal(server):
+    import pty
+
+    controller, terminal = pty.openpty()
+    client = subprocess.Popen(
+        [sys.executable, str(CLIENT_SCRIPT), "--serverAddress", address(server),
+         "--duration", "2.5", "--multiplier", "1"],
+        stdout=subprocess.PIPE, stderr=terminal, text=True,
+    )  # fmt: skip
+    os.close(terminal)
+    out, _ = client.communicate(timeout=30)
+    progress = b""
+    with suppress(OSError):  # EIO once the pty is drained and closed
+        while chunk := os.read(controller, 4096):
+            progress += chunk
+    os.close(controller)
+    assert client.returncode == 0
+    lines = [line for line in progress.decode().splitlines() if "replies/s" in line]
+    assert len(lines) >= 2, progress
+    assert re.search(r"\[\s*\d+\.\ds\] [\d,]+ replies/s, [\d,]+ acknowledged, 0 errors", lines[0])
+    assert "requests acknowledged" in out
+
+
+def test_no_progress_line_when_not_on_a_terminal(server):
+    result = run_client("--serverAddress", address(server), "--duration", "1.5")
+    assert "replies/s," not in result.stderr
