@@ -1,17 +1,20 @@
 """Pinned throughput run: our server on one CPU, our load client on another.
 
 Prints replies/s, server CPU per request (user+sys from /proc/PID/stat) and the
-client's CPU per request, for each scenario. Figures are for orientation on a
-shared machine: compare rows of the same run, not runs of different days.
+client's CPU per request, for each scenario. With --metrics every scenario also
+runs with the metrics endpoint on and scraped once a second, alternating with
+metrics off, so the overhead is measured side by side. Figures are for
+orientation on a shared machine: compare rows of one run, not separate runs.
 
 Usage:
-  pinned.py [--duration SECS] [--connections N] [--runs N]
+  pinned.py [--duration SECS] [--connections N] [--runs N] [--metrics]
   pinned.py -h | --help
 
 Options:
   --duration SECS    Seconds per scenario run. [default: 10]
   --connections N    Client connections (the Go original's default on 2 CPUs is 40). [default: 40]
   --runs N           Runs per scenario; the median is printed. [default: 3]
+  --metrics          Also run each scenario with /metrics on and scraped every second.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,48 +52,60 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
-def run_once(pipeline: int, duration: float, connections: int) -> dict:
-    with tempfile.TemporaryFile("w+") as out:
-        return _run_once(out, pipeline, duration, connections)
+def wait_for(pattern: str, path: Path) -> re.Match:
+    for _ in range(200):
+        match = re.search(pattern, path.read_text())
+        if match:
+            return match
+        time.sleep(0.05)
+    raise SystemExit(f"the server did not start: {path.read_text()}")
 
 
-def _run_once(out, pipeline: int, duration: float, connections: int) -> dict:
+def scrape_every_second(url: str, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        with urllib.request.urlopen(url, timeout=5) as response:
+            response.read()
+
+
+def run_once(pipeline: int, duration: float, connections: int, metrics: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp, "out"), Path(tmp, "err")
+        server_argv = [sys.executable, str(ROOT / "server/server.py"), "--host", "127.0.0.1",
+                       "--port", "0", "--multiplier", "50"]  # fmt: skip
+        if metrics:
+            server_argv += ["--metrics-port", "0"]
+        with out.open("w") as stdout, err.open("w") as stderr:
+            server = subprocess.Popen(pinned(0, server_argv), stdout=stdout, stderr=stderr)
+        try:
+            port = wait_for(r"listening on \S+:(\d+)", out)[1]
+            stop_scraping = threading.Event()
+            if metrics:
+                url = "http://" + wait_for(r"metrics on http://(\S+)", err)[1]
+                threading.Thread(target=scrape_every_second, args=(url, stop_scraping)).start()
+            result = measure(server.pid, port, pipeline, duration, connections)
+            stop_scraping.set()
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+    return result
+
+
+def measure(server_pid: int, port: str, pipeline: int, duration: float, connections: int) -> dict:
     # The client opens NumCPU x multiplier connections, NumCPU being the CPUs it may use.
     client_cpus = 1 if shutil.which("taskset") else cpu_count()
     multiplier = max(1, connections // client_cpus)
-    server = subprocess.Popen(
-        pinned(0, [sys.executable, str(ROOT / "server/server.py"), "--host", "127.0.0.1",
-                   "--port", "0", "--log-level", "warning", "--multiplier", "50"]),
-        stdout=out, stderr=subprocess.DEVNULL,
+    before_server = cpu_seconds(server_pid)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = subprocess.run(
+        pinned(1, [sys.executable, str(ROOT / "client/client.py"), "--serverAddress",
+                   f"127.0.0.1:{port}", "--duration", str(duration), "--pipeline",
+                   str(pipeline), "--multiplier", str(multiplier), "--json"]),
+        capture_output=True, text=True, check=False,
     )  # fmt: skip
-    try:
-        port = None
-        for _ in range(200):
-            out.seek(0)
-            match = re.search(r"listening on \S+:(\d+)", out.read())
-            if match:
-                port = match[1]
-                break
-            time.sleep(0.05)
-        if port is None:
-            raise SystemExit("the server did not start")
-        before_server = cpu_seconds(server.pid)
-        before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        client = subprocess.run(
-            pinned(1, [sys.executable, str(ROOT / "client/client.py"), "--serverAddress",
-                       f"127.0.0.1:{port}", "--duration", str(duration), "--pipeline",
-                       str(pipeline), "--multiplier", str(multiplier), "--json"]),
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        server_cpu = cpu_seconds(server.pid) - before_server
-        after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
+    server_cpu = cpu_seconds(server_pid) - before_server
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     report = json.loads(client.stdout)
-    client_cpu = (after_children.ru_utime + after_children.ru_stime) - (
-        before_children.ru_utime + before_children.ru_stime
-    )
     n = report["requests_acknowledged"]
     return {
         "replies_per_second": report["replies_per_second"],
@@ -105,19 +122,27 @@ def main() -> int:
     duration = convert(__doc__, "--duration", args["--duration"], positive_int)
     connections = convert(__doc__, "--connections", args["--connections"], positive_int)
     runs = convert(__doc__, "--runs", args["--runs"], positive_int)
+    variants = (False, True) if args["--metrics"] else (False,)
     placement = "server on CPU 0, client on CPU 1" if shutil.which("taskset") else "unpinned"
     print(f"{placement}; {duration}s per run, median of {runs}")
-    header = f"{'scenario':<14}{'conns':>6}{'replies/s':>12}{'server us/req':>15}"
+    header = f"{'scenario':<36}{'conns':>6}{'replies/s':>12}{'server us/req':>15}"
     print(header + f"{'client us/req':>15}{'p99 ms':>9}{'errors':>8}")
     for name, pipeline in SCENARIOS:
-        results = [run_once(pipeline, duration, connections) for _ in range(runs)]
-        med = {k: statistics.median(r[k] for r in results) for k in results[0]}
-        print(
-            f"{name:<14}{int(med['connections']):>6}{med['replies_per_second']:>12,.0f}"
-            f"{med['server_us_per_request']:>15.1f}{med['client_us_per_request']:>15.1f}"
-            f"{med['p99_ms']:>9.2f}{int(med['errors']):>8}",
-            flush=True,
-        )
+        results: dict[bool, list[dict]] = {v: [] for v in variants}
+        for _ in range(runs):  # alternate the variants so drift hits both alike
+            for metrics in variants:
+                results[metrics].append(run_once(pipeline, duration, connections, metrics))
+        for metrics in variants:
+            med = {
+                k: statistics.median(r[k] for r in results[metrics]) for k in results[metrics][0]
+            }
+            label = f"{name}, metrics {'on, scraped 1/s' if metrics else 'off'}"
+            print(
+                f"{label:<36}{int(med['connections']):>6}{med['replies_per_second']:>12,.0f}"
+                f"{med['server_us_per_request']:>15.1f}{med['client_us_per_request']:>15.1f}"
+                f"{med['p99_ms']:>9.2f}{int(med['errors']):>8}",
+                flush=True,
+            )
     return 0
 
 

@@ -58,7 +58,7 @@ def serve(
                 if sent != len(out):  # rare: the socket buffer is full
                     sock.sendall(memoryview(out)[sent:])
                 stats.bytes_out += len(out)
-                stats.reply_writes += 1
+                stats.replies_per_write[len(replies).bit_length()] += 1
             if len(replies) < len(increments):
                 return _overflow(increments[len(replies)], store.value)
         if decoder.error is not None:

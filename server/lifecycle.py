@@ -13,8 +13,10 @@ import errno
 import logging
 import os
 import socket
+import traceback
 
 import gevent
+from gevent import GreenletExit
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -79,6 +81,7 @@ class CounterServer:
             listener, self._handle, spawn=self.pool, on_accept_error=self._accept_failed
         )
         self._events = RateLimitedLog(log)
+        self._seen_errors: set[tuple] = set()
         self._saturation = SaturationWatch(listener, self.pool, self.stats, self._events)
 
     @property
@@ -128,27 +131,55 @@ class CounterServer:
         stats.connections_active += 1
         self._connections.add(sock)
         refusal = None
+        reason, detail = "shutdown", ""
         try:
             if not self.stopping:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 refusal = serve(sock, self.store, stats, self)
+                if refusal is not None and refusal.reason is not RejectReason.TRUNCATED:
+                    reason = "refused"
+                elif not self.stopping:
+                    reason = "peer_closed"
         except OSError as exc:
-            stats.connections_reset += 1
-            log.debug("connection from %s ended: %s", format_address(address), exc)
-        except Exception:
-            self._events.log(
-                "unexpected",
-                logging.ERROR,
-                "unexpected error serving %s; connection closed",
-                format_address(address),
-                exc_info=True,
-            )
+            reason = "reset"
+            detail = exc.strerror or str(exc)
+        except GreenletExit:
+            reason = "shutdown_timeout"
+            raise
+        except Exception as exc:
+            reason = "error"
+            self._unexpected(address, exc)
         finally:
             self._connections.discard(sock)
             stats.connections_active -= 1
+            stats.connections_closed[reason] += 1
             if refusal is not None:
                 self._refuse(sock, address, refusal)
+            elif reason != "error":
+                self._events.log(
+                    f"closed:{reason}",
+                    logging.INFO,
+                    "connection from %s closed: %s",
+                    format_address(address),
+                    detail if reason == "reset" else reason.replace("_", " "),
+                )
             sock.close()
+
+    def _unexpected(self, address: tuple, exc: Exception) -> None:
+        """Log a bug: with its traceback the first time it happens at that
+        place, as one line after that."""
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        key = (type(exc), where.filename, where.lineno)
+        first = key not in self._seen_errors
+        self._seen_errors.add(key)
+        self._events.log(
+            "unexpected",
+            logging.ERROR,
+            "unexpected error serving %s; connection closed: %r",
+            format_address(address),
+            exc,
+            exc_info=first,
+        )
 
     def _refuse(self, sock: socket.socket, address: tuple, refusal: InvalidFrame) -> None:
         self.stats.rejected[refusal.reason] += 1

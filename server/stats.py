@@ -11,18 +11,25 @@ from dataclasses import dataclass, field
 
 from protocol import RejectReason
 
+CLOSE_REASONS = ("peer_closed", "reset", "refused", "shutdown", "shutdown_timeout", "error")
+# replies_per_write[k] counts writes of n replies with n.bit_length() == k,
+# i.e. n in [2^(k-1), 2^k - 1]; one C-level int method on the hot path.
+WRITE_SIZE_SLOTS = 65
+
 
 @dataclass(slots=True)
 class ServerStats:
     connections_accepted: int = 0
     connections_active: int = 0
-    connections_reset: int = 0
     accept_errors: int = 0  # out of file descriptors or memory while accepting
     connections_waiting: int = 0  # in the listen queue while the pool is full
     pool_saturation_events: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    reply_writes: int = 0
+    replies_per_write: list[int] = field(default_factory=lambda: [0] * WRITE_SIZE_SLOTS)
+    connections_closed: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(CLOSE_REASONS, 0)
+    )
     rejected: dict[RejectReason, int] = field(
         default_factory=lambda: dict.fromkeys(RejectReason, 0)
     )

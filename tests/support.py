@@ -45,6 +45,16 @@ class ServerProcess:
     def connect(self, timeout: float = IO_TIMEOUT) -> socket.socket:
         return connect(self.port, timeout)
 
+    def metrics_url(self, path: str = "/metrics") -> str:
+        """The metrics endpoint the server logged at start (needs --metrics-port)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            match = re.search(r"metrics on http://(\S+)/metrics", self.stderr_path.read_text())
+            if match:
+                return f"http://{match[1]}{path}"
+            time.sleep(0.05)
+        raise AssertionError("the server did not log its metrics address")
+
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)
 

@@ -1,0 +1,173 @@
+"""Prometheus metrics and the health endpoint, served over HTTP by gevent.
+
+Nothing here runs on the hot path: ``ServerCollector`` reads the server's
+plain counters (``ServerStats``, the store, the pool) when Prometheus scrapes,
+in the style of prometheus_client's custom collectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterable, Iterator
+
+from gevent.pywsgi import WSGIServer
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    make_wsgi_app,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from common.cli import format_address
+from protocol import REPLY_SIZE
+from server.lifecycle import CounterServer
+
+log = logging.getLogger("counter.metrics")
+
+PREFIX = "counter_server"
+# Histogram buckets of replies per write; the stats keep one slot per bit length.
+WRITE_BUCKET_BITS = 13  # up to 8191 replies; a 64 KiB read holds at most 4096 frames
+
+
+class ServerCollector(Collector):
+    """Every server figure, read at scrape time."""
+
+    def __init__(self, server: CounterServer) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server, stats = self._server, self._server.stats
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        yield counter(
+            "requests_applied",
+            "Frames applied to the counter (zero-increment reads included).",
+            server.store.requests_applied,
+        )
+        rejected = CounterMetricFamily(
+            f"{PREFIX}_rejected_frames",
+            "Frames refused (checksum, overflow) or discarded (truncated), by reason.",
+            labels=["reason"],
+        )
+        for reason, count in stats.rejected.items():
+            rejected.add_metric([reason.value], count)
+        yield rejected
+        yield gauge(
+            "value",
+            "The counter's current value (a float: exact only up to 2^53).",
+            server.store.value,
+        )
+        yield gauge("connections_active", "Connections being served now.", stats.connections_active)
+        yield counter(
+            "connections_accepted", "Connections accepted since start.", stats.connections_accepted
+        )
+        closed = CounterMetricFamily(
+            f"{PREFIX}_connections_closed", "Connections closed, by reason.", labels=["reason"]
+        )
+        for reason, count in stats.connections_closed.items():
+            closed.add_metric([reason], count)
+        yield closed
+        yield gauge("pool_size", "Connections the pool can serve at once.", server.pool.size)
+        yield gauge("pool_in_use", "Pool slots in use.", len(server.pool))
+        yield gauge(
+            "connections_waiting",
+            "Connections waiting in the listen queue because the pool is full.",
+            stats.connections_waiting,
+        )
+        yield counter(
+            "pool_saturation_events",
+            "Times the pool was full with connections waiting to be accepted.",
+            stats.pool_saturation_events,
+        )
+        yield counter(
+            "accept_errors",
+            "Accept failures for lack of file descriptors or memory.",
+            stats.accept_errors,
+        )
+        yield counter("received_bytes", "Bytes read from clients.", stats.bytes_in)
+        yield counter("sent_bytes", "Bytes written to clients.", stats.bytes_out)
+        yield _replies_per_write(stats.replies_per_write, stats.bytes_out // REPLY_SIZE)
+
+
+def _replies_per_write(slots: list[int], total_replies: int) -> HistogramMetricFamily:
+    buckets, cumulative = [], 0
+    for bits in range(1, WRITE_BUCKET_BITS + 1):
+        cumulative += slots[bits]
+        buckets.append((str(2**bits - 1), cumulative))
+    buckets.append(("+Inf", sum(slots)))
+    return HistogramMetricFamily(
+        f"{PREFIX}_replies_per_write",
+        "Replies sent per write (pipelining batches them).",
+        buckets=buckets,
+        sum_value=total_replies,
+    )
+
+
+def build_registry(server: CounterServer) -> CollectorRegistry:
+    """A registry with the server's figures and prometheus_client's process,
+    platform and garbage-collector collectors."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(ServerCollector(server))
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
+WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+
+
+def make_app(server: CounterServer, registry: CollectorRegistry) -> WSGIApp:
+    """WSGI app: ``/metrics`` (Prometheus text format) and ``/healthz``."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        if path == "/healthz":
+            status, body = (
+                ("503 Service Unavailable", b"stopping\n")
+                if server.stopping
+                else (
+                    "200 OK",
+                    b"ok\n",
+                )
+            )
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: try /metrics or /healthz\n"]
+
+    return app
+
+
+class MetricsServer:
+    """The HTTP endpoint, on its own listener (loopback by default)."""
+
+    def __init__(self, listener: socket.socket, server: CounterServer) -> None:
+        app = make_app(server, build_registry(server))
+        self._http = WSGIServer(listener, app, log=None, error_log=log)
+
+    @property
+    def address(self) -> str:
+        return format_address(self._http.socket.getsockname())
+
+    def start(self) -> None:
+        self._http.start()
+
+    def stop(self) -> None:
+        self._http.stop(timeout=1)
