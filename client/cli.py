@@ -18,8 +18,10 @@ from common.cli import (
     non_negative_float,
     parse_args,
     positive_int,
+    usage_exit,
 )
 from common.signals import StopSignals
+from common.tls import TLSSetupError, client_context
 from protocol import MAX_COUNTER
 
 __doc__ = """Load client for the counter server: many persistent connections send
@@ -38,6 +40,11 @@ Options:
                              ping-pong, like the Go original). [default: 1]
   --value V                  Increment each frame carries. [default: 1]
   --timeout SECS             Longest wait to connect or for a reply. [default: 10]
+  --tls                      Connect with TLS.
+  --tls-ca FILE              Trust server certificates signed by this CA (PEM);
+                             the system store when not given.
+  --tls-cert FILE            Present this client certificate (mutual TLS).
+  --tls-key FILE             The private key of --tls-cert.
   --json                     Print the report as one JSON object instead of text.
   --get                      Print the current counter value (sends a zero
                              increment) and exit.
@@ -56,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__, argv)
     host, port = convert(__doc__, "--serverAddress", args["--serverAddress"], host_port)
     timeout = convert(__doc__, "--timeout", args["--timeout"], _positive_seconds)
+    tls = _tls_context(args)
+    if tls is _TLS_ERROR:
+        return 1
     if args["--get"]:
-        return _print_counter(host, port, timeout)
+        return _print_counter(host, port, timeout, tls)
     settings = LoadSettings(
         host=host,
         port=port,
@@ -67,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline=convert(__doc__, "--pipeline", args["--pipeline"], positive_int),
         increment=convert(__doc__, "--value", args["--value"], _increment),
         timeout=timeout,
+        tls=tls,
     )
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -92,9 +103,29 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if run.interrupted else 0
 
 
-def _print_counter(host: str, port: int, timeout: float) -> int:
+_TLS_ERROR = object()
+
+
+def _tls_context(args: dict):
+    """The client TLS context the flags ask for, None for plain TCP, or
+    _TLS_ERROR after printing why the files could not be loaded."""
+    wanted = [f for f in ("--tls-ca", "--tls-cert", "--tls-key") if args[f] is not None]
+    if not args["--tls"]:
+        if wanted:
+            usage_exit(__doc__, f"{wanted[0]}: needs --tls")
+        return None
+    if (args["--tls-cert"] is None) != (args["--tls-key"] is None):
+        usage_exit(__doc__, "--tls-cert and --tls-key go together")
     try:
-        print(read_counter(host, port, timeout))
+        return client_context(args["--tls-ca"], args["--tls-cert"], args["--tls-key"])
+    except TLSSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return _TLS_ERROR
+
+
+def _print_counter(host: str, port: int, timeout: float, tls) -> int:
+    try:
+        print(read_counter(host, port, timeout, tls))
     except OSError as exc:
         print(
             f"error: cannot read the counter from {host}:{port}: {exc.strerror or exc}",

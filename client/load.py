@@ -9,6 +9,7 @@ Depends only on SPEC §2, so it drives any server that speaks the protocol
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import time
 from collections import Counter, deque
@@ -29,7 +30,8 @@ SHORT_REPLY = "short_reply"  # the connection ended partway through a reply
 NOT_INCREASING = "not_increasing"  # a reply not above the previous one (value > 0)
 TIMEOUT = "timeout"  # no reply, or no connection, within the timeout
 EXTRA_REPLY = "extra_reply"  # more replies than frames sent
-ERROR_KINDS = (REFUSED, CLOSED, SHORT_REPLY, NOT_INCREASING, TIMEOUT, EXTRA_REPLY)
+TLS = "tls"  # the TLS handshake failed (certificate refused, not a TLS server)
+ERROR_KINDS = (REFUSED, CLOSED, SHORT_REPLY, NOT_INCREASING, TIMEOUT, EXTRA_REPLY, TLS)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class LoadSettings:
     pipeline: int = 1
     increment: int = 1
     timeout: float = 10.0
+    tls: ssl.SSLContext | None = None
 
 
 class LoadRun:
@@ -106,17 +109,15 @@ class LoadRun:
     def _connect(self, result: ConnectionResult) -> socket.socket | None:
         settings = self.settings
         try:
-            sock = socket.create_connection(
-                (settings.host, settings.port), timeout=settings.timeout
-            )
+            return open_connection(settings.host, settings.port, settings.timeout, settings.tls)
+        except ssl.SSLError as exc:
+            self._fail(result, TLS, f"TLS handshake: {_tls_reason(exc)}")
         except TimeoutError as exc:
             self._fail(result, TIMEOUT, f"connect: {exc or 'timed out'}")
-            return None
         except OSError as exc:
-            self._fail(result, REFUSED, f"connect: {exc.strerror or exc}")
-            return None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+            kind = TLS if settings.tls is not None and exc.errno is None else REFUSED
+            self._fail(result, kind, f"connect: {exc.strerror or exc}")
+        return None
 
     def _fail(self, result: ConnectionResult, kind: str, detail: str, count: int = 1) -> None:
         result.errors[kind] += count
@@ -127,6 +128,17 @@ class LoadRun:
         try:
             self._go.wait()
             self._exchange(sock, result)
+        except TimeoutError:
+            owed = result.sent - result.acknowledged
+            self._fail(result, TIMEOUT, f"no reply within {self.settings.timeout}s", owed)
+        except ssl.SSLError as exc:
+            # Under TLS 1.3 a server refusing our certificate says so only
+            # after the handshake, at the first read or write.
+            owed = max(1, result.sent - result.acknowledged)
+            self._fail(result, TLS, f"TLS: {_tls_reason(exc)}", owed)
+        except OSError as exc:
+            owed = max(1, result.sent - result.acknowledged)
+            self._fail(result, CLOSED, f"connection lost: {exc.strerror or exc}", owed)
         finally:
             sock.close()
 
@@ -147,14 +159,7 @@ class LoadRun:
         in_flight.append([now, settings.pipeline])
         owed = result.sent = settings.pipeline
         while owed:
-            try:
-                chunk = recv(RECV_SIZE)
-            except TimeoutError:
-                self._fail(result, TIMEOUT, f"no reply within {settings.timeout}s", owed)
-                return
-            except OSError as exc:
-                self._fail(result, CLOSED, f"connection lost: {exc.strerror or exc}", owed)
-                return
+            chunk = recv(RECV_SIZE)
             if not chunk:
                 kind = SHORT_REPLY if pending else CLOSED
                 self._fail(
@@ -203,6 +208,13 @@ class LoadRun:
         self._fail(result, NOT_INCREASING, f"reply {values} did not rise above {last}", bad)
 
 
+def _tls_reason(exc: ssl.SSLError) -> str:
+    verify = getattr(exc, "verify_message", None)
+    if verify:
+        return f"certificate verify failed: {verify}"
+    return (exc.reason or str(exc)).lower().replace("_", " ")
+
+
 def _record_latencies(latency: Counter, in_flight: deque, count: int, now: float) -> None:
     """Charge ``count`` replies received at ``now`` to the oldest writes in flight."""
     while count:
@@ -215,9 +227,27 @@ def _record_latencies(latency: Counter, in_flight: deque, count: int, now: float
             in_flight.popleft()
 
 
-def read_counter(host: str, port: int, timeout: float = 10.0) -> int:
+def open_connection(
+    host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None
+) -> socket.socket:
+    """A connected socket with Nagle off, TLS-wrapped (handshake done) if
+    ``tls`` is given. OSError (ssl.SSLError included) if that fails."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is None:
+        return sock
+    try:
+        return tls.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def read_counter(
+    host: str, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None
+) -> int:
     """The server's current counter value (sends a zero increment)."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with open_connection(host, port, timeout, tls) as sock:
         sock.sendall(encode_request(0))
         data = b""
         while len(data) < REPLY_SIZE:

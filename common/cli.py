@@ -69,6 +69,14 @@ def non_negative_float(raw: str) -> float:
     return value
 
 
+def positive_float(raw: str) -> float:
+    """A finite number > 0."""
+    value = non_negative_float(raw)
+    if value == 0:
+        raise UsageError(f"must be a number > 0, got {raw!r}")
+    return value
+
+
 def port_number(raw: str) -> int:
     """A TCP port: ``8080`` or the Go style ``:8080``; 0 asks for a free port."""
     text = raw[1:] if raw.startswith(":") else raw

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 import sys
@@ -19,28 +20,52 @@ from common.cli import (
     non_negative_float,
     parse_args,
     port_number,
+    positive_float,
     positive_int,
+    usage_exit,
 )
 from common.signals import StopSignals
+from common.tls import TLSSetupError, server_context
+from server.admission import Admission, Network, parse_network
+from server.connection import Timeouts
 from server.lifecycle import CounterServer
 from server.metrics import MetricsServer
+from server.ratelimit import RateLimiter
 from server.store import MemoryCounterStore
 
 __doc__ = """Counter server: one shared 64-bit counter that many clients add to at
 once, over a 16-byte checksummed TCP protocol (byte-compatible with the Go original).
 
 Usage:
-  server.py [options]
+  server.py [options] [--allow CIDR]...
   server.py -h | --help
 
 Options:
   --port PORT              TCP port: 8080 or :8080 (0 picks a free one). [default: 8080]
   --host HOST              Address to listen on: 0.0.0.0 is every IPv4
-                           interface, :: every IPv6 one. [default: 0.0.0.0]
+                           interface, :: every IPv6 and IPv4 one. [default: 0.0.0.0]
   --multiplier N           Serve at most NumCPU x N connections at once; more
                            wait until a slot frees. [default: 20]
   --shutdown-timeout SECS  On SIGINT/SIGTERM, wait at most this long for owed
                            replies before closing connections. [default: 10]
+  --idle-timeout SECS      Close a connection that sends nothing for this long
+                           (0: never). [default: 300]
+  --frame-timeout SECS     A frame whose first byte has arrived must be complete
+                           within this long, against slowloris (0: never). [default: 10]
+  --write-timeout SECS     Close a client that leaves its replies unread so that
+                           sending blocks this long (0: never). [default: 30]
+  --rate R                 Frames per second allowed per client IP; faster
+                           clients are slowed down, not refused (off when not given).
+  --burst B                Frames a client IP may send at full speed before the
+                           rate applies (default: one second's worth).
+  --max-conns-per-ip N     Close connections beyond N at once from one IP
+                           (off when not given).
+  --allow CIDR             Accept only peers in this network (IPv4 or IPv6);
+                           repeat for more. Everyone when not given.
+  --tls-cert FILE          Serve TLS with this certificate chain (PEM).
+  --tls-key FILE           The private key of --tls-cert (PEM).
+  --tls-client-ca FILE     Require client certificates signed by this CA
+                           (mutual TLS).
   --metrics-port PORT      Serve Prometheus /metrics and /healthz over HTTP on
                            this port (off when not given).
   --metrics-host HOST      Address for the metrics endpoint. [default: 127.0.0.1]
@@ -65,6 +90,14 @@ class ServerSettings:
     metrics_port: int | None
     log_level: int
     log_format: str
+    timeouts: Timeouts
+    rate: float | None
+    burst: int | None
+    max_conns_per_ip: int | None
+    allow: tuple[Network, ...]
+    tls_cert: str | None
+    tls_key: str | None
+    tls_client_ca: str | None
 
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
@@ -74,6 +107,22 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     def value(option: str, parser):
         return convert(__doc__, option, args[option], parser)
 
+    def optional(option: str, parser):
+        return None if args[option] is None else value(option, parser)
+
+    def seconds_or_off(option: str) -> float | None:
+        return value(option, non_negative_float) or None
+
+    rate = optional("--rate", positive_float)
+    burst = optional("--burst", positive_int)
+    if burst is not None and rate is None:
+        usage_exit(__doc__, "--burst: needs --rate")
+    if rate is not None and burst is None:
+        burst = max(1, math.ceil(rate))
+    if (args["--tls-cert"] is None) != (args["--tls-key"] is None):
+        usage_exit(__doc__, "--tls-cert and --tls-key go together")
+    if args["--tls-client-ca"] is not None and args["--tls-cert"] is None:
+        usage_exit(__doc__, "--tls-client-ca: needs --tls-cert and --tls-key")
     return ServerSettings(
         host=args["--host"],
         port=value("--port", port_number),
@@ -85,6 +134,18 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         else value("--metrics-port", port_number),
         log_level=value("--log-level", log_level),
         log_format=value("--log-format", log_format),
+        timeouts=Timeouts(
+            idle=seconds_or_off("--idle-timeout"),
+            frame=seconds_or_off("--frame-timeout"),
+            write=seconds_or_off("--write-timeout"),
+        ),
+        rate=rate,
+        burst=burst,
+        max_conns_per_ip=optional("--max-conns-per-ip", positive_int),
+        allow=tuple(convert(__doc__, "--allow", raw, parse_network) for raw in args["--allow"]),
+        tls_cert=args["--tls-cert"],
+        tls_key=args["--tls-key"],
+        tls_client_ca=args["--tls-client-ca"],
     )
 
 
@@ -95,16 +156,27 @@ def main(argv: list[str] | None = None) -> int:
     cpus = cpu_count()
     pool_size = cpus * settings.multiplier
     try:
+        tls = None
+        if settings.tls_cert:
+            tls = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         listener = open_listener(settings.host, settings.port)
         metrics_listener = None
         if settings.metrics_port is not None:
             metrics_listener = open_listener(settings.metrics_host, settings.metrics_port)
-    except ListenError as exc:
+    except (ListenError, TLSSetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
     store = MemoryCounterStore()
-    server = CounterServer(listener, store, pool_size)
+    server = CounterServer(
+        listener,
+        store,
+        pool_size,
+        timeouts=settings.timeouts,
+        admission=Admission(settings.allow, settings.max_conns_per_ip),
+        rate_limiter=RateLimiter(settings.rate, settings.burst) if settings.rate else None,
+        tls=tls,
+    )
     metrics = MetricsServer(metrics_listener, server) if metrics_listener else None
     stop_signals = StopSignals()
     server.start()
@@ -116,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     log.info(
-        "started: listening on %s, pool %d, pid %d%s",
+        "started: listening on %s%s, pool %d, pid %d%s",
         server.address,
+        " (TLS)" if tls else "",
         pool_size,
         os.getpid(),
         f", metrics on http://{metrics.address}/metrics" if metrics else "",
@@ -148,7 +221,12 @@ def open_listener(host: str, port: int) -> socket.socket:
     ListenError with a one-line reason if it cannot be opened."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+        return socket.create_server(
+            (host, port),
+            family=family,
+            backlog=LISTEN_BACKLOG,
+            dualstack_ipv6=host == "::",  # every interface means IPv4 too
+        )
     except OSError as exc:
         raise ListenError(f"cannot listen on {host}:{port}: {describe(exc)}") from None
 

@@ -8,11 +8,11 @@ replies it owes, and cuts whatever is still running after the timeout.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import socket
+import ssl
 import traceback
 
 import gevent
@@ -22,7 +22,16 @@ from gevent.server import StreamServer
 
 from common.cli import format_address
 from protocol import InvalidFrame, RejectReason
-from server.connection import close_after_refusal, serve
+from server.admission import Admission, client_ip
+from server.connection import (
+    DEFAULT_TIMEOUTS,
+    ClientTimeout,
+    Timeouts,
+    close_after_refusal,
+    serve,
+    stop_reading,
+)
+from server.ratelimit import RateLimiter
 from server.ratelog import RateLimitedLog
 from server.saturation import SaturationWatch
 from server.stats import ServerStats
@@ -31,6 +40,16 @@ from server.store import CounterStore
 log = logging.getLogger("counter.server")
 
 ACCEPT_RETRY_SECONDS = 0.1
+HANDSHAKE_TIMEOUT = 10.0
+# Closures an operator should see at the default log level as a warning.
+_WARN_ON_CLOSE = {
+    "idle_timeout",
+    "frame_timeout",
+    "write_timeout",
+    "not_allowed",
+    "per_ip_limit",
+    "tls_failed",
+}
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -70,10 +89,19 @@ class CounterServer:
         listener: socket.socket,
         store: CounterStore,
         pool_size: int,
+        *,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        admission: Admission | None = None,
+        rate_limiter: RateLimiter | None = None,
+        tls: ssl.SSLContext | None = None,
         stats: ServerStats | None = None,
     ) -> None:
         self.store = store
         self.stats = stats if stats is not None else ServerStats()
+        self.timeouts = timeouts
+        self.admission = admission if admission is not None and admission.active else None
+        self.rate_limiter = rate_limiter
+        self.tls = tls
         self.pool = Pool(pool_size)
         self.stopping = False
         self._connections: set[socket.socket] = set()
@@ -101,8 +129,7 @@ class CounterServer:
         self._saturation.stop()
         self._stream_server.close()
         for sock in list(self._connections):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RD)
+            stop_reading(sock)
         cut = 0
         if not self.pool.join(timeout=timeout):
             cut = len(self.pool)
@@ -129,20 +156,34 @@ class CounterServer:
         stats = self.stats
         stats.connections_accepted += 1
         stats.connections_active += 1
-        self._connections.add(sock)
+        ip = client_ip(address)
+        refused_by = self.admission.admit(ip) if self.admission is not None else None
+        bucket = None
+        if refused_by is None and self.rate_limiter is not None:
+            bucket = self.rate_limiter.acquire(ip)
+        conn = sock
         refusal = None
-        reason, detail = "shutdown", ""
+        reason, detail = refused_by or "shutdown", ""
         try:
-            if not self.stopping:
+            if refused_by is None and not self.stopping:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                refusal = serve(sock, self.store, stats, self)
+                if self.tls is not None:
+                    reason = "tls_failed"
+                    conn = self._handshake(sock)
+                    reason = "shutdown"
+                self._connections.add(conn)
+                if not self.stopping:
+                    refusal = serve(conn, self.store, stats, self, self.timeouts, bucket)
                 if refusal is not None and refusal.reason is not RejectReason.TRUNCATED:
                     reason = "refused"
                 elif not self.stopping:
                     reason = "peer_closed"
-        except OSError as exc:
-            reason = "reset"
-            detail = exc.strerror or str(exc)
+        except ClientTimeout as exc:
+            reason, detail = exc.reason, str(exc)
+        except OSError as exc:  # ssl.SSLError and TimeoutError included
+            if reason != "tls_failed":
+                reason = "reset"
+            detail = exc.strerror or str(exc) or type(exc).__name__
         except GreenletExit:
             reason = "shutdown_timeout"
             raise
@@ -150,20 +191,34 @@ class CounterServer:
             reason = "error"
             self._unexpected(address, exc)
         finally:
-            self._connections.discard(sock)
+            self._connections.discard(conn)
             stats.connections_active -= 1
             stats.connections_closed[reason] += 1
+            if refused_by is None and self.admission is not None:
+                self.admission.release(ip)
+            if bucket is not None:
+                self.rate_limiter.release(ip)
             if refusal is not None:
-                self._refuse(sock, address, refusal)
+                self._refuse(conn, address, refusal)
             elif reason != "error":
                 self._events.log(
                     f"closed:{reason}",
-                    logging.INFO,
-                    "connection from %s closed: %s",
+                    logging.WARNING if reason in _WARN_ON_CLOSE else logging.INFO,
+                    "connection from %s closed: %s%s",
                     format_address(address),
-                    detail if reason == "reset" else reason.replace("_", " "),
+                    reason.replace("_", " "),
+                    f" ({detail})" if detail else "",
                 )
-            sock.close()
+            conn.close()
+            if conn is not sock:
+                sock.close()
+
+    def _handshake(self, sock: socket.socket) -> ssl.SSLSocket:
+        """The TLS handshake, bounded by the frame timeout (or 10 s)."""
+        conn = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        conn.settimeout(self.timeouts.frame or HANDSHAKE_TIMEOUT)
+        conn.do_handshake()
+        return conn
 
     def _unexpected(self, address: tuple, exc: Exception) -> None:
         """Log a bug: with its traceback the first time it happens at that

@@ -98,6 +98,12 @@ class ServerCollector(Collector):
             "Accept failures for lack of file descriptors or memory.",
             stats.accept_errors,
         )
+        limiter = server.rate_limiter
+        yield counter(
+            "throttled_seconds",
+            "Time connections waited for rate-limit tokens (--rate), all clients together.",
+            limiter.throttled_seconds if limiter is not None else 0.0,
+        )
         yield counter("received_bytes", "Bytes read from clients.", stats.bytes_in)
         yield counter("sent_bytes", "Bytes written to clients.", stats.bytes_out)
         yield _replies_per_write(stats.replies_per_write, stats.bytes_out // REPLY_SIZE)

@@ -11,7 +11,20 @@ from dataclasses import dataclass, field
 
 from protocol import RejectReason
 
-CLOSE_REASONS = ("peer_closed", "reset", "refused", "shutdown", "shutdown_timeout", "error")
+CLOSE_REASONS = (
+    "peer_closed",
+    "reset",
+    "refused",
+    "idle_timeout",
+    "frame_timeout",
+    "write_timeout",
+    "not_allowed",
+    "per_ip_limit",
+    "tls_failed",
+    "shutdown",
+    "shutdown_timeout",
+    "error",
+)
 # replies_per_write[k] counts writes of n replies with n.bit_length() == k,
 # i.e. n in [2^(k-1), 2^k - 1]; one C-level int method on the hot path.
 WRITE_SIZE_SLOTS = 65

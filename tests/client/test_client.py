@@ -65,7 +65,7 @@ def test_json_report_fields(server):
     for name, kind in REPORT_FIELDS.items():
         assert isinstance(report[name], kind), (name, report[name])
     assert set(report["errors"]) == {
-        "refused", "closed", "short_reply", "not_increasing", "timeout", "extra_reply",
+        "refused", "closed", "short_reply", "not_increasing", "timeout", "extra_reply", "tls",
     }  # fmt: skip
     latency = report["latency_us"]
     assert list(latency) == ["p50", "p90", "p99", "p99_9", "max"]

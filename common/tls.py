@@ -1,0 +1,65 @@
+"""TLS contexts for the server and the client (stdlib ssl; gevent makes the
+sockets cooperative once monkey-patched)."""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+
+class TLSSetupError(ValueError):
+    """Certificates or keys that cannot be loaded; the message is one line."""
+
+
+def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
+    """TLS 1.2+ server context; with ``client_ca``, clients must present a
+    certificate signed by it (mutual TLS)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(context, cert, key)
+    if client_ca:
+        _load_ca(context, client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_context(
+    ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext:
+    """TLS 1.2+ client context verifying the server against ``ca`` (the system
+    store when None); ``cert``/``key`` present a client certificate."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca:
+        _load_ca(context, ca)
+    if cert:
+        _load_chain(context, cert, key)
+    return context
+
+
+def _load_chain(context: ssl.SSLContext, cert: str, key: str | None) -> None:
+    for path in (cert, key):
+        _check_readable(path)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSSetupError(
+            f"cannot load certificate {cert} with key {key}: {_reason(exc)}"
+        ) from None
+
+
+def _load_ca(context: ssl.SSLContext, ca: str) -> None:
+    _check_readable(ca)
+    try:
+        context.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSSetupError(f"cannot load CA certificates from {ca}: {_reason(exc)}") from None
+
+
+def _check_readable(path: str | None) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise TLSSetupError(f"cannot read {path}: no such file")
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)

@@ -1,0 +1,63 @@
+"""Who may connect: an allowlist of networks and a cap on connections per IP,
+checked when a connection is accepted."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+NOT_ALLOWED = "not_allowed"
+PER_IP_LIMIT = "per_ip_limit"
+
+
+def parse_network(raw: str) -> Network:
+    """A CIDR such as ``10.0.0.0/8``, ``2001:db8::/32`` or a single address."""
+    try:
+        return ipaddress.ip_network(raw, strict=False)
+    except ValueError:
+        raise ValueError(f"not an IPv4 or IPv6 network (CIDR), got {raw!r}") from None
+
+
+def client_ip(address: tuple) -> str:
+    """The peer's IP as text; IPv4-mapped IPv6 (``::ffff:1.2.3.4``) as IPv4."""
+    ip = ipaddress.ip_address(address[0].split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+class Admission:
+    """Decides at accept time; ``admit`` and ``release`` pair up per connection."""
+
+    def __init__(self, allow: Sequence[Network] = (), max_per_ip: int | None = None) -> None:
+        self._allow = tuple(allow)
+        self._max_per_ip = max_per_ip
+        self._per_ip: dict[str, int] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._allow) or self._max_per_ip is not None
+
+    def admit(self, ip: str) -> str | None:
+        """None if ``ip`` may connect (and counts it), else the refusal reason."""
+        if self._allow:
+            address = ipaddress.ip_address(ip)
+            if not any(address in network for network in self._allow):
+                return NOT_ALLOWED
+        if self._max_per_ip is not None:
+            count = self._per_ip.get(ip, 0)
+            if count >= self._max_per_ip:
+                return PER_IP_LIMIT
+            self._per_ip[ip] = count + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        """An admitted connection from ``ip`` has closed."""
+        if self._max_per_ip is not None:
+            count = self._per_ip[ip] - 1
+            if count:
+                self._per_ip[ip] = count
+            else:
+                del self._per_ip[ip]

@@ -1,0 +1,413 @@
+"""Timeouts, rate limiting, per-IP limits, the allowlist and TLS (issue 5)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+from support import (
+    CLIENT_SCRIPT,
+    connect,
+    exchange,
+    frames,
+    read_counter,
+    recv_replies,
+    recv_until_closed,
+    run_client,
+    run_server_command,
+    stall_server,
+    start_server,
+)
+
+from protocol import REPLY_SIZE
+
+
+def connect_from(source: str, port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A connection whose source address is ``source`` (any 127.x works on Linux)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect((host, port))
+    return sock
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closed ``sock``; fails if it takes longer."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        raise AssertionError(f"still open after {seconds}s") from None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started
+
+
+def closed_without_reply(sock: socket.socket) -> bool:
+    """True once the server closed ``sock`` (FIN or RST) without a byte."""
+    try:
+        return recv_until_closed(sock) == b""
+    except ConnectionResetError:
+        return True
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+# --- timeouts ---------------------------------------------------------------
+
+
+def test_one_byte_then_silence_is_closed_by_the_frame_timeout():
+    server = start_server("--frame-timeout", "1", "--idle-timeout", "30")
+    try:
+        with connect(server.port) as sock:
+            sock.sendall(b"\0")
+            assert 0.7 < closed_within(sock, 5) < 3
+        assert exchange(server.port, 1) == (1,)
+    finally:
+        server.stop()
+    assert "closed: frame timeout (frame timeout after 1s)" in server.stderr
+
+
+def test_slowloris_trickle_is_closed_by_the_frame_timeout():
+    server = start_server("--frame-timeout", "1.5", "--idle-timeout", "30")
+    try:
+        with connect(server.port) as sock:
+            started = time.monotonic()
+            closed = False
+            for byte in frames(1)[:15]:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.3)
+                if time.monotonic() - started > 5:
+                    break
+            if not closed:
+                closed_within(sock, 5)
+            assert time.monotonic() - started < 4, "the trickle kept the connection open"
+        assert read_counter(server.port) == 0
+    finally:
+        server.stop()
+    assert "frame timeout" in server.stderr
+
+
+def test_silent_connection_is_closed_by_the_idle_timeout():
+    server = start_server("--idle-timeout", "1")
+    try:
+        with connect(server.port) as sock:
+            sock.sendall(frames(5))
+            assert recv_replies(sock, 1) == (5,)
+            assert 0.7 < closed_within(sock, 5) < 3
+    finally:
+        server.stop()
+    assert "closed: idle timeout (idle timeout after 1s)" in server.stderr
+
+
+def test_timeouts_can_be_switched_off():
+    server = start_server("--idle-timeout", "0", "--frame-timeout", "0")
+    try:
+        with connect(server.port) as sock:
+            sock.sendall(b"\0")
+            sock.settimeout(2.5)
+            with pytest.raises(TimeoutError):
+                sock.recv(1)  # still open: nobody closed it
+    finally:
+        server.stop()
+
+
+def test_client_that_never_reads_is_closed_by_the_write_timeout_with_bounded_memory():
+    server = start_server("--write-timeout", "1")
+    try:
+        baseline = rss_kib(server.proc.pid)
+        with stall_server(server.port) as sock:
+            stalled = rss_kib(server.proc.pid)
+            closed_within(sock, 10)
+        assert stalled - baseline < 30_000, f"RSS grew by {stalled - baseline} KiB"
+        assert exchange(server.port, 0)[0] > 0  # still serving, frames were applied
+    finally:
+        server.stop()
+    assert "closed: write timeout (write timeout after 1s)" in server.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--idle-timeout", "-1"], "--idle-timeout: must be a number >= 0"),
+        (["--frame-timeout", "x"], "--frame-timeout: must be a number"),
+        (["--rate", "0"], "--rate: must be a number > 0"),
+        (["--burst", "5"], "--burst: needs --rate"),
+        (["--rate", "10", "--burst", "0"], "--burst: must be a positive integer"),
+        (["--max-conns-per-ip", "0"], "--max-conns-per-ip: must be a positive integer"),
+        (["--allow", "10.0.0.0/33"], "--allow: not an IPv4 or IPv6 network"),
+        (["--allow", "example.com"], "--allow: not an IPv4 or IPv6 network"),
+        (["--tls-cert", "a.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca: needs --tls-cert"),
+    ],
+)
+def test_bad_protection_flags_exit_2(args, message):
+    result = run_server_command(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr.splitlines()[0]
+
+
+# --- rate limiting ------------------------------------------------------------
+
+
+def pump(source: str, port: int, seconds: float, counts: list[int]) -> None:
+    """Keep 16 frames in flight from ``source`` for ``seconds``; count replies."""
+    with connect_from(source, port) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = time.monotonic() + seconds
+        sock.sendall(frames(*[1] * 16))
+        owed, pending = 16, b""
+        while owed:
+            data = pending + sock.recv(65536)
+            got = len(data) // REPLY_SIZE
+            pending = data[got * REPLY_SIZE :]
+            owed -= got
+            counts[0] += got
+            if got and time.monotonic() < deadline:
+                sock.sendall(frames(*[1] * got))
+                owed += got
+
+
+def test_rate_limit_slows_a_greedy_client_and_spares_another():
+    server = start_server("--rate", "2000", "--burst", "100", "--metrics-port", "0")
+    try:
+        other = [0]
+        thread = threading.Thread(target=pump, args=("127.0.0.2", server.port, 3.0, other))
+        thread.start()
+        greedy = run_client(
+            "--serverAddress", f"127.0.0.1:{server.port}", "--pipeline", "64",
+            "--multiplier", "1", "--duration", "3", "--json",
+        )  # fmt: skip
+        thread.join(30)
+        report = json.loads(greedy.stdout)
+        assert report["errors_total"] == 0, report
+        greedy_rate = report["requests_acknowledged"] / report["duration_s"]
+        assert 1700 <= greedy_rate <= 2300, f"greedy client got {greedy_rate:.0f}/s"
+        other_rate = other[0] / 3.0
+        assert 1700 <= other_rate <= 2300, f"the other client got {other_rate:.0f}/s"
+        import urllib.request
+
+        with urllib.request.urlopen(server.metrics_url(), timeout=10) as response:
+            text = response.read().decode()
+        throttled = next(
+            float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith("counter_server_throttled_seconds_total ")
+        )
+        assert throttled > 1.0
+    finally:
+        server.stop()
+
+
+# --- admission: allowlist and per-IP cap -----------------------------------------
+
+
+def test_allowlist_closes_other_peers_at_accept():
+    server = start_server("--allow", "127.0.0.2/32", "--allow", "10.0.0.0/8")
+    try:
+        with connect_from("127.0.0.1", server.port) as sock:
+            sock.sendall(frames(1))
+            assert closed_without_reply(sock)
+        with connect_from("127.0.0.2", server.port) as sock:
+            sock.sendall(frames(1))
+            assert recv_replies(sock, 1) == (1,)
+    finally:
+        server.stop()
+    assert "connection from 127.0.0.1:" in server.stderr
+    assert "closed: not allowed" in server.stderr
+
+
+def test_allowlist_with_ipv6():
+    server = start_server("--host", "::", "--allow", "::1/128")
+    try:
+        with connect_from("::1", server.port, host="::1") as sock:
+            sock.sendall(frames(2))
+            assert recv_replies(sock, 1) == (2,)
+        with connect_from("127.0.0.1", server.port) as sock:  # arrives as ::ffff:127.0.0.1
+            sock.sendall(frames(2))
+            assert closed_without_reply(sock)
+    finally:
+        server.stop()
+    assert "closed: not allowed" in server.stderr
+
+
+def test_connections_per_ip_are_capped():
+    server = start_server("--max-conns-per-ip", "2")
+    try:
+        first, second = connect(server.port), connect(server.port)
+        for sock in (first, second):
+            sock.sendall(frames(0))
+            recv_replies(sock, 1)
+        with connect(server.port) as third:
+            third.sendall(frames(1))
+            assert closed_without_reply(third)
+        with connect_from("127.0.0.2", server.port) as elsewhere:
+            elsewhere.sendall(frames(1))
+            assert recv_replies(elsewhere, 1) == (1,)
+        first.close()
+        time.sleep(0.3)
+        with connect(server.port) as again:
+            again.sendall(frames(1))
+            assert recv_replies(again, 1) == (2,)
+        second.close()
+    finally:
+        server.stop()
+    assert "closed: per ip limit" in server.stderr
+
+
+# --- TLS ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate,
+    and a second CA nobody trusts; all made now, nothing committed."""
+    root = tmp_path_factory.mktemp("pki")
+    ca, stranger = trustme.CA(), trustme.CA()
+    paths = {"ca": root / "ca.pem", "stranger_ca": root / "stranger.pem"}
+    ca.cert_pem.write_to_path(paths["ca"])
+    stranger.cert_pem.write_to_path(paths["stranger_ca"])
+    for name, issuer, identities in [
+        ("server", ca, ["127.0.0.1", "localhost"]),
+        ("client", ca, ["client@example.org"]),
+        ("stranger", stranger, ["mallory@example.org"]),
+    ]:
+        cert = issuer.issue_cert(*identities)
+        paths[f"{name}_cert"] = root / f"{name}.pem"
+        paths[f"{name}_key"] = root / f"{name}.key"
+        cert.cert_chain_pems[0].write_to_path(paths[f"{name}_cert"])
+        cert.private_key_pem.write_to_path(paths[f"{name}_key"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def tls_server(pki, *extra: str):
+    return start_server("--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"], *extra)
+
+
+def tls_client(pki, port: int, *extra: str) -> subprocess.CompletedProcess:
+    return run_client(
+        "--serverAddress", f"127.0.0.1:{port}", "--tls", "--tls-ca", pki["ca"],
+        "--multiplier", "1", "--duration", "1", "--json", *extra,
+    )  # fmt: skip
+
+
+def test_tls_load_and_get(pki):
+    server = tls_server(pki)
+    try:
+        result = tls_client(pki, server.port, "--pipeline", "4")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        got = run_client(
+            "--get", "--tls", "--tls-ca", pki["ca"], "--serverAddress", f"127.0.0.1:{server.port}"
+        )
+        assert got.returncode == 0, got.stderr
+        assert int(got.stdout) == report["increments_acknowledged"] > 0
+    finally:
+        server.stop()
+    assert "(TLS)" in server.stderr
+
+
+def test_plain_client_against_tls_server_fails_cleanly(pki):
+    server = tls_server(pki)
+    try:
+        with connect(server.port) as sock:
+            sock.sendall(frames(1))
+            assert closed_without_reply(sock)
+        result = run_client(
+            "--serverAddress", f"127.0.0.1:{server.port}", "--duration", "0.5", "--json"
+        )
+        assert result.returncode == 1
+        assert json.loads(result.stdout)["requests_acknowledged"] == 0
+        assert tls_client(pki, server.port).returncode == 0  # TLS clients still served
+    finally:
+        server.stop()
+    assert "closed: tls failed" in server.stderr
+    assert "Traceback" not in server.stderr
+
+
+def test_tls_client_against_plain_server_fails_cleanly(pki, server):
+    result = tls_client(pki, server.port)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    report = json.loads(result.stdout)
+    assert report["errors"]["tls"] == report["connections"]
+    assert read_counter(server.port) == 0
+
+
+def test_untrusted_server_certificate_is_refused(pki):
+    server = tls_server(pki)
+    try:
+        result = run_client(
+            "--serverAddress", f"127.0.0.1:{server.port}", "--tls", "--tls-ca", pki["stranger_ca"],
+            "--duration", "0.5", "--json",
+        )  # fmt: skip
+        assert result.returncode == 1
+        assert "certificate verify failed" in result.stderr
+        assert json.loads(result.stdout)["errors"]["tls"] > 0
+    finally:
+        server.stop()
+
+
+def test_mutual_tls(pki):
+    server = tls_server(pki, "--tls-client-ca", pki["ca"])
+    try:
+        with_cert = tls_client(
+            pki, server.port, "--tls-cert", pki["client_cert"], "--tls-key", pki["client_key"]
+        )
+        assert with_cert.returncode == 0, with_cert.stderr
+        applied = json.loads(with_cert.stdout)["increments_acknowledged"]
+        without = tls_client(pki, server.port)
+        assert without.returncode == 1
+        wrong = tls_client(
+            pki, server.port, "--tls-cert", pki["stranger_cert"], "--tls-key", pki["stranger_key"]
+        )
+        assert wrong.returncode == 1
+        for result in (without, wrong):
+            assert json.loads(result.stdout)["requests_acknowledged"] == 0
+        context = ssl.create_default_context(cafile=pki["ca"])
+        context.load_cert_chain(pki["client_cert"], pki["client_key"])
+        with context.wrap_socket(connect(server.port), server_hostname="127.0.0.1") as sock:
+            sock.sendall(frames(0))
+            assert recv_replies(sock, 1) == (applied,)  # nothing else was applied
+    finally:
+        server.stop()
+    assert "closed: tls failed" in server.stderr
+    assert "Traceback" not in server.stderr
+
+
+def test_missing_certificate_file_is_one_line_exit_1(pki):
+    result = run_server_command(
+        "--port", "0", "--tls-cert", "/nonexistent.pem", "--tls-key", pki["server_key"]
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: cannot read /nonexistent.pem: no such file"
+
+
+def test_client_tls_flags_need_tls():
+    result = run_client("--tls-ca", "ca.pem")
+    assert result.returncode == 2
+    assert "--tls-ca: needs --tls" in result.stderr
+
+
+assert sys.platform.startswith("linux"), "these tests read /proc and bind 127.0.0.2"
+assert CLIENT_SCRIPT.exists()
