@@ -7,7 +7,7 @@ metrics off, so the overhead is measured side by side. Figures are for
 orientation on a shared machine: compare rows of one run, not separate runs.
 
 Usage:
-  pinned.py [--duration SECS] [--connections N] [--runs N] [--metrics]
+  pinned.py [--duration SECS] [--connections N] [--runs N] [--metrics] [--timeouts-off]
   pinned.py -h | --help
 
 Options:
@@ -15,6 +15,7 @@ Options:
   --connections N    Client connections (the Go original's default on 2 CPUs is 40). [default: 40]
   --runs N           Runs per scenario; the median is printed. [default: 3]
   --metrics          Also run each scenario with /metrics on and scraped every second.
+  --timeouts-off     Also run each scenario with --idle/--frame/--write-timeout 0.
 """
 
 from __future__ import annotations
@@ -67,11 +68,13 @@ def scrape_every_second(url: str, stop: threading.Event) -> None:
             response.read()
 
 
-def run_once(pipeline: int, duration: float, connections: int, metrics: bool) -> dict:
+def run_once(pipeline: int, duration: float, connections: int, variant: tuple) -> dict:
+    _, extra_args, metrics = variant
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "out"), Path(tmp, "err")
         server_argv = [sys.executable, str(ROOT / "server/server.py"), "--host", "127.0.0.1",
                        "--port", "0", "--multiplier", "50"]  # fmt: skip
+        server_argv += extra_args
         if metrics:
             server_argv += ["--metrics-port", "0"]
         with out.open("w") as stdout, err.open("w") as stderr:
@@ -122,21 +125,25 @@ def main() -> int:
     duration = convert(__doc__, "--duration", args["--duration"], positive_int)
     connections = convert(__doc__, "--connections", args["--connections"], positive_int)
     runs = convert(__doc__, "--runs", args["--runs"], positive_int)
-    variants = (False, True) if args["--metrics"] else (False,)
+    # (label, extra server flags, scrape /metrics every second)
+    variants = [("defaults", [], False)]
+    if args["--metrics"]:
+        variants.append(("metrics on, scraped 1/s", [], True))
+    if args["--timeouts-off"]:
+        off = ["--idle-timeout", "0", "--frame-timeout", "0", "--write-timeout", "0"]
+        variants.append(("timeouts off", off, False))
     placement = "server on CPU 0, client on CPU 1" if shutil.which("taskset") else "unpinned"
     print(f"{placement}; {duration}s per run, median of {runs}")
     header = f"{'scenario':<36}{'conns':>6}{'replies/s':>12}{'server us/req':>15}"
     print(header + f"{'client us/req':>15}{'p99 ms':>9}{'errors':>8}")
     for name, pipeline in SCENARIOS:
-        results: dict[bool, list[dict]] = {v: [] for v in variants}
-        for _ in range(runs):  # alternate the variants so drift hits both alike
-            for metrics in variants:
-                results[metrics].append(run_once(pipeline, duration, connections, metrics))
-        for metrics in variants:
-            med = {
-                k: statistics.median(r[k] for r in results[metrics]) for k in results[metrics][0]
-            }
-            label = f"{name}, metrics {'on, scraped 1/s' if metrics else 'off'}"
+        results: list[list[dict]] = [[] for _ in variants]
+        for _ in range(runs):  # alternate the variants so drift hits them alike
+            for i, variant in enumerate(variants):
+                results[i].append(run_once(pipeline, duration, connections, variant))
+        for variant, measured in zip(variants, results, strict=True):
+            med = {k: statistics.median(r[k] for r in measured) for k in measured[0]}
+            label = f"{name}, {variant[0]}"
             print(
                 f"{label:<36}{int(med['connections']):>6}{med['replies_per_second']:>12,.0f}"
                 f"{med['server_us_per_request']:>15.1f}{med['client_us_per_request']:>15.1f}"

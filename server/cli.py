@@ -27,11 +27,11 @@ from common.cli import (
 from common.signals import StopSignals
 from common.tls import TLSSetupError, server_context
 from server.admission import Admission, Network, parse_network
-from server.connection import Timeouts
 from server.lifecycle import CounterServer
 from server.metrics import MetricsServer
 from server.ratelimit import RateLimiter
 from server.store import MemoryCounterStore
+from server.timeouts import Timeouts
 
 __doc__ = """Counter server: one shared 64-bit counter that many clients add to at
 once, over a 16-byte checksummed TCP protocol (byte-compatible with the Go original).

@@ -23,19 +23,13 @@ from gevent.server import StreamServer
 from common.cli import format_address
 from protocol import InvalidFrame, RejectReason
 from server.admission import Admission, client_ip
-from server.connection import (
-    DEFAULT_TIMEOUTS,
-    ClientTimeout,
-    Timeouts,
-    close_after_refusal,
-    serve,
-    stop_reading,
-)
+from server.connection import close_after_refusal, serve
 from server.ratelimit import RateLimiter
 from server.ratelog import RateLimitedLog
 from server.saturation import SaturationWatch
 from server.stats import ServerStats
 from server.store import CounterStore
+from server.timeouts import DEFAULT_TIMEOUTS, ClientTimeout, TimeoutReaper, Timeouts, shut_down
 
 log = logging.getLogger("counter.server")
 
@@ -99,18 +93,28 @@ class CounterServer:
         self.store = store
         self.stats = stats if stats is not None else ServerStats()
         self.timeouts = timeouts
+        self.reaper = TimeoutReaper(timeouts)
         self.admission = admission if admission is not None and admission.active else None
         self.rate_limiter = rate_limiter
         self.tls = tls
         self.pool = Pool(pool_size)
         self.stopping = False
-        self._connections: set[socket.socket] = set()
         self._stream_server = _Acceptor(
             listener, self._handle, spawn=self.pool, on_accept_error=self._accept_failed
         )
         self._events = RateLimitedLog(log)
         self._seen_errors: set[tuple] = set()
         self._saturation = SaturationWatch(listener, self.pool, self.stats, self._events)
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes read from clients, live connections included."""
+        return self.stats.bytes_in + sum(w.bytes_in for w in self.reaper.watched)
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes written to clients, live connections included."""
+        return self.stats.bytes_out + sum(w.bytes_out for w in self.reaper.watched)
 
     @property
     def address(self) -> str:
@@ -121,6 +125,7 @@ class CounterServer:
         """Start accepting connections (returns at once; serving runs in greenlets)."""
         self._stream_server.start()
         self._saturation.start()
+        self.reaper.start()
 
     def stop(self, timeout: float) -> int:
         """Stop gracefully within ``timeout`` seconds; return how many
@@ -128,8 +133,8 @@ class CounterServer:
         self.stopping = True
         self._saturation.stop()
         self._stream_server.close()
-        for sock in list(self._connections):
-            stop_reading(sock)
+        for watched in list(self.reaper.watched):
+            shut_down(watched.sock, socket.SHUT_RD)
         cut = 0
         if not self.pool.join(timeout=timeout):
             cut = len(self.pool)
@@ -139,6 +144,7 @@ class CounterServer:
                 timeout,
             )
             self.pool.kill(block=True, timeout=1.0)
+        self.reaper.stop()
         self.store.close()
         return cut
 
@@ -171,9 +177,8 @@ class CounterServer:
                     reason = "tls_failed"
                     conn = self._handshake(sock)
                     reason = "shutdown"
-                self._connections.add(conn)
                 if not self.stopping:
-                    refusal = serve(conn, self.store, stats, self, self.timeouts, bucket)
+                    refusal = serve(conn, self.store, stats, self, self.reaper, bucket)
                 if refusal is not None and refusal.reason is not RejectReason.TRUNCATED:
                     reason = "refused"
                 elif not self.stopping:
@@ -191,7 +196,6 @@ class CounterServer:
             reason = "error"
             self._unexpected(address, exc)
         finally:
-            self._connections.discard(conn)
             stats.connections_active -= 1
             stats.connections_closed[reason] += 1
             if refused_by is None and self.admission is not None:
@@ -218,6 +222,7 @@ class CounterServer:
         conn = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         conn.settimeout(self.timeouts.frame or HANDSHAKE_TIMEOUT)
         conn.do_handshake()
+        conn.settimeout(None)  # from here on the reaper enforces the timeouts
         return conn
 
     def _unexpected(self, address: tuple, exc: Exception) -> None:

@@ -104,9 +104,10 @@ class ServerCollector(Collector):
             "Time connections waited for rate-limit tokens (--rate), all clients together.",
             limiter.throttled_seconds if limiter is not None else 0.0,
         )
-        yield counter("received_bytes", "Bytes read from clients.", stats.bytes_in)
-        yield counter("sent_bytes", "Bytes written to clients.", stats.bytes_out)
-        yield _replies_per_write(stats.replies_per_write, stats.bytes_out // REPLY_SIZE)
+        bytes_out = server.bytes_out
+        yield counter("received_bytes", "Bytes read from clients.", server.bytes_in)
+        yield counter("sent_bytes", "Bytes written to clients.", bytes_out)
+        yield _replies_per_write(stats.replies_per_write, bytes_out // REPLY_SIZE)
 
 
 def _replies_per_write(slots: list[int], total_replies: int) -> HistogramMetricFamily:

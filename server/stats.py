@@ -37,7 +37,7 @@ class ServerStats:
     accept_errors: int = 0  # out of file descriptors or memory while accepting
     connections_waiting: int = 0  # in the listen queue while the pool is full
     pool_saturation_events: int = 0
-    bytes_in: int = 0
+    bytes_in: int = 0  # of closed connections; live ones keep their own count
     bytes_out: int = 0
     replies_per_write: list[int] = field(default_factory=lambda: [0] * WRITE_SIZE_SLOTS)
     connections_closed: dict[str, int] = field(

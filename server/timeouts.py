@@ -1,0 +1,167 @@
+"""Idle, frame and write timeouts, enforced by one reaper greenlet.
+
+Per-read socket timeouts would make gevent arm and cancel a timer around
+every wait, which costs more than the rest of a ping-pong request. Instead
+the hot path only bumps two per-connection byte counters and a flag; the
+reaper looks at every connection a few times per timeout period and shuts
+down the sockets of those that broke a limit. The connection loop then wakes
+(end of stream, or a failed send), sees ``timed_out`` and ends with the
+reason. Precision is a quarter of the shortest timeout (or one second).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import gevent
+
+from protocol import FrameDecoder
+
+MIN_INTERVAL, MAX_INTERVAL = 0.05, 1.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; None means no limit.
+
+    idle: no bytes at all for this long. frame: a frame whose first byte has
+    arrived must be complete within this long (slowloris). write: sending
+    replies may stay blocked (the client is not reading) for at most this long.
+    """
+
+    idle: float | None = 300.0
+    frame: float | None = 10.0
+    write: float | None = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return any(t is not None for t in (self.idle, self.frame, self.write))
+
+    @property
+    def check_interval(self) -> float:
+        shortest = min(t for t in (self.idle, self.frame, self.write) if t is not None)
+        return min(MAX_INTERVAL, max(MIN_INTERVAL, shortest / 4))
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+
+
+class ClientTimeout(Exception):
+    """The client broke one of the ``Timeouts``; ``reason`` names which."""
+
+    def __init__(self, reason: str, seconds: float | None) -> None:
+        super().__init__(f"{reason.replace('_', ' ')} after {seconds:g}s")
+        self.reason = reason
+
+
+class Watched:
+    """One connection as the reaper sees it. The hot path writes ``bytes_in``,
+    ``bytes_out`` and ``writing``; the rate limiter sets ``throttled``."""
+
+    __slots__ = (
+        "_frame_since",
+        "_frame_start",
+        "_idle_since",
+        "_seen_in",
+        "_seen_out",
+        "_write_since",
+        "bytes_in",
+        "bytes_out",
+        "decoder",
+        "sock",
+        "throttled",
+        "timed_out",
+        "writing",
+    )
+
+    def __init__(self, sock: socket.socket, decoder: FrameDecoder, now: float) -> None:
+        self.sock = sock
+        self.decoder = decoder
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.writing = False
+        self.throttled = False
+        self.timed_out: str | None = None
+        self._seen_in = 0
+        self._idle_since = now
+        self._frame_start = -1
+        self._frame_since = now
+        self._seen_out = -1
+        self._write_since = now
+
+
+class TimeoutReaper:
+    """Checks every registered connection against ``timeouts`` each interval."""
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.timeouts = timeouts
+        self.watched: set[Watched] = set()
+        self._greenlet: gevent.Greenlet | None = None
+
+    def watch(self, sock: socket.socket, decoder: FrameDecoder) -> Watched:
+        watched = Watched(sock, decoder, time.monotonic())
+        self.watched.add(watched)
+        return watched
+
+    def forget(self, watched: Watched) -> None:
+        self.watched.discard(watched)
+
+    def start(self) -> None:
+        if self.timeouts.enabled:
+            self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill()
+
+    def _run(self) -> None:
+        interval = self.timeouts.check_interval
+        while True:
+            gevent.sleep(interval)
+            self.check(time.monotonic())
+
+    def check(self, now: float) -> None:
+        """One pass: time out, and shut down, every connection over a limit."""
+        for watched in list(self.watched):
+            if watched.timed_out is None:
+                reason = self._broken_limit(watched, now)
+                if reason is not None:
+                    watched.timed_out = reason
+                    shut_down(watched.sock, socket.SHUT_RDWR)
+
+    def _broken_limit(self, w: Watched, now: float) -> str | None:
+        idle, frame, write = self.timeouts.idle, self.timeouts.frame, self.timeouts.write
+        if not w.writing or w.bytes_out != w._seen_out:
+            w._seen_out, w._write_since = w.bytes_out, now
+        elif write is not None and now - w._write_since >= write:
+            return "write_timeout"
+        if w.bytes_in != w._seen_in or w.writing or w.throttled:
+            w._seen_in, w._idle_since = w.bytes_in, now
+        elif idle is not None and now - w._idle_since >= idle:
+            return "idle_timeout"
+        pending = w.decoder.pending_bytes
+        if not pending:
+            w._frame_start = -1
+        elif w.bytes_in - pending != w._frame_start:  # a new partial frame
+            w._frame_start, w._frame_since = w.bytes_in - pending, now
+        elif frame is not None and now - w._frame_since >= frame:
+            return "frame_timeout"
+        return None
+
+    def limit_of(self, reason: str) -> float | None:
+        """The configured seconds behind a timeout ``reason``."""
+        return getattr(self.timeouts, reason.removesuffix("_timeout"))
+
+
+def shut_down(sock: socket.socket, how: int) -> None:
+    """Shut down ``sock`` in the kernel, waking any greenlet blocked on it,
+    through a duplicate descriptor so gevent's own watchers are left alone
+    (works under TLS too, and keeps the write side usable for SHUT_RD)."""
+    try:
+        with socket.socket(fileno=os.dup(sock.fileno())) as duplicate:
+            duplicate.shutdown(how)
+    except OSError:
+        pass
