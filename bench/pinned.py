@@ -8,6 +8,7 @@ orientation on a shared machine: compare rows of one run, not separate runs.
 
 Usage:
   pinned.py [--duration SECS] [--connections N] [--runs N] [--metrics] [--timeouts-off]
+            [--fsync-modes]
   pinned.py -h | --help
 
 Options:
@@ -16,6 +17,8 @@ Options:
   --runs N           Runs per scenario; the median is printed. [default: 3]
   --metrics          Also run each scenario with /metrics on and scraped every second.
   --timeouts-off     Also run each scenario with --idle/--frame/--write-timeout 0.
+  --fsync-modes      Also run each scenario with --state-file and --fsync always,
+                     everysec and no; prints state-file commits and batches per commit.
 """
 
 from __future__ import annotations
@@ -68,25 +71,47 @@ def scrape_every_second(url: str, stop: threading.Event) -> None:
             response.read()
 
 
+def final_metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in lines
+        if line.startswith("counter_server_") and "{" not in line
+    }
+
+
 def run_once(pipeline: int, duration: float, connections: int, variant: tuple) -> dict:
     _, extra_args, metrics = variant
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "out"), Path(tmp, "err")
         server_argv = [sys.executable, str(ROOT / "server/server.py"), "--host", "127.0.0.1",
                        "--port", "0", "--multiplier", "50"]  # fmt: skip
-        server_argv += extra_args
-        if metrics:
+        server_argv += [a.replace("{tmp}", tmp) for a in extra_args]
+        state = "--state-file" in extra_args
+        if metrics or state:
             server_argv += ["--metrics-port", "0"]
         with out.open("w") as stdout, err.open("w") as stderr:
             server = subprocess.Popen(pinned(0, server_argv), stdout=stdout, stderr=stderr)
         try:
             port = wait_for(r"listening on \S+:(\d+)", out)[1]
             stop_scraping = threading.Event()
-            if metrics:
+            url = ""
+            if metrics or state:
                 url = "http://" + wait_for(r"metrics on http://(\S+)", err)[1]
+            if metrics:
                 threading.Thread(target=scrape_every_second, args=(url, stop_scraping)).start()
             result = measure(server.pid, port, pipeline, duration, connections)
             stop_scraping.set()
+            if state:
+                figures = final_metrics(url)
+                commits = figures["counter_server_state_commits_total"]
+                result["commits_per_second"] = commits / duration
+                batches = figures["counter_server_state_batches_committed_total"]
+                result["frames_per_commit"] = figures[
+                    "counter_server_requests_applied_total"
+                ] / max(commits, 1)
+                result["reads_per_commit"] = batches / max(commits, 1)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
@@ -132,6 +157,10 @@ def main() -> int:
     if args["--timeouts-off"]:
         off = ["--idle-timeout", "0", "--frame-timeout", "0", "--write-timeout", "0"]
         variants.append(("timeouts off", off, False))
+    if args["--fsync-modes"]:
+        for mode in ("always", "everysec", "no"):
+            state = ["--state-file", "{tmp}/counter.state", "--fsync", mode]
+            variants.append((f"fsync {mode}", state, False))
     placement = "server on CPU 0, client on CPU 1" if shutil.which("taskset") else "unpinned"
     print(f"{placement}; {duration}s per run, median of {runs}")
     header = f"{'scenario':<36}{'conns':>6}{'replies/s':>12}{'server us/req':>15}"
@@ -147,7 +176,13 @@ def main() -> int:
             print(
                 f"{label:<36}{int(med['connections']):>6}{med['replies_per_second']:>12,.0f}"
                 f"{med['server_us_per_request']:>15.1f}{med['client_us_per_request']:>15.1f}"
-                f"{med['p99_ms']:>9.2f}{int(med['errors']):>8}",
+                f"{med['p99_ms']:>9.2f}{int(med['errors']):>8}"
+                + (
+                    f"   commits/s {med['commits_per_second']:,.0f}, frames/commit "
+                    f"{med['frames_per_commit']:,.1f}, reads/commit {med['reads_per_commit']:.1f}"
+                    if "commits_per_second" in med
+                    else ""
+                ),
                 flush=True,
             )
     return 0

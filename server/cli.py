@@ -27,10 +27,12 @@ from common.cli import (
 from common.signals import StopSignals
 from common.tls import TLSSetupError, server_context
 from server.admission import Admission, Network, parse_network
+from server.durable import FSYNC_MODES, DurableCounterStore
 from server.lifecycle import CounterServer
 from server.metrics import MetricsServer
 from server.ratelimit import RateLimiter
-from server.store import MemoryCounterStore
+from server.statefile import StateFile, StateFileError
+from server.store import CounterStore, MemoryCounterStore
 from server.timeouts import Timeouts
 
 __doc__ = """Counter server: one shared 64-bit counter that many clients add to at
@@ -66,6 +68,11 @@ Options:
   --tls-key FILE           The private key of --tls-cert (PEM).
   --tls-client-ca FILE     Require client certificates signed by this CA
                            (mutual TLS).
+  --state-file PATH        Keep the counter in this file so it survives restarts
+                           and crashes (memory only when not given).
+  --fsync MODE             With --state-file: always (a reply only once its
+                           value is on disk), everysec (at most about a second
+                           lost in a crash) or no (the OS decides). [default: everysec]
   --metrics-port PORT      Serve Prometheus /metrics and /healthz over HTTP on
                            this port (off when not given).
   --metrics-host HOST      Address for the metrics endpoint. [default: 127.0.0.1]
@@ -98,6 +105,8 @@ class ServerSettings:
     tls_cert: str | None
     tls_key: str | None
     tls_client_ca: str | None
+    state_file: str | None
+    fsync: str
 
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
@@ -121,6 +130,8 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         burst = max(1, math.ceil(rate))
     if (args["--tls-cert"] is None) != (args["--tls-key"] is None):
         usage_exit(__doc__, "--tls-cert and --tls-key go together")
+    if args["--fsync"] != "everysec" and args["--state-file"] is None:
+        usage_exit(__doc__, "--fsync: needs --state-file")
     if args["--tls-client-ca"] is not None and args["--tls-cert"] is None:
         usage_exit(__doc__, "--tls-client-ca: needs --tls-cert and --tls-key")
     return ServerSettings(
@@ -146,6 +157,8 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         tls_cert=args["--tls-cert"],
         tls_key=args["--tls-key"],
         tls_client_ca=args["--tls-client-ca"],
+        state_file=args["--state-file"],
+        fsync=value("--fsync", fsync_mode),
     )
 
 
@@ -163,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics_listener = None
         if settings.metrics_port is not None:
             metrics_listener = open_listener(settings.metrics_host, settings.metrics_port)
-    except (ListenError, TLSSetupError) as exc:
+        store, origin = open_store(settings)
+    except (ListenError, TLSSetupError, StateFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    store = MemoryCounterStore()
     server = CounterServer(
         listener,
         store,
@@ -184,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics.start()
     print(
         f"Counter server listening on {server.address} "
-        f"(pool {pool_size} = {cpus} CPUs x {settings.multiplier}, pid {os.getpid()})",
+        f"(pool {pool_size} = {cpus} CPUs x {settings.multiplier}, pid {os.getpid()}"
+        f"{origin})",
         flush=True,
     )
     log.info(
@@ -210,6 +224,24 @@ def main(argv: list[str] | None = None) -> int:
         cut,
     )
     return 0
+
+
+def open_store(settings: ServerSettings) -> tuple[CounterStore, str]:
+    """The counter store the settings ask for, and how the start-up line
+    describes where the counter came from ("" for memory)."""
+    if settings.state_file is None:
+        return MemoryCounterStore(), ""
+    state = StateFile(settings.state_file)
+    slot, existed = state.load_or_create()
+    store = DurableCounterStore(state, slot.value, slot.sequence, settings.fsync)
+    how = f"resumed at {slot.value} from" if existed else "starts at 0 in new state file"
+    return store, f", counter {how} {settings.state_file}, fsync {settings.fsync}"
+
+
+def fsync_mode(raw: str) -> str:
+    if raw not in FSYNC_MODES:
+        raise ValueError(f"must be always, everysec or no, got {raw!r}")
+    return raw
 
 
 class ListenError(OSError):

@@ -98,6 +98,19 @@ class ServerCollector(Collector):
             "Accept failures for lack of file descriptors or memory.",
             stats.accept_errors,
         )
+        store = server.store
+        if hasattr(store, "commits"):  # a durable store
+            yield counter("state_commits", "Writes of the state file.", store.commits)
+            yield counter(
+                "state_commit_seconds",
+                "Time spent writing (and syncing) the state file.",
+                store.commit_seconds,
+            )
+            yield counter(
+                "state_batches_committed",
+                "Reads' worth of frames covered by state commits (group commit batches them).",
+                store.batches_committed,
+            )
         limiter = server.rate_limiter
         yield counter(
             "throttled_seconds",
