@@ -145,7 +145,9 @@ class TimeoutReaper:
         pending = w.decoder.pending_bytes
         if not pending:
             w._frame_start = -1
-        elif w.bytes_in - pending != w._frame_start:  # a new partial frame
+        elif w.bytes_in - pending != w._frame_start or w.writing or w.throttled:
+            # A new partial frame, or the server itself is not reading (busy
+            # writing or throttling): the frame clock (re)starts.
             w._frame_start, w._frame_since = w.bytes_in - pending, now
         elif frame is not None and now - w._frame_since >= frame:
             return "frame_timeout"

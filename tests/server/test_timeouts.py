@@ -100,3 +100,16 @@ def test_check_interval_follows_the_shortest_timeout():
     assert Timeouts(idle=1, frame=None, write=None).check_interval == 0.25
     assert Timeouts(idle=None, frame=0.01, write=None).check_interval == 0.05
     assert not Timeouts(idle=None, frame=None, write=None).enabled
+
+
+def test_a_partial_frame_does_not_time_out_while_the_server_is_writing(pair):
+    reaper, decoder, watched = watched_connection(pair, Timeouts(idle=None, frame=1, write=3))
+    start = watched._idle_since
+    decoder.feed(encode_request(1)[:5])
+    watched.bytes_in += 5
+    watched.writing = True  # blocked sending to a client that does not read
+    for tenth in range(1, 30):
+        reaper.check(start + tenth / 10)
+        assert watched.timed_out is None, tenth
+    reaper.check(start + 3.1)
+    assert watched.timed_out == "write_timeout"
