@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
 
 import xxhash
@@ -20,6 +22,8 @@ MAX_COUNTER = 2**64 - 1
 _FRAME = struct.Struct(">QQ")
 _U64 = struct.Struct(">Q")
 _xxh64 = xxhash.xxh64_intdigest
+_LITTLE_ENDIAN = sys.byteorder == "little"
+assert array("Q").itemsize == 8, "array('Q') must hold unsigned 64-bit integers"
 
 
 class RejectReason(str, enum.Enum):
@@ -80,7 +84,10 @@ def encode_replies(values: Sequence[int]) -> bytes:
     """All replies for ``values`` concatenated, in order, packed in one call."""
     if len(values) == 1:
         return _U64.pack(values[0])
-    return struct.pack(f">{len(values)}Q", *values)
+    packed = array("Q", values)
+    if _LITTLE_ENDIAN:
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def decode_reply(reply: bytes) -> int:

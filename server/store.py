@@ -68,6 +68,15 @@ class MemoryCounterStore:
             self._value = value
             self._applied += 1
             return [value]
+        count, first = len(increments), increments[0] if increments else 0
+        if count and first and increments.count(first) == count:
+            # A pipelined run of one increment (the usual case): C-level range.
+            last = self._value + first * count
+            if last <= MAX_COUNTER:
+                replies = list(range(self._value + first, last + 1, first))
+                self._value = last
+                self._applied += count
+                return replies
         replies = list(accumulate(increments, initial=self._value))
         del replies[0]
         if replies and replies[-1] > MAX_COUNTER:

@@ -1,0 +1,130 @@
+"""Memory per connection: 10,000 concurrent connections to our server and to
+Redis, each having made one request, and the server's RSS before and after.
+
+Needs a file-descriptor limit above the connection count for this process and
+the servers (raised here up to the hard limit; as root, `ulimit -Hn 65536`
+first if the hard limit is lower), and redis-server (apt-get install redis-server).
+
+Usage:
+  memory.py [--connections N]
+  memory.py -h | --help
+
+Options:
+  --connections N  Concurrent connections to hold open. [default: 10000]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.cli import convert, cpu_count, parse_args, positive_int  # noqa: E402
+from protocol import REPLY_SIZE, encode_request  # noqa: E402
+
+PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+def raise_file_limit(needed: int) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < needed:
+        raise SystemExit(f"bench: the open-file hard limit is {hard}; {needed} needed (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def rss_kib(pid: int) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", text)[1])
+
+
+def hold(port: int, count: int, request: bytes, reply_size: int) -> list[socket.socket]:
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(request)
+        got = b""
+        while len(got) < reply_size:
+            chunk = sock.recv(reply_size - len(got))
+            if not chunk:
+                raise SystemExit(f"bench: connection {len(held)} closed by the server")
+            got += chunk
+        held.append(sock)
+    return held
+
+
+def measure(proc: subprocess.Popen, port: int, count: int, request: bytes, size: int) -> float:
+    hold(port, 10, request, size)  # warm up allocators and code paths
+    time.sleep(0.5)
+    before = rss_kib(proc.pid)
+    held = hold(port, count, request, size)
+    time.sleep(1.0)
+    after = rss_kib(proc.pid)
+    for sock in held:
+        sock.close()
+    return (after - before) / count, before, after
+
+
+def main() -> int:
+    args = parse_args(__doc__)
+    count = convert(__doc__, "--connections", args["--connections"], positive_int)
+    raise_file_limit(count + 1000)
+    workdir = tempfile.mkdtemp(prefix="bench-memory-")
+    results = {}
+
+    out = Path(workdir, "server.out")
+    multiplier = math.ceil((count + 100) / cpu_count())
+    with out.open("w") as stdout:
+        ours = subprocess.Popen(
+            [sys.executable, str(ROOT / "server/server.py"), "--host", "127.0.0.1", "--port", "0",
+             "--multiplier", str(multiplier), "--log-level", "warning"],
+            stdout=stdout, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        for _ in range(200):
+            match = re.search(r"listening on \S+:(\d+) ", out.read_text())
+            if match:
+                break
+            time.sleep(0.05)
+        results["ours"] = measure(ours, int(match[1]), count, encode_request(0), REPLY_SIZE)
+    finally:
+        ours.send_signal(signal.SIGTERM)
+        ours.wait(60)
+
+    redis = shutil.which("redis-server")
+    if redis:
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            port = probe.getsockname()[1]
+        server = subprocess.Popen(
+            [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "no", "--maxclients", str(count + 100), "--dir", workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            time.sleep(0.5)
+            results["redis"] = measure(server, port, count, PING, len(b"+PONG\r\n"))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+    else:
+        print("bench: redis-server not found (apt-get install redis-server); ours only")
+
+    print(f"{count:,} concurrent connections, each after one request:")
+    for name, (per, before, after) in results.items():
+        print(f"  {name:<6} RSS {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB: "
+              f"{per:.2f} KiB per connection")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
