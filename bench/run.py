@@ -237,12 +237,18 @@ COLUMNS = ("replies_per_second", "server_us_per_request", "client_us_per_request
 
 def print_row(name: str, medians: dict) -> None:
     ours, redis = medians["ours"], medians["redis"]
+
+    def side(label: str, m: dict) -> str:
+        return (
+            f"{label} {m['replies_per_second']:>11,.0f}/s {m['server_us_per_request']:6.1f} us/req"
+            f" p99 {m['p99_ms']:6.2f} ms"
+        )
+
+    rate = ours["replies_per_second"] / redis["replies_per_second"]
+    cpu = ours["server_us_per_request"] / redis["server_us_per_request"]
     print(
-        f"{name:<26} ours {ours['replies_per_second']:>11,.0f}/s"
-        f" {ours['server_us_per_request']:6.1f} us/req p99 {ours['p99_ms']:6.2f} ms | redis {redis['replies_per_second']:>11,.0f}/s"
-        f" {redis['server_us_per_request']:6.1f} us/req p99 {redis['p99_ms']:6.2f} ms | ratio"
-        f" {ours['replies_per_second'] / redis['replies_per_second']:.2f}x replies/s,"
-        f" {ours['server_us_per_request'] / redis['server_us_per_request']:.2f}x CPU/req",
+        f"{name:<26} {side('ours', ours)} | {side('redis', redis)} | ratio {rate:.2f}x replies/s,"
+        f" {cpu:.2f}x CPU/req",
         flush=True,
     )
 
