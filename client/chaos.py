@@ -44,6 +44,7 @@ from pathlib import Path
 import gevent
 from gevent.pool import Group
 
+from client.load import recv_exactly
 from common.cli import convert, cpu_count, parse_args, positive_int
 from protocol import MAX_COUNTER, REPLY_SIZE, decode_replies, encode_request
 
@@ -71,17 +72,7 @@ class Harness:
     def read_counter(self) -> int:
         with self.connect() as sock:
             sock.sendall(ZERO)
-            return struct.unpack(">Q", _recv_exactly(sock, REPLY_SIZE))[0]
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("closed early")
-        data += chunk
-    return data
+            return struct.unpack(">Q", recv_exactly(sock, REPLY_SIZE))[0]
 
 
 def _drain(sock: socket.socket) -> tuple[int, str]:
@@ -124,7 +115,7 @@ def overflow(h: Harness) -> str:
 def reset_mid_frame(h: Harness) -> str:
     sock = h.connect()
     sock.sendall(ZERO)
-    _recv_exactly(sock, REPLY_SIZE)  # surely accepted and being served
+    recv_exactly(sock, REPLY_SIZE)  # surely accepted and being served
     sock.sendall(ONE[:8])
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # RST
@@ -184,7 +175,7 @@ def big_write(h: Harness) -> str:
     frames = 4 * 1024 * 1024 // 16
     with h.connect() as sock:
         sock.settimeout(20)
-        reader = gevent.spawn(_recv_exactly, sock, frames * REPLY_SIZE)
+        reader = gevent.spawn(recv_exactly, sock, frames * REPLY_SIZE)
         sock.sendall(ZERO * frames)
         reader.get()
     return f"{frames} replies to one {frames * 16 // 1024 // 1024} MB write"

@@ -17,6 +17,7 @@ from common.cli import (
     host_port,
     non_negative_float,
     parse_args,
+    positive_float,
     positive_int,
     usage_exit,
 )
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the client; returns the process exit status."""
     args = parse_args(__doc__, argv)
     host, port = convert(__doc__, "--serverAddress", args["--serverAddress"], host_port)
-    timeout = convert(__doc__, "--timeout", args["--timeout"], _positive_seconds)
+    timeout = convert(__doc__, "--timeout", args["--timeout"], positive_float)
     tls = _tls_context(args)
     if tls is _TLS_ERROR:
         return 1
@@ -148,13 +149,6 @@ def _progress(run: LoadRun) -> None:
             flush=True,
         )
         previous = acknowledged
-
-
-def _positive_seconds(raw: str) -> float:
-    value = non_negative_float(raw)
-    if value == 0:
-        raise ValueError(f"must be more than 0 seconds, got {raw!r}")
-    return value
 
 
 def _increment(raw: str) -> int:

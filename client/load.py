@@ -249,10 +249,15 @@ def read_counter(
     """The server's current counter value (sends a zero increment)."""
     with open_connection(host, port, timeout, tls) as sock:
         sock.sendall(encode_request(0))
-        data = b""
-        while len(data) < REPLY_SIZE:
-            chunk = sock.recv(REPLY_SIZE - len(data))
-            if not chunk:
-                raise ConnectionError("server closed the connection without replying")
-            data += chunk
-    return struct.unpack(">Q", data)[0]
+        return struct.unpack(">Q", recv_exactly(sock, REPLY_SIZE))[0]
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """Exactly ``size`` bytes; ConnectionError if the server closes first."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("server closed the connection without replying")
+        data += chunk
+    return data
