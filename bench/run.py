@@ -87,17 +87,20 @@ def build_loadgen(workdir: str) -> str:
 class OurServer:
     name = "ours"
 
-    def __init__(self, workdir: str, loadgen: str) -> None:
-        self.workdir, self.loadgen = workdir, loadgen
+    def __init__(
+        self, workdir: str, loadgen: str, extra: tuple[str, ...] = (), pin: bool = True
+    ) -> None:
+        self.workdir, self.loadgen, self.extra, self.pin = workdir, loadgen, list(extra), pin
 
     def start(self) -> None:
         out = Path(self.workdir, "server.out")
         with out.open("w") as stdout:
+            argv = [sys.executable, str(ROOT / "server/server.py"), "--host", "127.0.0.1",
+                    "--port", "0", "--multiplier", "1100", "--log-level", "warning"]  # fmt: skip
+            argv += self.extra
             self.proc = subprocess.Popen(
-                pinned(0, [sys.executable, str(ROOT / "server/server.py"), "--host", "127.0.0.1",
-                           "--port", "0", "--multiplier", "1100", "--log-level", "warning"]),
-                stdout=stdout, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+                pinned(0, argv) if self.pin else argv, stdout=stdout, stderr=subprocess.DEVNULL
+            )
         for _ in range(200):
             match = re.search(r"listening on \S+:(\d+) ", out.read_text())
             if match:
@@ -107,11 +110,11 @@ class OurServer:
         raise SystemExit("bench: our server did not start")
 
     def load(self, connections: int, depth: int, duration: float) -> dict:
+        argv = [self.loadgen, "127.0.0.1", str(self.port), str(connections), str(depth),
+                str(duration)]  # fmt: skip
         result = subprocess.run(
-            pinned(1, [self.loadgen, "127.0.0.1", str(self.port), str(connections), str(depth),
-                       str(duration)]),
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            pinned(1, argv) if self.pin else argv, capture_output=True, text=True, check=False
+        )
         report = json.loads(result.stdout)
         if report["errors"]:
             raise SystemExit(f"bench: loadgen saw {report['errors']} errors: {result.stderr}")
@@ -177,13 +180,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of ``pid`` and its children (the workers of --processes)."""
+    total = cpu_seconds(pid)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    total += cpu_seconds(int(entry.name))
+            except (OSError, ValueError):
+                continue
+    return total
+
+
 def measure(server, connections: int, depth: int, duration: float) -> dict:
     server.start()
     try:
-        time.sleep(0.2)
-        before_server, before_client = cpu_seconds(server.proc.pid), children_cpu()
+        time.sleep(0.5)
+        before_server, before_client = tree_cpu_seconds(server.proc.pid), children_cpu()
         result = server.load(connections, depth, duration)
-        server_cpu = cpu_seconds(server.proc.pid) - before_server
+        server_cpu = tree_cpu_seconds(server.proc.pid) - before_server
         client_cpu = children_cpu() - before_client
     finally:
         server.stop()

@@ -16,12 +16,18 @@ class StopSignals:
     """Watches SIGINT and SIGTERM from creation on.
 
     The first signal sets the event ``wait()`` returns on and calls
-    ``on_stop`` (if given); a second one exits with status 128 + signal.
+    ``on_stop`` (if given); a second one calls ``on_force`` (if given) and
+    exits with status 128 + signal.
     """
 
-    def __init__(self, on_stop: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_stop: Callable[[], None] | None = None,
+        on_force: Callable[[], None] | None = None,
+    ) -> None:
         self._requested = Event()
         self._on_stop = on_stop
+        self._on_force = on_force
         # A watcher stops working once garbage-collected: keep references.
         self._watchers = [
             gevent.signal_handler(signum, self._on_signal, signum)
@@ -42,6 +48,8 @@ class StopSignals:
             name = signal.Signals(signum).name
             message = f"Second {name}: exiting now without waiting for owed replies"
             print(message, file=sys.stderr, flush=True)
+            if self._on_force is not None:
+                self._on_force()
             os._exit(128 + signum)
         self._requested.set()
         if self._on_stop is not None:

@@ -7,7 +7,9 @@ import errno
 import logging
 import math
 import os
+import signal
 import socket
+import ssl
 import sys
 from dataclasses import dataclass
 
@@ -30,7 +32,9 @@ from server.admission import Admission, Network, parse_network
 from server.durable import FSYNC_MODES, DurableCounterStore
 from server.lifecycle import CounterServer
 from server.metrics import MetricsServer
+from server.processes import Supervisor, reserve_port
 from server.ratelimit import RateLimiter
+from server.shared import SharedCounter
 from server.statefile import StateFile, StateFileError
 from server.store import CounterStore, MemoryCounterStore
 from server.timeouts import Timeouts
@@ -48,6 +52,9 @@ Options:
                            interface, :: every IPv6 and IPv4 one. [default: 0.0.0.0]
   --multiplier N           Serve at most NumCPU x N connections at once; more
                            wait until a slot frees. [default: 20]
+  --processes N            Worker processes sharing the port (SO_REUSEPORT) and
+                           one counter in shared memory, each with its own pool;
+                           auto = NumCPU. [default: 1]
   --shutdown-timeout SECS  On SIGINT/SIGTERM, wait at most this long for owed
                            replies before closing connections. [default: 10]
   --idle-timeout SECS      Close a connection that sends nothing for this long
@@ -107,6 +114,7 @@ class ServerSettings:
     tls_client_ca: str | None
     state_file: str | None
     fsync: str
+    processes: int
 
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
@@ -122,6 +130,9 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     def seconds_or_off(option: str) -> float | None:
         return value(option, non_negative_float) or None
 
+    processes = cpu_count() if args["--processes"] == "auto" else value("--processes", positive_int)
+    if processes > 1 and args["--metrics-port"] is not None:
+        usage_exit(__doc__, "--metrics-port: not supported with --processes above 1 yet")
     rate = optional("--rate", positive_float)
     burst = optional("--burst", positive_int)
     if burst is not None and rate is None:
@@ -159,6 +170,7 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         tls_client_ca=args["--tls-client-ca"],
         state_file=args["--state-file"],
         fsync=value("--fsync", fsync_mode),
+        processes=processes,
     )
 
 
@@ -166,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the server; returns the process exit status."""
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
-    cpus = cpu_count()
-    pool_size = cpus * settings.multiplier
     try:
         tls = None
         if settings.tls_cert:
             tls = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.processes > 1:
+            return run_processes(settings, tls)
         listener = open_listener(settings.host, settings.port)
         metrics_listener = None
         if settings.metrics_port is not None:
@@ -181,15 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    server = CounterServer(
-        listener,
-        store,
-        pool_size,
-        timeouts=settings.timeouts,
-        admission=Admission(settings.allow, settings.max_conns_per_ip),
-        rate_limiter=RateLimiter(settings.rate, settings.burst) if settings.rate else None,
-        tls=tls,
-    )
+    server = build_server(listener, store, settings, tls)
     metrics = MetricsServer(metrics_listener, server) if metrics_listener else None
     stop_signals = StopSignals()
     server.start()
@@ -197,15 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         metrics.start()
     print(
         f"Counter server listening on {server.address} "
-        f"(pool {pool_size} = {cpus} CPUs x {settings.multiplier}, pid {os.getpid()}"
-        f"{origin})",
+        f"({describe_pool(settings)}, pid {os.getpid()}{origin})",
         flush=True,
     )
     log.info(
         "started: listening on %s%s, pool %d, pid %d%s",
         server.address,
         " (TLS)" if tls else "",
-        pool_size,
+        server.pool.size,
         os.getpid(),
         f", metrics on http://{metrics.address}/metrics" if metrics else "",
     )
@@ -215,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     cut = server.stop(settings.shutdown_timeout)
     if metrics:
         metrics.stop()
-    print(f"Server stopped after processing total requests: {store.requests_applied}")
-    print(f"Final counter value: {store.value}", flush=True)
+    print_totals(store.requests_applied, store.value)
     log.info(
         "stopped: %d requests applied, final counter value %d, %d connections cut",
         store.requests_applied,
@@ -226,6 +228,97 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_processes(settings: ServerSettings, tls: ssl.SSLContext | None) -> int:
+    """The parent of ``--processes N`` workers; returns the exit status."""
+    try:
+        reservation, address = reserve_port(settings.host, settings.port)
+    except OSError as exc:
+        where = f"{settings.host}:{settings.port}"
+        raise ListenError(f"cannot listen on {where}: {describe(exc)}") from None
+    port = reservation.getsockname()[1]
+    origin = ""
+    if settings.state_file is None:
+        shared = SharedCounter()
+    else:
+        parent_state = StateFile(settings.state_file)
+        slot, existed = parent_state.load_or_create()
+        shared = SharedCounter(slot.value)
+        origin = describe_origin(settings, slot.value, existed)
+
+    def worker(shared: SharedCounter, ready) -> int:
+        listener = open_listener(settings.host, port, reuse_port=True)
+        store: CounterStore = shared.open_store()
+        if settings.state_file is not None:
+            state = StateFile(settings.state_file)
+            state.open()
+            store = DurableCounterStore(state, store, settings.fsync)
+        server = build_server(listener, store, settings, tls)
+        stop_signals = StopSignals()
+        server.start()
+        ready()
+        stop_signals.wait()
+        server.stop(settings.shutdown_timeout)
+        return 0
+
+    supervisor = Supervisor(settings.processes, shared, worker)
+    stop_signals = StopSignals(on_force=lambda: supervisor.signal_all(signal.SIGKILL))
+    try:
+        supervisor.start(stop_signals)
+    except RuntimeError as exc:
+        raise ListenError(f"cannot start the workers on {address}: {exc}") from None
+    print(
+        f"Counter server listening on {address} ({describe_pool(settings)} per process, "
+        f"{settings.processes} processes, parent pid {os.getpid()}, workers {supervisor.pids}"
+        f"{origin})",
+        flush=True,
+    )
+    log.info(
+        "started: %d worker processes on %s, parent pid %d",
+        settings.processes,
+        address,
+        os.getpid(),
+    )
+    stop_signals.wait()
+    log.info("shutdown begun: stopping %d workers", settings.processes)
+    killed = supervisor.stop(settings.shutdown_timeout + 5)
+    if settings.state_file is not None:  # the workers saved it; make sure of the last value
+        parent_state.commit(lambda: shared.value, sync=True)
+        parent_state.close()
+    print_totals(shared.requests_applied, shared.value)
+    log.info(
+        "stopped: %d workers killed after the timeout, %d restarts", killed, supervisor.restarts
+    )
+    shared.remove()
+    reservation.close()
+    return 0
+
+
+def build_server(
+    listener: socket.socket, store: CounterStore, settings: ServerSettings, tls
+) -> CounterServer:
+    """A CounterServer with everything the settings ask for."""
+    return CounterServer(
+        listener,
+        store,
+        cpu_count() * settings.multiplier,
+        timeouts=settings.timeouts,
+        admission=Admission(settings.allow, settings.max_conns_per_ip),
+        rate_limiter=RateLimiter(settings.rate, settings.burst) if settings.rate else None,
+        tls=tls,
+    )
+
+
+def describe_pool(settings: ServerSettings) -> str:
+    cpus = cpu_count()
+    return f"pool {cpus * settings.multiplier} = {cpus} CPUs x {settings.multiplier}"
+
+
+def print_totals(requests_applied: int, value: int) -> None:
+    """The Go original's closing line, and the final value."""
+    print(f"Server stopped after processing total requests: {requests_applied}")
+    print(f"Final counter value: {value}", flush=True)
+
+
 def open_store(settings: ServerSettings) -> tuple[CounterStore, str]:
     """The counter store the settings ask for, and how the start-up line
     describes where the counter came from ("" for memory)."""
@@ -233,9 +326,14 @@ def open_store(settings: ServerSettings) -> tuple[CounterStore, str]:
         return MemoryCounterStore(), ""
     state = StateFile(settings.state_file)
     slot, existed = state.load_or_create()
-    store = DurableCounterStore(state, slot.value, slot.sequence, settings.fsync)
-    how = f"resumed at {slot.value} from" if existed else "starts at 0 in new state file"
-    return store, f", counter {how} {settings.state_file}, fsync {settings.fsync}"
+    store = DurableCounterStore(state, MemoryCounterStore(slot.value), settings.fsync)
+    return store, describe_origin(settings, slot.value, existed)
+
+
+def describe_origin(settings: ServerSettings, value: int, existed: bool) -> str:
+    """How the start-up line says where the counter came from."""
+    how = f"resumed at {value} from" if existed else "starts at 0 in new state file"
+    return f", counter {how} {settings.state_file}, fsync {settings.fsync}"
 
 
 def fsync_mode(raw: str) -> str:
@@ -248,7 +346,7 @@ class ListenError(OSError):
     """A listener that could not be opened; the message is one line."""
 
 
-def open_listener(host: str, port: int) -> socket.socket:
+def open_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A listening TCP socket on ``host:port`` (IPv6 if ``host`` has a colon);
     ListenError with a one-line reason if it cannot be opened."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -258,6 +356,7 @@ def open_listener(host: str, port: int) -> socket.socket:
             family=family,
             backlog=LISTEN_BACKLOG,
             dualstack_ipv6=host == "::",  # every interface means IPv4 too
+            reuse_port=reuse_port,
         )
     except OSError as exc:
         raise ListenError(f"cannot listen on {host}:{port}: {describe(exc)}") from None

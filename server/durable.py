@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import gevent
 from gevent.event import Event
 
-from server.statefile import StateFile
-from server.store import MemoryCounterStore
+from server.statefile import StateFile, StateFileError
+from server.store import CounterStore
 
 log = logging.getLogger("counter.state")
 
@@ -37,59 +37,57 @@ class StoreUnavailable(OSError):
 
 
 class DurableCounterStore:
-    """``CounterStore`` backed by a ``StateFile`` (see the module docstring)."""
+    """``CounterStore`` that makes ``core``'s value durable in a ``StateFile``.
 
-    def __init__(self, state: StateFile, initial: int, sequence: int, fsync: str) -> None:
+    Durability is tracked by value: the counter only rises, so a reply value v
+    is durable once a commit has written a value >= v. That holds whether the
+    core is this process's memory or a counter shared by several processes
+    (each process's committer writes the shared value, which covers its own).
+    """
+
+    def __init__(self, state: StateFile, core: CounterStore, fsync: str) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, got {fsync!r}")
         self._state = state
-        self._memory = MemoryCounterStore(initial)
+        self._core = core
         self._fsync = fsync
-        self._sequence = sequence  # of the last commit written
-        self._version = 0  # bumped by every apply that changed the value
-        self._durable = 0  # the version the disk holds
-        self._in_flight: tuple[int, Event] | None = None
+        self._durable_value = core.value  # the value the disk is known to hold
+        self._in_flight: tuple[int, Event] | None = None  # (value it covers, done)
         self._next_commit = Event()
         self._wake = Event()
         self._failure: str | None = None
         self._closed = False
         self.commits = 0
         self.commit_seconds = 0.0
-        self.batches_committed = 0  # applies (one per connection read) covered by commits
+        self.batches_committed = 0  # applies (one per connection read) that waited on commits
+        self._waiting = 0
         self._committer = gevent.spawn(self._run)
 
     @property
     def value(self) -> int:
-        return self._memory.value
+        return self._core.value
 
     @property
     def requests_applied(self) -> int:
-        return self._memory.requests_applied
-
-    @property
-    def durable_value_lag(self) -> int:
-        """Applies not yet on disk (0 when everything is durable)."""
-        return self._version - self._durable
+        return self._core.requests_applied
 
     def apply(self, increments: Sequence[int]) -> Sequence[int]:
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        before = self._memory.value
-        replies = self._memory.apply(increments)
-        if replies and replies[-1] != before:
-            self._version += 1
-        if self._fsync == "always" and replies and self._version > self._durable:
-            self._wait_durable(self._version)
+        replies = self._core.apply(increments)
+        if self._fsync == "always" and replies and replies[-1] > self._durable_value:
+            self._wait_durable(replies[-1])
         return replies
 
-    def _wait_durable(self, version: int) -> None:
-        if self._in_flight is not None and version <= self._in_flight[0]:
+    def _wait_durable(self, value: int) -> None:
+        if self._in_flight is not None and value <= self._in_flight[0]:
             done = self._in_flight[1]
         else:
             done = self._next_commit
             self._wake.set()
+        self._waiting += 1
         done.wait()
-        if self._durable < version:
+        if self._durable_value < value:
             raise StoreUnavailable(f"state file {self._state.path}: {self._failure}")
 
     def _run(self) -> None:
@@ -99,7 +97,7 @@ class DurableCounterStore:
             else:
                 self._wake.wait(timeout=PERIODIC_SECONDS)
             self._wake.clear()
-            if self._version == self._durable:
+            if self._core.value <= self._durable_value:
                 continue
             if not self._commit(sync=self._fsync != "no"):
                 gevent.sleep(RETRY_SECONDS)
@@ -107,27 +105,27 @@ class DurableCounterStore:
     def _commit(self, sync: bool) -> bool:
         """Write (and sync) the current value; wake everyone it covers."""
         done, self._next_commit = self._next_commit, Event()
-        version, value = self._version, self._memory.value
-        self._in_flight = (version, done)
+        covers = self._core.value  # every apply so far; the file gets at least this
+        self._in_flight = (covers, done)
+        waiting, self._waiting = self._waiting, 0
         started = time.perf_counter()
         try:
-            self._sequence += 1
-            threadpool = gevent.get_hub().threadpool
-            threadpool.apply(self._state.write, (self._sequence, value))
-            if sync:
-                threadpool.apply(self._state.sync)
-        except OSError as exc:
-            self._failure = f"cannot write: {exc.strerror or exc}"
+            written = gevent.get_hub().threadpool.apply(
+                self._state.commit, (lambda: self._core.value, sync)
+            )
+        except (OSError, StateFileError) as exc:
+            self._failure = f"cannot write: {getattr(exc, 'strerror', None) or exc}"
             log.error("state file %s: %s; replies wait until it works", self._state.path, exc)
+            self._waiting += waiting
             ok = False
         else:
             if self._failure is not None:
                 log.warning("state file %s: writable again", self._state.path)
             self._failure = None
-            self.batches_committed += version - self._durable
-            self._durable = version
+            self._durable_value = max(self._durable_value, written)
             self.commits += 1
             self.commit_seconds += time.perf_counter() - started
+            self.batches_committed += waiting
             ok = True
         finally:
             self._in_flight = None
@@ -140,9 +138,9 @@ class DurableCounterStore:
         if self._in_flight is not None:
             self._in_flight[1].wait()
         self._committer.kill()
-        self._version += 1  # force one last write even if nothing changed
         if not self._commit(sync=True):
             log.error(
                 "state file %s: the final value %d was not saved", self._state.path, self.value
             )
         self._state.close()
+        self._core.close()

@@ -108,7 +108,8 @@ class ServerCollector(Collector):
             )
             yield counter(
                 "state_batches_committed",
-                "Reads' worth of frames covered by state commits (group commit batches them).",
+                "Applies (one per connection read) that waited for a commit (fsync always);"
+                " divided by commits, the group-commit batch.",
                 store.batches_committed,
             )
         limiter = server.rate_limiter

@@ -10,7 +10,8 @@ The file is 64 bytes: two 32-byte slots, written alternately. Each slot is
     counter value, big-endian u64       8 bytes
     XXH64 (seed 0) of the 24 bytes above, big-endian u64
 
-A commit overwrites the older slot (sequence n goes to slot n % 2) and syncs.
+A commit overwrites the older slot (sequence n goes to slot n % 2) and syncs,
+holding an exclusive flock so that writers in several processes take turns.
 If the machine dies mid-write, that slot fails its checksum and the other one
 still holds the previous commit, so loading takes the newest valid slot. A
 new file is written whole to a temporary name, synced, renamed into place and
@@ -19,8 +20,10 @@ its directory synced, so it never exists half-written.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
@@ -79,11 +82,36 @@ def decode_file(path: str, raw: bytes) -> Slot:
 
 
 class StateFile:
-    """An open state file: ``load_or_create`` then ``write``/``sync`` commits."""
+    """An open state file: ``load_or_create`` (or ``open``), then ``commit``.
+
+    Commits from several processes may share one file: each takes an
+    exclusive ``flock`` for the whole write-and-sync, so only one slot is ever
+    being written, and numbers its commit after the newest one on disk.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = -1
+
+    def open(self) -> None:
+        """Open a file that ``load_or_create`` (maybe in another process) made."""
+        self._fd = os.open(self.path, os.O_RDWR)
+
+    def commit(self, read_value: Callable[[], int], sync: bool) -> int:
+        """Write the value ``read_value()`` returns, read under the lock so that
+        later commits never carry a smaller value, and sync it if ``sync``;
+        returns the value written. Blocking: run it in a worker thread."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            newest = decode_file(self.path, os.pread(self._fd, FILE_SIZE + 1, 0))
+            value = read_value()
+            sequence = newest.sequence + 1
+            os.pwrite(self._fd, encode_slot(sequence, value), (sequence % 2) * SLOT_SIZE)
+            if sync:
+                os.fdatasync(self._fd)
+            return value
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def load_or_create(self) -> tuple[Slot, bool]:
         """Open the file, creating it (value 0) if missing. Returns the newest
@@ -123,14 +151,6 @@ class StateFile:
             raise StateFileError(
                 f"state file {self.path}: cannot create it: {exc.strerror.lower()}"
             ) from None
-
-    def write(self, sequence: int, value: int) -> None:
-        """Write the commit into slot ``sequence % 2`` (not yet synced)."""
-        os.pwrite(self._fd, encode_slot(sequence, value), (sequence % 2) * SLOT_SIZE)
-
-    def sync(self) -> None:
-        """Make the last write durable."""
-        os.fdatasync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:

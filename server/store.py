@@ -40,6 +40,28 @@ class CounterStore(Protocol):
         ...
 
 
+def advance(value: int, increments: Sequence[int]) -> list[int]:
+    """The counter values after each increment, starting from ``value``, for
+    the longest prefix of ``increments`` that stays within ``MAX_COUNTER``."""
+    if len(increments) == 1:  # ping-pong: skip the list machinery
+        after = value + increments[0]
+        return [after] if after <= MAX_COUNTER else []
+    count, first = len(increments), increments[0] if increments else 0
+    if count and first and increments.count(first) == count:
+        # A pipelined run of one increment (the usual case): C-level range.
+        last = value + first * count
+        if last <= MAX_COUNTER:
+            return list(range(value + first, last + 1, first))
+    replies = list(accumulate(increments, initial=value))
+    del replies[0]
+    if replies and replies[-1] > MAX_COUNTER:
+        # Increments are never negative, so the values rise monotonically:
+        # keep the prefix that fits.
+        fits = next(i for i, after in enumerate(replies) if after > MAX_COUNTER)
+        del replies[fits:]
+    return replies
+
+
 class MemoryCounterStore:
     """The counter in this process's memory, as in the Go original.
 
@@ -61,29 +83,7 @@ class MemoryCounterStore:
         return self._applied
 
     def apply(self, increments: Sequence[int]) -> Sequence[int]:
-        if len(increments) == 1:  # ping-pong: skip the list machinery
-            value = self._value + increments[0]
-            if value > MAX_COUNTER:
-                return []
-            self._value = value
-            self._applied += 1
-            return [value]
-        count, first = len(increments), increments[0] if increments else 0
-        if count and first and increments.count(first) == count:
-            # A pipelined run of one increment (the usual case): C-level range.
-            last = self._value + first * count
-            if last <= MAX_COUNTER:
-                replies = list(range(self._value + first, last + 1, first))
-                self._value = last
-                self._applied += count
-                return replies
-        replies = list(accumulate(increments, initial=self._value))
-        del replies[0]
-        if replies and replies[-1] > MAX_COUNTER:
-            # Increments are never negative, so the values rise monotonically:
-            # keep the prefix that fits.
-            fits = next(i for i, value in enumerate(replies) if value > MAX_COUNTER)
-            del replies[fits:]
+        replies = advance(self._value, increments)
         if replies:
             self._value = replies[-1]
             self._applied += len(replies)

@@ -79,14 +79,27 @@ def test_create_write_sync_reload(tmp_path):
     assert (slot, existed) == (Slot(1, 0), False)
     assert os.path.getsize(path) == FILE_SIZE
     assert not os.path.exists(path + ".new")
-    state.write(2, 41)
-    state.sync()
-    state.write(3, 42)
-    state.sync()
+    assert state.commit(lambda: 41, sync=True) == 41
+    assert state.commit(lambda: 42, sync=False) == 42
     state.close()
     again = StateFile(path)
     assert again.load_or_create() == (Slot(3, 42), True)
     again.close()
+
+
+def test_commits_from_two_openers_take_turns_and_number_after_the_newest(tmp_path):
+    path = str(tmp_path / "counter.state")
+    first = StateFile(path)
+    first.load_or_create()
+    second = StateFile(path)
+    second.open()
+    first.commit(lambda: 10, sync=True)  # sequence 2
+    second.commit(lambda: 20, sync=True)  # sequence 3, not 2: numbered after the file
+    first.commit(lambda: 30, sync=True)  # sequence 4
+    with open(path, "rb") as f:
+        assert decode_file(path, f.read()) == Slot(4, 30)
+    first.close()
+    second.close()
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):

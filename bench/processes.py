@@ -1,0 +1,52 @@
+"""Scaling across cores: our server with --processes 1 and 2 (unpinned, all
+cores shared with the C load generator), 40 connections, ping-pong and 64 in
+flight; alternating runs, median of --runs.
+
+Usage:
+  processes.py [--duration SECS] [--runs N]
+  processes.py -h | --help
+
+Options:
+  --duration SECS  Seconds per run. [default: 8]
+  --runs N         Runs per setting; the median is kept. [default: 3]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import OurServer, build_loadgen, measure, raise_file_limit
+
+from common.cli import convert, parse_args, positive_int
+
+
+def main() -> int:
+    args = parse_args(__doc__)
+    duration = convert(__doc__, "--duration", args["--duration"], positive_int)
+    runs = convert(__doc__, "--runs", args["--runs"], positive_int)
+    raise_file_limit()
+    workdir = tempfile.mkdtemp(prefix="bench-processes-")
+    loadgen = build_loadgen(workdir)
+    settings = {n: OurServer(workdir, loadgen, ("--processes", str(n)), pin=False) for n in (1, 2)}
+    print(f"unpinned, 40 connections, {duration}s per run, median of {runs}", flush=True)
+    for name, depth in (("ping-pong", 1), ("64 in flight", 64)):
+        results: dict[int, list[dict]] = {n: [] for n in settings}
+        for _ in range(runs):
+            for n, server in settings.items():
+                results[n].append(measure(server, 40, depth, duration))
+        for n, measured in results.items():
+            rate = statistics.median(r["replies_per_second"] for r in measured)
+            cpu = statistics.median(r["server_us_per_request"] for r in measured)
+            print(
+                f"{name:<14} --processes {n}: {rate:>11,.0f} replies/s, {cpu:5.1f} us CPU/request"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

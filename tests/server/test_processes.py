@@ -1,0 +1,165 @@
+"""--processes N: workers sharing one port and one counter (issue 8, part 1)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from support import (
+    connect,
+    exchange,
+    frames,
+    read_counter,
+    recv_replies,
+    run_server_command,
+    start_server,
+)
+
+WORKERS = re.compile(r"workers \[([\d, ]+)\]")
+
+
+def worker_pids(server) -> list[int]:
+    return [int(p) for p in WORKERS.search(server.stdout_path.read_text())[1].split(", ")]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+
+
+def socket_count(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if str(fd.readlink()).startswith("socket:"))
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.add(int(entry.name))
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def test_two_workers_share_the_port_and_give_exact_distinct_replies():
+    server = start_server("--processes", "2", "--multiplier", "50")
+    try:
+        pids = worker_pids(server)
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        connections, per_connection = 100, 30
+        replies: list[int] = []
+        lock = threading.Lock()
+        held = threading.Barrier(connections + 1, timeout=30)
+        done = threading.Barrier(connections + 1, timeout=60)
+
+        def client() -> None:
+            with connect(server.port) as sock:
+                got = []
+                for _ in range(per_connection):
+                    sock.sendall(frames(1))
+                    got.extend(recv_replies(sock, 1))
+                held.wait()
+                done.wait()
+            with lock:
+                replies.extend(got)
+
+        threads = [threading.Thread(target=client) for _ in range(connections)]
+        for t in threads:
+            t.start()
+        held.wait()
+        # While every connection is open, each worker holds some of them.
+        assert all(socket_count(pid) > 3 for pid in pids), [socket_count(p) for p in pids]
+        done.wait()
+        for t in threads:
+            t.join(30)
+        assert sorted(replies) == list(range(1, connections * per_connection + 1))
+    finally:
+        assert server.stop() == 0
+    assert server.stdout.count("Server stopped after processing total requests: 3000") == 1
+    assert "Final counter value: 3000" in server.stdout
+    assert not any(alive(p) for p in pids)
+    assert "Traceback" not in server.stderr
+
+
+def test_a_dead_worker_is_replaced_and_nothing_acknowledged_is_lost():
+    server = start_server("--processes", "2")
+    try:
+        first, second = worker_pids(server)
+        assert exchange(server.port, 5) == (5,)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            workers = children(server.proc.pid)
+            if first not in workers and len(workers) == 2:
+                break
+            assert time.monotonic() < deadline, f"no replacement: {workers}"
+            time.sleep(0.1)
+        assert second in workers
+        values = [exchange(server.port, 1)[0] for _ in range(20)]
+        assert values == list(range(6, 26))  # the counter lived on in shared memory
+    finally:
+        server.stop()
+    assert "starting a new one" in server.stderr
+    assert "killed by SIGKILL" in server.stderr
+    assert "Final counter value: 25" in server.stdout
+
+
+def test_auto_starts_one_worker_per_cpu():
+    server = start_server("--processes", "auto")
+    try:
+        assert len(worker_pids(server)) == len(os.sched_getaffinity(0))
+        assert read_counter(server.port) == 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--processes", "0"], "--processes: must be a positive integer"),
+        (["--processes", "many"], "--processes: must be"),
+        (
+            ["--processes", "2", "--metrics-port", "0"],
+            "--metrics-port: not supported with --processes",
+        ),
+    ],
+)
+def test_bad_process_flags(args, message):
+    result = run_server_command(*args)
+    assert result.returncode == 2
+    assert message in result.stderr.splitlines()[0]
+
+
+def test_processes_with_a_state_file_survive_a_crash(tmp_path):
+    path = str(tmp_path / "counter.state")
+    server = start_server("--processes", "2", "--state-file", path, "--fsync", "always")
+    try:
+        acknowledged = [exchange(server.port, 1, 1)[-1] for _ in range(50)]
+        assert acknowledged == list(range(2, 101, 2))
+        server.signal(signal.SIGKILL)  # the parent: its workers must not outlive it
+        server.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in worker_pids(server)):
+            assert time.monotonic() < deadline, "workers outlived their parent"
+            time.sleep(0.1)
+    finally:
+        if server.returncode is None:
+            server.stop()
+    again = start_server("--processes", "2", "--state-file", path)
+    try:
+        assert "counter resumed at 100 from" in again.stdout_path.read_text()
+        assert exchange(again.port, 1) == (101,)
+    finally:
+        assert again.stop() == 0
+    assert "Final counter value: 101" in again.stdout
