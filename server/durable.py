@@ -98,6 +98,10 @@ class DurableCounterStore:
                 self._wake.wait(timeout=PERIODIC_SECONDS)
             self._wake.clear()
             if self._core.value <= self._durable_value:
+                # A commit that finished meanwhile already wrote what they
+                # wait for (it reads the value late): release the waiters.
+                done, self._next_commit = self._next_commit, Event()
+                done.set()
                 continue
             if not self._commit(sync=self._fsync != "no"):
                 gevent.sleep(RETRY_SECONDS)
