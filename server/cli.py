@@ -151,9 +151,7 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         multiplier=value("--multiplier", positive_int),
         shutdown_timeout=value("--shutdown-timeout", non_negative_float),
         metrics_host=args["--metrics-host"],
-        metrics_port=None
-        if args["--metrics-port"] is None
-        else value("--metrics-port", port_number),
+        metrics_port=optional("--metrics-port", port_number),
         log_level=value("--log-level", log_level),
         log_format=value("--log-format", log_format),
         timeouts=Timeouts(
