@@ -34,6 +34,7 @@ from server.lifecycle import CounterServer
 from server.metrics import MetricsServer
 from server.processes import Supervisor, reserve_port
 from server.ratelimit import RateLimiter
+from server.redis_store import RedisCounterStore, parse_backend
 from server.shared import SharedCounter
 from server.statefile import StateFile, StateFileError
 from server.store import CounterStore, MemoryCounterStore
@@ -75,6 +76,9 @@ Options:
   --tls-key FILE           The private key of --tls-cert (PEM).
   --tls-client-ca FILE     Require client certificates signed by this CA
                            (mutual TLS).
+  --backend URL            Keep the counter in Redis, shared by every instance
+                           using it: redis://HOST:PORT/DB?key=NAME (default:
+                           this process's memory).
   --state-file PATH        Keep the counter in this file so it survives restarts
                            and crashes (memory only when not given).
   --fsync MODE             With --state-file: always (a reply only once its
@@ -115,6 +119,7 @@ class ServerSettings:
     state_file: str | None
     fsync: str
     processes: int
+    backend: tuple[str, str] | None
 
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
@@ -141,6 +146,10 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         burst = max(1, math.ceil(rate))
     if (args["--tls-cert"] is None) != (args["--tls-key"] is None):
         usage_exit(__doc__, "--tls-cert and --tls-key go together")
+    if args["--backend"] is not None and args["--state-file"] is not None:
+        usage_exit(__doc__, "--backend and --state-file: Redis keeps the counter, choose one")
+    if args["--backend"] is not None and processes > 1:
+        usage_exit(__doc__, "--backend: run one instance per core instead of --processes")
     if args["--fsync"] != "everysec" and args["--state-file"] is None:
         usage_exit(__doc__, "--fsync: needs --state-file")
     if args["--tls-client-ca"] is not None and args["--tls-cert"] is None:
@@ -169,6 +178,7 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         state_file=args["--state-file"],
         fsync=value("--fsync", fsync_mode),
         processes=processes,
+        backend=optional("--backend", parse_backend),
     )
 
 
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     cut = server.stop(settings.shutdown_timeout)
     if metrics:
         metrics.stop()
-    print_totals(store.requests_applied, store.value)
+    print_totals(store.requests_applied, store.value)  # close() re-read Redis's value
     log.info(
         "stopped: %d requests applied, final counter value %d, %d connections cut",
         store.requests_applied,
@@ -320,6 +330,10 @@ def print_totals(requests_applied: int, value: int) -> None:
 def open_store(settings: ServerSettings) -> tuple[CounterStore, str]:
     """The counter store the settings ask for, and how the start-up line
     describes where the counter came from ("" for memory)."""
+    if settings.backend is not None:
+        url, key = settings.backend
+        store = RedisCounterStore(url, key)
+        return store, f", counter {store.current_value()} in Redis {url} key {key}"
     if settings.state_file is None:
         return MemoryCounterStore(), ""
     state = StateFile(settings.state_file)

@@ -23,17 +23,13 @@ import gevent
 from gevent.event import Event
 
 from server.statefile import StateFile, StateFileError
-from server.store import CounterStore
+from server.store import CounterStore, StoreUnavailable
 
 log = logging.getLogger("counter.state")
 
 FSYNC_MODES = ("always", "everysec", "no")
 PERIODIC_SECONDS = 1.0
 RETRY_SECONDS = 1.0
-
-
-class StoreUnavailable(OSError):
-    """The state could not be made durable; no reply may be sent."""
 
 
 class DurableCounterStore:

@@ -28,7 +28,7 @@ from server.ratelimit import RateLimiter
 from server.ratelog import RateLimitedLog
 from server.saturation import SaturationWatch
 from server.stats import ServerStats
-from server.store import CounterStore
+from server.store import CounterStore, StoreUnavailable
 from server.timeouts import DEFAULT_TIMEOUTS, ClientTimeout, TimeoutReaper, Timeouts, shut_down
 
 log = logging.getLogger("counter.server")
@@ -43,6 +43,7 @@ _WARN_ON_CLOSE = {
     "not_allowed",
     "per_ip_limit",
     "tls_failed",
+    "backend_unavailable",
 }
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -185,6 +186,8 @@ class CounterServer:
                     reason = "peer_closed"
         except ClientTimeout as exc:
             reason, detail = exc.reason, str(exc)
+        except StoreUnavailable as exc:
+            reason, detail = "backend_unavailable", str(exc)
         except OSError as exc:  # ssl.SSLError and TimeoutError included
             if reason != "tls_failed":
                 reason = "reset"

@@ -112,6 +112,14 @@ class ServerCollector(Collector):
                 " divided by commits, the group-commit batch.",
                 store.batches_committed,
             )
+        if hasattr(store, "round_trips"):  # the Redis backend
+            yield counter("backend_round_trips", "Transactions sent to Redis.", store.round_trips)
+            yield counter(
+                "backend_reads_batched",
+                "Connection reads carried by those transactions (÷ round trips = batch).",
+                store.reads_batched,
+            )
+            yield counter("backend_errors", "Failed Redis round trips.", store.errors)
         limiter = server.rate_limiter
         yield counter(
             "throttled_seconds",

@@ -21,6 +21,7 @@ CLOSE_REASONS = (
     "not_allowed",
     "per_ip_limit",
     "tls_failed",
+    "backend_unavailable",
     "shutdown",
     "shutdown_timeout",
     "error",

@@ -40,24 +40,28 @@ class CounterStore(Protocol):
         ...
 
 
-def advance(value: int, increments: Sequence[int]) -> list[int]:
+class StoreUnavailable(OSError):
+    """The store cannot confirm these increments; no reply may be sent."""
+
+
+def advance(value: int, increments: Sequence[int], limit: int = MAX_COUNTER) -> list[int]:
     """The counter values after each increment, starting from ``value``, for
-    the longest prefix of ``increments`` that stays within ``MAX_COUNTER``."""
+    the longest prefix of ``increments`` that stays within ``limit``."""
     if len(increments) == 1:  # ping-pong: skip the list machinery
         after = value + increments[0]
-        return [after] if after <= MAX_COUNTER else []
+        return [after] if after <= limit else []
     count, first = len(increments), increments[0] if increments else 0
     if count and first and increments.count(first) == count:
         # A pipelined run of one increment (the usual case): C-level range.
         last = value + first * count
-        if last <= MAX_COUNTER:
+        if last <= limit:
             return list(range(value + first, last + 1, first))
     replies = list(accumulate(increments, initial=value))
     del replies[0]
-    if replies and replies[-1] > MAX_COUNTER:
+    if replies and replies[-1] > limit:
         # Increments are never negative, so the values rise monotonically:
         # keep the prefix that fits.
-        fits = next(i for i, after in enumerate(replies) if after > MAX_COUNTER)
+        fits = next(i for i, after in enumerate(replies) if after > limit)
         del replies[fits:]
     return replies
 

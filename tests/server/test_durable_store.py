@@ -8,8 +8,8 @@ import threading
 import gevent
 import pytest
 
-from server.durable import DurableCounterStore, StoreUnavailable
-from server.store import MemoryCounterStore
+from server.durable import DurableCounterStore
+from server.store import MemoryCounterStore, StoreUnavailable
 
 
 class HeldStateFile:

@@ -1,0 +1,208 @@
+"""--backend redis://...: instances sharing one counter in a real redis-server
+that each test starts on loopback (.ci/run installs redis-server)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from support import (
+    connect,
+    exchange,
+    frames,
+    recv_replies,
+    recv_until_closed,
+    run_server_command,
+    start_server,
+)
+
+from protocol import decode_replies
+
+REDIS = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(
+    REDIS is None, reason="redis-server is not installed (apt-get install redis-server)"
+)
+REDIS_MAX = 2**63 - 1
+
+
+class RedisServer:
+    """A redis-server on a free loopback port, persisting every write (AOF,
+    fsync always) in ``directory`` so a restart keeps the counter."""
+
+    def __init__(self, directory) -> None:
+        self.directory = str(directory)
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            self.port = probe.getsockname()[1]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.cli("ping") == "PONG":
+                return
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True
+        )
+        return result.stdout.strip()
+
+    def url(self, key: str = "counter") -> str:
+        return f"redis://127.0.0.1:{self.port}/0?key={key}"
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_two_instances_share_one_exact_counter(redis_server):
+    first = start_server("--backend", redis_server.url(), "--multiplier", "50")
+    second = start_server("--backend", redis_server.url(), "--multiplier", "50")
+    try:
+        replies: list[int] = []
+        lock = threading.Lock()
+
+        def client(port: int, pipelined: bool) -> None:
+            got = []
+            with connect(port) as sock:
+                for _ in range(10):
+                    if pipelined:
+                        sock.sendall(frames(*[1] * 5))
+                        got.extend(recv_replies(sock, 5))
+                    else:
+                        sock.sendall(frames(1))
+                        got.extend(recv_replies(sock, 1))
+            with lock:
+                replies.extend(got)
+
+        threads = [
+            threading.Thread(target=client, args=(server.port, i % 2 == 0))
+            for i in range(60)
+            for server in [(first, second)[i % 2]]
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(replies) == list(range(1, len(replies) + 1))
+        assert len(replies) == 30 * 50 + 30 * 10
+        assert redis_server.cli("get", "counter") == str(len(replies))
+    finally:
+        first.stop()
+        second.stop()
+    assert f"Final counter value: {len(replies)}" in first.stdout
+    assert "Traceback" not in first.stderr + second.stderr
+
+
+def test_redis_killed_and_restarted_loses_nothing_acknowledged(redis_server):
+    server = start_server("--backend", redis_server.url())
+    acknowledged: list[int] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                with connect(server.port, timeout=20) as sock:
+                    while not stop.is_set():
+                        sock.sendall(frames(1))
+                        value = recv_replies(sock, 1)[0]
+                        with lock:
+                            acknowledged.append(value)
+            except (OSError, AssertionError):
+                time.sleep(0.05)  # closed during the outage: reconnect
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        before_outage = len(acknowledged)
+        redis_server.kill()
+        time.sleep(1.0)
+        redis_server.start()  # the AOF brings the counter back
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert before_outage > 0
+        assert len(acknowledged) > before_outage, "no replies after Redis came back"
+        assert len(set(acknowledged)) == len(acknowledged), "a reply value was given twice"
+        final = int(redis_server.cli("get", "counter"))
+        assert max(acknowledged) <= final, "an acknowledged increment was lost"
+        assert exchange(server.port, 0) == (final,)
+    finally:
+        stop.set()
+        server.stop()
+    assert "Redis" in server.stderr
+    assert "closed: backend unavailable" in server.stderr or "not acknowledged" in server.stderr
+    assert "Traceback" not in server.stderr
+
+
+def test_unreachable_redis_closes_without_reply_then_recovers(tmp_path):
+    redis_server = RedisServer(tmp_path)  # not started yet
+    server = start_server("--backend", redis_server.url())
+    try:
+        with connect(server.port, timeout=30) as sock:
+            started = time.monotonic()
+            sock.sendall(frames(1))
+            assert recv_until_closed(sock) == b"", "a reply for an unconfirmed increment"
+            assert time.monotonic() - started < 15, "the retries were not bounded"
+        redis_server.start()
+        assert exchange(server.port, 1) == (1,)
+    finally:
+        server.stop()
+        if redis_server.proc is not None:
+            redis_server.kill()
+    assert "closed: backend unavailable" in server.stderr
+
+
+def test_overflow_at_the_redis_limit_applies_the_frames_that_fit(redis_server):
+    redis_server.cli("set", "counter", str(REDIS_MAX - 3))
+    server = start_server("--backend", redis_server.url())
+    try:
+        assert exchange(server.port, 1) == (REDIS_MAX - 2,)
+        with connect(server.port) as sock:
+            sock.sendall(frames(1, 1, 1, 1))
+            assert decode_replies(recv_until_closed(sock)) == (REDIS_MAX - 1, REDIS_MAX)
+        assert redis_server.cli("get", "counter") == str(REDIS_MAX)
+        with connect(server.port) as sock:
+            sock.sendall(frames(2**63))  # beyond what Redis can hold at all
+            assert recv_until_closed(sock) == b""
+        assert exchange(server.port, 0) == (REDIS_MAX,)
+    finally:
+        server.stop()
+    assert "overflow" in server.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "http://x"], "--backend: expected redis://HOST:PORT/DB?key=NAME"),
+        (["--backend", "redis://h:1/db"], "--backend: the database must be a number"),
+        (["--backend", "redis://h:1/0", "--state-file", "s"], "choose one"),
+    ],
+)
+def test_bad_backend_flags(args, message):
+    result = run_server_command(*args)
+    assert result.returncode == 2
+    assert message in result.stderr.splitlines()[0]
