@@ -140,11 +140,11 @@ def _progress(run: LoadRun) -> None:
     previous = 0
     while True:
         gevent.sleep(1.0)
-        acknowledged = run.totals.acknowledged
+        acknowledged = run.acknowledged
         elapsed = time.perf_counter() - run.started_at if run.started_at else 0.0
         print(
             f"[{elapsed:5.1f}s] {acknowledged - previous:,} replies/s, "
-            f"{acknowledged:,} acknowledged, {run.totals.errors:,} errors",
+            f"{acknowledged:,} acknowledged, {run.errors:,} errors",
             file=sys.stderr,
             flush=True,
         )

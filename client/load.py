@@ -1,6 +1,6 @@
 """Load generation: many persistent connections, each keeping a number of
-frames in flight, every reply checked; plain counters for the live progress
-line and per-connection results for the final report.
+frames in flight, every reply checked; per-connection results for the live
+progress line and the final report.
 
 Depends only on SPEC §2, so it drives any server that speaks the protocol
 (the Go original included).
@@ -35,14 +35,6 @@ ERROR_KINDS = (REFUSED, CLOSED, SHORT_REPLY, NOT_INCREASING, TIMEOUT, EXTRA_REPL
 
 
 @dataclass
-class LiveTotals:
-    """Running totals the progress line reads once a second."""
-
-    acknowledged: int = 0
-    errors: int = 0
-
-
-@dataclass
 class ConnectionResult:
     """What one connection did."""
 
@@ -72,7 +64,6 @@ class LoadRun:
 
     def __init__(self, settings: LoadSettings) -> None:
         self.settings = settings
-        self.totals = LiveTotals()
         self.results = [ConnectionResult() for _ in range(settings.connections)]
         self.started_at = 0.0  # perf_counter() when the connections started sending
         self.started_wall = 0.0  # the same moment as Unix time, for reports
@@ -96,6 +87,16 @@ class LoadRun:
         stopper.kill()
         self.elapsed = time.perf_counter() - self.started_at
         return self.results
+
+    @property
+    def acknowledged(self) -> int:
+        """Replies received so far, all connections together."""
+        return sum(r.acknowledged for r in self.results)
+
+    @property
+    def errors(self) -> int:
+        """Errors counted so far, all connections together."""
+        return sum(sum(r.errors.values()) for r in self.results)
 
     def stop(self) -> None:
         """Stop sending new frames; connections finish collecting owed replies."""
@@ -122,7 +123,6 @@ class LoadRun:
     def _fail(self, result: ConnectionResult, kind: str, detail: str, count: int = 1) -> None:
         result.errors[kind] += count
         result.error_detail = result.error_detail or detail
-        self.totals.errors += count
 
     def _drive(self, sock: socket.socket, result: ConnectionResult) -> None:
         try:
@@ -146,7 +146,6 @@ class LoadRun:
         settings = self.settings
         frame = encode_request(settings.increment)
         must_increase = settings.increment > 0
-        totals = self.totals
         latency = result.latency_us
         in_flight: deque[list] = deque()  # [send time, frames] per write, oldest first
         pending = b""
@@ -184,7 +183,6 @@ class LoadRun:
             last = values[-1]
             result.last_value = last
             result.acknowledged += count
-            totals.acknowledged += count
             owed -= count
             _record_latencies(latency, in_flight, count, now)
             if not self._stopping:

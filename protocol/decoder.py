@@ -15,9 +15,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from protocol.frames import FRAME_SIZE, InvalidFrame, RejectReason, checksum, checksum_mismatch
-
-_FRAME = struct.Struct(">QQ")
+from protocol.frames import (
+    FRAME_SIZE,
+    FRAME_STRUCT,
+    InvalidFrame,
+    RejectReason,
+    checksum,
+    checksum_mismatch,
+)
 
 # increment -> its checksum, for increments seen recently. Pure memoisation of
 # checksum(); bounded so a client sending many distinct values cannot grow it.
@@ -62,38 +67,35 @@ class FrameDecoder:
         data = self._pending + chunk if self._pending else chunk
         whole = len(data) - len(data) % FRAME_SIZE
         self._pending = data[whole:]
-        if whole == FRAME_SIZE:
-            increment, received = _FRAME.unpack_from(data)
-            if _is_valid(increment, received):
-                return (increment,)
-            self.error = checksum_mismatch(increment, received)
-            self._pending = b""
-            return ()
         if not whole:
             return ()
         count = whole // FRAME_SIZE
         first = data[:FRAME_SIZE]
         # count() finds non-overlapping matches; `count` of them in `whole`
         # bytes must tile it, so this is "every frame equals the first".
-        if data.count(first, 0, whole) == count:
-            increment, received = _FRAME.unpack(first)
+        if count == 1 or data.count(first, 0, whole) == count:
+            increment, received = FRAME_STRUCT.unpack(first)
             if _is_valid(increment, received):
                 return (increment,) * count
-            self.error = checksum_mismatch(increment, received)
-            self._pending = b""
-            return ()
+            return self._stop_at(increment, received, ())
         words = struct.unpack_from(f">{whole // 8}Q", data)
         increments = words[0::2]
         checksums = words[1::2]
         pairs = set(zip(increments, checksums, strict=True))
         if all(_is_valid(n, c) for n, c in pairs):
             return increments
-        for index, (n, c) in enumerate(zip(increments, checksums, strict=True)):
-            if not _is_valid(n, c):
-                self.error = checksum_mismatch(n, c)
-                self._pending = b""
-                return increments[:index]
-        raise AssertionError("unreachable: an invalid pair must be found")
+        index, (n, c) = next(
+            (i, pair)
+            for i, pair in enumerate(zip(increments, checksums, strict=True))
+            if not _is_valid(*pair)
+        )
+        return self._stop_at(n, c, increments[:index])
+
+    def _stop_at(self, increment: int, received: int, valid: Sequence[int]) -> Sequence[int]:
+        """Record the first invalid frame; the ``valid`` ones before it are returned."""
+        self.error = checksum_mismatch(increment, received)
+        self._pending = b""
+        return valid
 
     def close(self) -> InvalidFrame | None:
         """End of stream: a TRUNCATED error if a partial frame was left over."""

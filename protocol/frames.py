@@ -19,7 +19,7 @@ FRAME_SIZE = 16
 REPLY_SIZE = 8
 MAX_COUNTER = 2**64 - 1
 
-_FRAME = struct.Struct(">QQ")
+FRAME_STRUCT = struct.Struct(">QQ")  # increment, checksum
 _U64 = struct.Struct(">Q")
 _xxh64 = xxhash.xxh64_intdigest
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -51,7 +51,7 @@ def encode_request(increment: int) -> bytes:
     """The 16-byte frame for ``increment`` (0 <= increment <= 2^64-1)."""
     if not 0 <= increment <= MAX_COUNTER:
         raise ValueError(f"increment {increment} is outside 0..2^64-1")
-    return _FRAME.pack(increment, checksum(increment))
+    return FRAME_STRUCT.pack(increment, checksum(increment))
 
 
 def decode_request(frame: bytes) -> int:
@@ -61,7 +61,7 @@ def decode_request(frame: bytes) -> int:
         raise InvalidFrame(
             RejectReason.TRUNCATED, f"frame is {len(frame)} bytes, expected {FRAME_SIZE}"
         )
-    increment, received = _FRAME.unpack(frame)
+    increment, received = FRAME_STRUCT.unpack(frame)
     if checksum(increment) != received:
         raise checksum_mismatch(increment, received)
     return increment

@@ -132,6 +132,17 @@ class DurableCounterStore:
             done.set()
         return ok
 
+    def figures(self) -> list[tuple[str, str, float]]:
+        return [
+            ("state_commits", "Writes of the state file.", self.commits),
+            ("state_commit_seconds", "Time spent writing (and syncing) the state file.",
+             self.commit_seconds),
+            ("state_batches_committed",
+             "Applies (one per connection read) that waited for a commit (fsync always);"
+             " divided by commits, the group-commit batch.", self.batches_committed),
+            *self._core.figures(),
+        ]  # fmt: skip
+
     def close(self) -> None:
         """Write and sync the final value; further applies are refused."""
         self._closed = True

@@ -27,7 +27,7 @@ from server.connection import close_after_refusal, serve
 from server.ratelimit import RateLimiter
 from server.ratelog import RateLimitedLog
 from server.saturation import SaturationWatch
-from server.stats import ServerStats
+from server.stats import CLOSE_REASONS, ServerStats
 from server.store import CounterStore, StoreUnavailable
 from server.timeouts import DEFAULT_TIMEOUTS, ClientTimeout, TimeoutReaper, Timeouts, shut_down
 
@@ -35,17 +35,11 @@ log = logging.getLogger("counter.server")
 
 ACCEPT_RETRY_SECONDS = 0.1
 HANDSHAKE_TIMEOUT = 10.0
-# Closures an operator should see at the default log level as a warning.
-_WARN_ON_CLOSE = {
-    "idle_timeout",
-    "frame_timeout",
-    "write_timeout",
-    "not_allowed",
-    "per_ip_limit",
-    "tls_failed",
-    "backend_unavailable",
-}
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class HandshakeFailed(Exception):
+    """The TLS handshake did not complete (bad certificate, not TLS, timeout)."""
 
 
 class _Acceptor(StreamServer):
@@ -162,7 +156,6 @@ class CounterServer:
     def _handle(self, sock: socket.socket, address: tuple) -> None:
         stats = self.stats
         stats.connections_accepted += 1
-        stats.connections_active += 1
         ip = client_ip(address)
         refused_by = self.admission.admit(ip) if self.admission is not None else None
         bucket = None
@@ -175,9 +168,7 @@ class CounterServer:
             if refused_by is None and not self.stopping:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self.tls is not None:
-                    reason = "tls_failed"
                     conn = self._handshake(sock)
-                    reason = "shutdown"
                 if not self.stopping:
                     refusal = serve(conn, self.store, stats, self, self.reaper, bucket)
                 if refusal is not None and refusal.reason is not RejectReason.TRUNCATED:
@@ -188,10 +179,10 @@ class CounterServer:
             reason, detail = exc.reason, str(exc)
         except StoreUnavailable as exc:
             reason, detail = "backend_unavailable", str(exc)
-        except OSError as exc:  # ssl.SSLError and TimeoutError included
-            if reason != "tls_failed":
-                reason = "reset"
-            detail = exc.strerror or str(exc) or type(exc).__name__
+        except HandshakeFailed as exc:
+            reason, detail = "tls_failed", str(exc)
+        except OSError as exc:
+            reason, detail = "reset", exc.strerror or str(exc)
         except GreenletExit:
             reason = "shutdown_timeout"
             raise
@@ -199,7 +190,6 @@ class CounterServer:
             reason = "error"
             self._unexpected(address, exc)
         finally:
-            stats.connections_active -= 1
             stats.connections_closed[reason] += 1
             if refused_by is None and self.admission is not None:
                 self.admission.release(ip)
@@ -210,7 +200,7 @@ class CounterServer:
             elif reason != "error":
                 self._events.log(
                     f"closed:{reason}",
-                    logging.WARNING if reason in _WARN_ON_CLOSE else logging.INFO,
+                    logging.WARNING if CLOSE_REASONS[reason] else logging.INFO,
                     "connection from %s closed: %s%s",
                     format_address(address),
                     reason.replace("_", " "),
@@ -221,10 +211,14 @@ class CounterServer:
                 sock.close()
 
     def _handshake(self, sock: socket.socket) -> ssl.SSLSocket:
-        """The TLS handshake, bounded by the frame timeout (or 10 s)."""
-        conn = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        conn.settimeout(self.timeouts.frame or HANDSHAKE_TIMEOUT)
-        conn.do_handshake()
+        """The TLS handshake, bounded by the frame timeout (or 10 s);
+        HandshakeFailed if it does not complete."""
+        try:
+            conn = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            conn.settimeout(self.timeouts.frame or HANDSHAKE_TIMEOUT)
+            conn.do_handshake()
+        except OSError as exc:  # ssl.SSLError and TimeoutError included
+            raise HandshakeFailed(exc.strerror or str(exc) or type(exc).__name__) from None
         conn.settimeout(None)  # from here on the reaper enforces the timeouts
         return conn
 

@@ -53,19 +53,22 @@ class ServerCollector(Collector):
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
+        def by_reason(name: str, doc: str, counts: dict[str, int]) -> CounterMetricFamily:
+            family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["reason"])
+            for reason, count in counts.items():
+                family.add_metric([reason], count)
+            return family
+
         yield counter(
             "requests_applied",
             "Frames applied to the counter (zero-increment reads included).",
             server.store.requests_applied,
         )
-        rejected = CounterMetricFamily(
-            f"{PREFIX}_rejected_frames",
+        yield by_reason(
+            "rejected_frames",
             "Frames refused (checksum, overflow) or discarded (truncated), by reason.",
-            labels=["reason"],
+            {reason.value: count for reason, count in stats.rejected.items()},
         )
-        for reason, count in stats.rejected.items():
-            rejected.add_metric([reason.value], count)
-        yield rejected
         yield gauge(
             "value",
             "The counter's current value (a float: exact only up to 2^53).",
@@ -75,12 +78,9 @@ class ServerCollector(Collector):
         yield counter(
             "connections_accepted", "Connections accepted since start.", stats.connections_accepted
         )
-        closed = CounterMetricFamily(
-            f"{PREFIX}_connections_closed", "Connections closed, by reason.", labels=["reason"]
+        yield by_reason(
+            "connections_closed", "Connections closed, by reason.", stats.connections_closed
         )
-        for reason, count in stats.connections_closed.items():
-            closed.add_metric([reason], count)
-        yield closed
         yield gauge("pool_size", "Connections the pool can serve at once.", server.pool.size)
         yield gauge("pool_in_use", "Pool slots in use.", len(server.pool))
         yield gauge(
@@ -98,28 +98,8 @@ class ServerCollector(Collector):
             "Accept failures for lack of file descriptors or memory.",
             stats.accept_errors,
         )
-        store = server.store
-        if hasattr(store, "commits"):  # a durable store
-            yield counter("state_commits", "Writes of the state file.", store.commits)
-            yield counter(
-                "state_commit_seconds",
-                "Time spent writing (and syncing) the state file.",
-                store.commit_seconds,
-            )
-            yield counter(
-                "state_batches_committed",
-                "Applies (one per connection read) that waited for a commit (fsync always);"
-                " divided by commits, the group-commit batch.",
-                store.batches_committed,
-            )
-        if hasattr(store, "round_trips"):  # the Redis backend
-            yield counter("backend_round_trips", "Transactions sent to Redis.", store.round_trips)
-            yield counter(
-                "backend_reads_batched",
-                "Connection reads carried by those transactions (÷ round trips = batch).",
-                store.reads_batched,
-            )
-            yield counter("backend_errors", "Failed Redis round trips.", store.errors)
+        for name, doc, value in server.store.figures():
+            yield counter(name, doc, value)
         limiter = server.rate_limiter
         yield counter(
             "throttled_seconds",

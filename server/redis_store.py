@@ -201,6 +201,15 @@ class RedisCounterStore:
         self._last_value = max(self._last_value, after)
         return advance(after - total, increments[: len(prefix)], REDIS_MAX)
 
+    def figures(self) -> list[tuple[str, str, float]]:
+        return [
+            ("backend_round_trips", "Transactions sent to Redis.", self.round_trips),
+            ("backend_reads_batched",
+             "Connection reads carried by those transactions (÷ round trips = batch).",
+             self.reads_batched),
+            ("backend_errors", "Failed Redis round trips.", self.errors),
+        ]  # fmt: skip
+
     def close(self) -> None:
         started = time.monotonic()
         while self._queue and time.monotonic() - started < SOCKET_TIMEOUT:

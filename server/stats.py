@@ -11,21 +11,22 @@ from dataclasses import dataclass, field
 
 from protocol import RejectReason
 
-CLOSE_REASONS = (
-    "peer_closed",
-    "reset",
-    "refused",
-    "idle_timeout",
-    "frame_timeout",
-    "write_timeout",
-    "not_allowed",
-    "per_ip_limit",
-    "tls_failed",
-    "backend_unavailable",
-    "shutdown",
-    "shutdown_timeout",
-    "error",
-)
+# Why a connection ended -> whether an operator should see it as a warning.
+CLOSE_REASONS = {
+    "peer_closed": False,
+    "reset": False,
+    "refused": True,
+    "idle_timeout": True,
+    "frame_timeout": True,
+    "write_timeout": True,
+    "not_allowed": True,
+    "per_ip_limit": True,
+    "tls_failed": True,
+    "backend_unavailable": True,
+    "shutdown": False,
+    "shutdown_timeout": True,
+    "error": True,
+}
 # replies_per_write[k] counts writes of n replies with n.bit_length() == k,
 # i.e. n in [2^(k-1), 2^k - 1]; one C-level int method on the hot path.
 WRITE_SIZE_SLOTS = 65
@@ -34,7 +35,6 @@ WRITE_SIZE_SLOTS = 65
 @dataclass(slots=True)
 class ServerStats:
     connections_accepted: int = 0
-    connections_active: int = 0
     accept_errors: int = 0  # out of file descriptors or memory while accepting
     connections_waiting: int = 0  # in the listen queue while the pool is full
     pool_saturation_events: int = 0
@@ -47,3 +47,8 @@ class ServerStats:
     rejected: dict[RejectReason, int] = field(
         default_factory=lambda: dict.fromkeys(RejectReason, 0)
     )
+
+    @property
+    def connections_active(self) -> int:
+        """Accepted and not yet closed."""
+        return self.connections_accepted - sum(self.connections_closed.values())

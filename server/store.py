@@ -35,6 +35,11 @@ class CounterStore(Protocol):
         """Frames applied since start, zero-increment reads included."""
         ...
 
+    def figures(self) -> list[tuple[str, str, float]]:
+        """The store's own counters for the metrics endpoint, as
+        (name, help, value) triples; empty when it has none."""
+        ...
+
     def close(self) -> None:
         """Release resources; called once at shutdown after the last apply."""
         ...
@@ -92,6 +97,9 @@ class MemoryCounterStore:
             self._value = replies[-1]
             self._applied += len(replies)
         return replies
+
+    def figures(self) -> list[tuple[str, str, float]]:
+        return []
 
     def close(self) -> None:
         pass
