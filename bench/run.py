@@ -88,14 +88,20 @@ class OurServer:
     name = "ours"
 
     def __init__(
-        self, workdir: str, loadgen: str, extra: tuple[str, ...] = (), pin: bool = True
+        self,
+        workdir: str,
+        loadgen: str,
+        extra: tuple[str, ...] = (),
+        pin: bool = True,
+        script: Path = ROOT / "server" / "server.py",
     ) -> None:
         self.workdir, self.loadgen, self.extra, self.pin = workdir, loadgen, list(extra), pin
+        self.script = script
 
     def start(self) -> None:
         out = Path(self.workdir, "server.out")
         with out.open("w") as stdout:
-            argv = [sys.executable, str(ROOT / "server/server.py"), "--host", "127.0.0.1",
+            argv = [sys.executable, str(self.script), "--host", "127.0.0.1",
                     "--port", "0", "--multiplier", "1100", "--log-level", "warning"]  # fmt: skip
             argv += self.extra
             self.proc = subprocess.Popen(

@@ -162,6 +162,20 @@ def recv_replies(sock: socket.socket, count: int) -> tuple[int, ...]:
     return decode_replies(recv_exactly(sock, count * REPLY_SIZE))
 
 
+def recv_some_replies(sock: socket.socket, count: int) -> tuple[tuple[int, ...], bool]:
+    """Up to ``count`` replies: the whole ones received, and False if the
+    server closed the connection before all ``count`` arrived."""
+    size = count * REPLY_SIZE
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    whole = len(data) - len(data) % REPLY_SIZE
+    return decode_replies(data[:whole]), len(data) == size
+
+
 def recv_until_closed(sock: socket.socket) -> bytes:
     """Everything the peer sends until it closes the connection."""
     data = bytearray()

@@ -15,11 +15,11 @@ from support import (
     exchange,
     frames,
     read_counter,
+    recv_some_replies,
     run_server_command,
     start_server,
 )
 
-from protocol import REPLY_SIZE, decode_replies
 from server.statefile import FILE_SIZE, encode_slot
 
 RESUMED = re.compile(r"counter resumed at (\d+) from ")
@@ -53,14 +53,12 @@ class Load:
                     with self._lock:
                         self.sent += 4
                     sock.sendall(frames(1, 1, 1, 1))
-                    data = b""
-                    while len(data) < 4 * REPLY_SIZE:
-                        chunk = sock.recv(4 * REPLY_SIZE - len(data))
-                        if not chunk:
-                            return
-                        data += chunk
-                    with self._lock:
-                        self.replies.append((time.monotonic(), max(decode_replies(data))))
+                    replies, still_open = recv_some_replies(sock, 4)
+                    if replies:
+                        with self._lock:
+                            self.replies.append((time.monotonic(), max(replies)))
+                    if not still_open:
+                        return
             except OSError:
                 return
 

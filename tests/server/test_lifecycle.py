@@ -18,12 +18,11 @@ from support import (
     exchange,
     frames,
     read_counter,
+    recv_some_replies,
     run_server_command,
     stall_server,
     start_server,
 )
-
-from protocol import REPLY_SIZE, decode_replies
 
 STOPPED = re.compile(r"Server stopped after processing total requests: (\d+)")
 FINAL = re.compile(r"Final counter value: (\d+)")
@@ -70,15 +69,9 @@ def test_sigterm_under_load_loses_nothing_acknowledged():
             try:
                 while True:
                     sock.sendall(frames(*[1] * 10))
-                    data = b""
-                    while len(data) < 10 * REPLY_SIZE:
-                        chunk = sock.recv(10 * REPLY_SIZE - len(data))
-                        if not chunk:
-                            break
-                        data += chunk
-                    usable = len(data) - len(data) % REPLY_SIZE
-                    received[index].extend(decode_replies(data[:usable]))
-                    if len(data) < 10 * REPLY_SIZE:
+                    replies, still_open = recv_some_replies(sock, 10)
+                    received[index].extend(replies)
+                    if not still_open:
                         return  # server closed: shutdown
             except OSError:
                 return  # reset or broken pipe after the server closed

@@ -1,0 +1,55 @@
+"""How much of a ping-pong request is gevent and how much is our protocol:
+bench/echo.py (a bare gevent loop) beside our server, each pinned to CPU 0 and
+driven by bench/loadgen.c on CPU 1, 40 connections, one frame in flight;
+alternating runs, median of --runs.
+
+Usage:
+  baseline.py [--duration SECS] [--runs N]
+  baseline.py -h | --help
+
+Options:
+  --duration SECS  Seconds per run. [default: 8]
+  --runs N         Runs per server; the median is kept. [default: 3]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import ROOT, OurServer, build_loadgen, measure, raise_file_limit
+
+from common.cli import convert, parse_args, positive_int
+
+
+def main() -> int:
+    args = parse_args(__doc__)
+    duration = convert(__doc__, "--duration", args["--duration"], positive_int)
+    runs = convert(__doc__, "--runs", args["--runs"], positive_int)
+    raise_file_limit()
+    workdir = tempfile.mkdtemp(prefix="bench-baseline-")
+    loadgen = build_loadgen(workdir)
+    servers = {
+        "bare gevent loop (bench/echo.py)": OurServer(
+            workdir, loadgen, script=ROOT / "bench" / "echo.py"
+        ),
+        "our server": OurServer(workdir, loadgen),
+    }
+    results: dict[str, list[dict]] = {name: [] for name in servers}
+    for _ in range(runs):
+        for name, server in servers.items():
+            results[name].append(measure(server, 40, 1, duration))
+    print(f"40 connections ping-pong, pinned, {duration}s per run, median of {runs}")
+    for name, measured in results.items():
+        rate = statistics.median(r["replies_per_second"] for r in measured)
+        cpu = statistics.median(r["server_us_per_request"] for r in measured)
+        print(f"{name:<34} {rate:>9,.0f} replies/s  {cpu:5.1f} us CPU/request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
