@@ -4,7 +4,13 @@ value — no checksum, no store, no stats, no timeouts. bench/baseline.py
 measures it beside our server. Takes the flags bench/run.py passes.
 
 Usage:
-  echo.py --host HOST --port PORT [--multiplier N] [--log-level LEVEL]
+  echo.py [options]
+
+Options:
+  --host HOST        Address to listen on. [default: 127.0.0.1]
+  --port PORT        Port (0 picks a free one). [default: 0]
+  --multiplier N     Pool size is NumCPU x N. [default: 20]
+  --log-level LEVEL  Accepted for bench/run.py's sake and ignored. [default: info]
 """
 
 from gevent import monkey
@@ -24,19 +30,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.cli import cpu_count, parse_args  # noqa: E402
 from common.signals import StopSignals  # noqa: E402
 
+_U64 = struct.Struct(">Q")
+
 
 def handle(sock: socket.socket, _address: tuple) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     value = 0
     while data := sock.recv(65536):
         count = len(data) // 16
-        sock.sendall(struct.pack(f">{count}Q", *range(value + 1, value + count + 1)))
-        value += count
+        if count == 1:
+            value += 1
+            sock.send(_U64.pack(value))  # 8 bytes: never a partial write here
+        else:
+            sock.sendall(struct.pack(f">{count}Q", *range(value + 1, value + count + 1)))
+            value += count
 
 
 def main() -> int:
     args = parse_args(__doc__)
-    pool = Pool(cpu_count() * int(args["--multiplier"] or 20))
+    pool = Pool(cpu_count() * int(args["--multiplier"]))
     server = StreamServer((args["--host"], int(args["--port"])), handle, spawn=pool)
     stop = StopSignals()
     server.start()
