@@ -63,11 +63,15 @@ if [[ -z "$SERVER" ]]; then
     # setsid: a Ctrl-C on the terminal reaches spam.sh, which stops the server once.
     setsid "$PYTHON" "$ROOT/server/server.py" --host 127.0.0.1 --port 0 \
         --multiplier $((CLIENTS * MULTIPLIER + 1)) --log-level warning \
+        --ready-file "$WORKDIR/ready.json" \
         >"$WORKDIR/server.out" 2>"$WORKDIR/server.err" </dev/null &
     SERVER_PID=$!
     for _ in $(seq 1 200); do
-        PORT="$(sed -n 's/.*listening on [^ ]*:\([0-9]*\) .*/\1/p' "$WORKDIR/server.out")"
-        [[ -n "$PORT" ]] && break
+        if [[ -s "$WORKDIR/ready.json" ]]; then
+            PORT="$(cd "$ROOT" && "$PYTHON" -c 'import sys; from server.banner import read_ready_file
+print(read_ready_file(sys.argv[1]).port)' "$WORKDIR/ready.json")"
+            break
+        fi
         kill -0 "$SERVER_PID" 2>/dev/null || break
         sleep 0.1
     done

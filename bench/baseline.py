@@ -19,25 +19,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import ROOT, OurServer, build_loadgen, measure, raise_file_limit
-
-from common.cli import convert, parse_args, positive_int
+from bench.base import ROOT, OurServer, build_loadgen, measure, options, raise_file_limit
 
 
 def main() -> int:
-    args = parse_args(__doc__)
-    duration = convert(__doc__, "--duration", args["--duration"], positive_int)
-    runs = convert(__doc__, "--runs", args["--runs"], positive_int)
+    _, duration, runs = options(__doc__)
     raise_file_limit()
     workdir = tempfile.mkdtemp(prefix="bench-baseline-")
     loadgen = build_loadgen(workdir)
     servers = {
-        "bare gevent loop (bench/echo.py)": OurServer(
-            workdir, loadgen, script=ROOT / "bench" / "echo.py"
-        ),
-        "our server": OurServer(workdir, loadgen),
+        "bare gevent loop (bench/echo.py)": OurServer(loadgen, script=ROOT / "bench" / "echo.py"),
+        "our server": OurServer(loadgen),
     }
     results: dict[str, list[dict]] = {name: [] for name in servers}
     for _ in range(runs):

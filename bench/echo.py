@@ -11,6 +11,7 @@ Options:
   --port PORT        Port (0 picks a free one). [default: 0]
   --multiplier N     Pool size is NumCPU x N. [default: 20]
   --log-level LEVEL  Accepted for bench/run.py's sake and ignored. [default: info]
+  --ready-file PATH  Write the start-up facts here as JSON (server.banner).
 """
 
 from gevent import monkey
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.cli import cpu_count, parse_args  # noqa: E402
 from common.signals import StopSignals  # noqa: E402
+from server.banner import Ready, write_ready_file  # noqa: E402
 
 _U64 = struct.Struct(">Q")
 
@@ -53,6 +55,12 @@ def main() -> int:
     stop = StopSignals()
     server.start()
     print(f"echo listening on {args['--host']}:{server.server_port} (pool {pool.size})", flush=True)
+    if args["--ready-file"]:
+        ready = Ready(
+            args["--host"], server.server_port, pool.size, cpu_count(),
+            int(args["--multiplier"]), os.getpid(),
+        )  # fmt: skip
+        write_ready_file(args["--ready-file"], ready)
     stop.wait()
     server.stop(timeout=1)
     return 0

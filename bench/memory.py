@@ -16,8 +16,6 @@ Options:
 from __future__ import annotations
 
 import math
-import re
-import resource
 import shutil
 import signal
 import socket
@@ -27,25 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cli import convert, cpu_count, parse_args, positive_int  # noqa: E402
-from protocol import REPLY_SIZE, encode_request  # noqa: E402
+from bench.base import raise_file_limit, rss_kib
+from common.cli import convert, cpu_count, parse_args, positive_int
+from protocol import REPLY_SIZE, encode_request
+from server.launcher import start_server
 
 PING = b"*1\r\n$4\r\nPING\r\n"
-
-
-def raise_file_limit(needed: int) -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < needed:
-        raise SystemExit(f"bench: the open-file hard limit is {hard}; {needed} needed (ulimit -Hn)")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
-def rss_kib(pid: int) -> int:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+)", text)[1])
 
 
 def hold(port: int, count: int, request: bytes, reply_size: int) -> list[socket.socket]:
@@ -63,13 +50,13 @@ def hold(port: int, count: int, request: bytes, reply_size: int) -> list[socket.
     return held
 
 
-def measure(proc: subprocess.Popen, port: int, count: int, request: bytes, size: int) -> float:
+def measure(pid: int, port: int, count: int, request: bytes, size: int) -> tuple:
     hold(port, 10, request, size)  # warm up allocators and code paths
     time.sleep(0.5)
-    before = rss_kib(proc.pid)
+    before = rss_kib(pid)
     held = hold(port, count, request, size)
     time.sleep(1.0)
-    after = rss_kib(proc.pid)
+    after = rss_kib(pid)
     for sock in held:
         sock.close()
     return (after - before) / count, before, after
@@ -82,24 +69,12 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="bench-memory-")
     results = {}
 
-    out = Path(workdir, "server.out")
     multiplier = math.ceil((count + 100) / cpu_count())
-    with out.open("w") as stdout:
-        ours = subprocess.Popen(
-            [sys.executable, str(ROOT / "server/server.py"), "--host", "127.0.0.1", "--port", "0",
-             "--multiplier", str(multiplier), "--log-level", "warning"],
-            stdout=stdout, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+    ours = start_server("--multiplier", str(multiplier), "--log-level", "warning")
     try:
-        for _ in range(200):
-            match = re.search(r"listening on \S+:(\d+) ", out.read_text())
-            if match:
-                break
-            time.sleep(0.05)
-        results["ours"] = measure(ours, int(match[1]), count, encode_request(0), REPLY_SIZE)
+        results["ours"] = measure(ours.pid, ours.port, count, encode_request(0), REPLY_SIZE)
     finally:
-        ours.send_signal(signal.SIGTERM)
-        ours.wait(60)
+        ours.stop(60)
 
     redis = shutil.which("redis-server")
     if redis:
@@ -112,7 +87,7 @@ def main() -> int:
         )  # fmt: skip
         try:
             time.sleep(0.5)
-            results["redis"] = measure(server, port, count, PING, len(b"+PONG\r\n"))
+            results["redis"] = measure(server.pid, port, count, PING, len(b"+PONG\r\n"))
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)

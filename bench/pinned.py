@@ -24,45 +24,24 @@ Options:
 from __future__ import annotations
 
 import json
-import os
-import re
 import resource
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.base import LOAD_CPU, SERVER_CPU, TASKSET, options, pinned
+from common.cli import convert, cpu_count, positive_int
+from common.procinfo import cpu_seconds
+from server.launcher import start_server
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from common.cli import convert, cpu_count, parse_args, positive_int  # noqa: E402
-
 SCENARIOS = (("ping-pong", 1), ("64 in flight", 64))
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def pinned(cpu: int, argv: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *argv] if shutil.which("taskset") else argv
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-
-
-def wait_for(pattern: str, path: Path) -> re.Match:
-    for _ in range(200):
-        match = re.search(pattern, path.read_text())
-        if match:
-            return match
-        time.sleep(0.05)
-    raise SystemExit(f"the server did not start: {path.read_text()}")
 
 
 def scrape_every_second(url: str, stop: threading.Event) -> None:
@@ -84,24 +63,17 @@ def final_metrics(url: str) -> dict[str, float]:
 def run_once(pipeline: int, duration: float, connections: int, variant: tuple) -> dict:
     _, extra_args, metrics = variant
     with tempfile.TemporaryDirectory() as tmp:
-        out, err = Path(tmp, "out"), Path(tmp, "err")
-        server_argv = [sys.executable, str(ROOT / "server/server.py"), "--host", "127.0.0.1",
-                       "--port", "0", "--multiplier", "50"]  # fmt: skip
-        server_argv += [a.replace("{tmp}", tmp) for a in extra_args]
+        server_args = ["--multiplier", "50", *(a.replace("{tmp}", tmp) for a in extra_args)]
         state = "--state-file" in extra_args
         if metrics or state:
-            server_argv += ["--metrics-port", "0"]
-        with out.open("w") as stdout, err.open("w") as stderr:
-            server = subprocess.Popen(pinned(0, server_argv), stdout=stdout, stderr=stderr)
+            server_args += ["--metrics-port", "0"]
+        server = start_server(*server_args, prefix=pinned(SERVER_CPU, []))
         try:
-            port = wait_for(r"listening on \S+:(\d+)", out)[1]
             stop_scraping = threading.Event()
-            url = ""
-            if metrics or state:
-                url = "http://" + wait_for(r"metrics on http://(\S+)", err)[1]
+            url = server.metrics_url() if metrics or state else ""
             if metrics:
                 threading.Thread(target=scrape_every_second, args=(url, stop_scraping)).start()
-            result = measure(server.pid, port, pipeline, duration, connections)
+            result = measure(server.pid, server.port, pipeline, duration, connections)
             stop_scraping.set()
             if state:
                 figures = final_metrics(url)
@@ -113,19 +85,18 @@ def run_once(pipeline: int, duration: float, connections: int, variant: tuple) -
                 ] / max(commits, 1)
                 result["reads_per_commit"] = batches / max(commits, 1)
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(30)
+            server.stop(30)
     return result
 
 
-def measure(server_pid: int, port: str, pipeline: int, duration: float, connections: int) -> dict:
+def measure(server_pid: int, port: int, pipeline: int, duration: float, connections: int) -> dict:
     # The client opens NumCPU x multiplier connections, NumCPU being the CPUs it may use.
-    client_cpus = 1 if shutil.which("taskset") else cpu_count()
+    client_cpus = 1 if TASKSET else cpu_count()
     multiplier = max(1, connections // client_cpus)
     before_server = cpu_seconds(server_pid)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     client = subprocess.run(
-        pinned(1, [sys.executable, str(ROOT / "client/client.py"), "--serverAddress",
+        pinned(LOAD_CPU, [sys.executable, str(ROOT / "client/client.py"), "--serverAddress",
                    f"127.0.0.1:{port}", "--duration", str(duration), "--pipeline",
                    str(pipeline), "--multiplier", str(multiplier), "--json"]),
         capture_output=True, text=True, check=False,
@@ -146,10 +117,8 @@ def measure(server_pid: int, port: str, pipeline: int, duration: float, connecti
 
 
 def main() -> int:
-    args = parse_args(__doc__)
-    duration = convert(__doc__, "--duration", args["--duration"], positive_int)
+    args, duration, runs = options(__doc__)
     connections = convert(__doc__, "--connections", args["--connections"], positive_int)
-    runs = convert(__doc__, "--runs", args["--runs"], positive_int)
     # (label, extra server flags, scrape /metrics every second)
     variants = [("defaults", [], False)]
     if args["--metrics"]:
@@ -161,7 +130,7 @@ def main() -> int:
         for mode in ("always", "everysec", "no"):
             state = ["--state-file", "{tmp}/counter.state", "--fsync", mode]
             variants.append((f"fsync {mode}", state, False))
-    placement = "server on CPU 0, client on CPU 1" if shutil.which("taskset") else "unpinned"
+    placement = "server on CPU 0, client on CPU 1" if TASKSET else "unpinned"
     print(f"{placement}; {duration}s per run, median of {runs}")
     header = f"{'scenario':<36}{'conns':>6}{'replies/s':>12}{'server us/req':>15}"
     print(header + f"{'client us/req':>15}{'p99 ms':>9}{'errors':>8}")

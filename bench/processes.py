@@ -18,21 +18,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import OurServer, build_loadgen, measure, raise_file_limit
-
-from common.cli import convert, parse_args, positive_int
+from bench.base import OurServer, build_loadgen, measure, options, raise_file_limit
 
 
 def main() -> int:
-    args = parse_args(__doc__)
-    duration = convert(__doc__, "--duration", args["--duration"], positive_int)
-    runs = convert(__doc__, "--runs", args["--runs"], positive_int)
+    _, duration, runs = options(__doc__)
     raise_file_limit()
     workdir = tempfile.mkdtemp(prefix="bench-processes-")
     loadgen = build_loadgen(workdir)
-    settings = {n: OurServer(workdir, loadgen, ("--processes", str(n)), pin=False) for n in (1, 2)}
+    settings = {n: OurServer(loadgen, ("--processes", str(n)), pin=False) for n in (1, 2)}
     print(f"unpinned, 40 connections, {duration}s per run, median of {runs}", flush=True)
     for name, depth in (("ping-pong", 1), ("64 in flight", 64)):
         results: dict[int, list[dict]] = {n: [] for n in settings}

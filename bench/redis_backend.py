@@ -24,21 +24,20 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import OurServer, build_loadgen, free_port, raise_file_limit
-
-from common.cli import convert, parse_args, positive_int
+from bench.base import OurServer, build_loadgen, options, raise_file_limit
+from bench.run import free_port
 
 
 def run_instances(loadgen: str, workdir: str, url: str, count: int, depth: int, secs: int) -> float:
-    servers = [OurServer(workdir, loadgen, ("--backend", url), pin=False) for _ in range(count)]
+    servers = [OurServer(loadgen, ("--backend", url), pin=False) for _ in range(count)]
     for server in servers:
         server.start()
     try:
         loads = [
             subprocess.Popen(
-                [loadgen, "127.0.0.1", str(s.port), str(40 // count), str(depth), str(secs)],
+                [loadgen, "127.0.0.1", str(s.server.port), str(40 // count), str(depth), str(secs)],
                 stdout=subprocess.PIPE,
                 text=True,
             )
@@ -51,9 +50,7 @@ def run_instances(loadgen: str, workdir: str, url: str, count: int, depth: int, 
 
 
 def main() -> int:
-    args = parse_args(__doc__)
-    duration = convert(__doc__, "--duration", args["--duration"], positive_int)
-    runs = convert(__doc__, "--runs", args["--runs"], positive_int)
+    _, duration, runs = options(__doc__)
     redis = shutil.which("redis-server")
     if redis is None:
         raise SystemExit("bench: redis-server not found; apt-get install redis-server")

@@ -22,24 +22,29 @@ Options:
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import re
-import resource
-import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cli import convert, parse_args, positive_int  # noqa: E402
+from bench.base import (
+    LOAD_CPU,
+    ROOT,
+    SERVER_CPU,
+    OurServer,
+    build_loadgen,
+    machine,
+    measure,
+    median_of,
+    need,
+    options,
+    pinned,
+    raise_file_limit,
+)
 
 SCENARIOS = (  # name, connections, frames in flight per connection
     ("40 conns ping-pong", 40, 1),
@@ -47,89 +52,6 @@ SCENARIOS = (  # name, connections, frames in flight per connection
     ("1 conn ping-pong", 1, 1),
     ("1000 conns ping-pong", 1000, 1),
 )
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-TASKSET = shutil.which("taskset")
-
-
-def pinned(cpu: int, argv: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *argv] if TASKSET else argv
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def raise_file_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-
-
-def need(tool: str, how: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise SystemExit(f"bench: {tool} not found; {how}")
-    return path
-
-
-def build_loadgen(workdir: str) -> str:
-    compiler = shutil.which("cc") or need("gcc", "install a C compiler (apt-get install gcc)")
-    binary = os.path.join(workdir, "loadgen")
-    subprocess.run([compiler, "-O2", "-o", binary, str(ROOT / "bench" / "loadgen.c")], check=True)
-    return binary
-
-
-class OurServer:
-    name = "ours"
-
-    def __init__(
-        self,
-        workdir: str,
-        loadgen: str,
-        extra: tuple[str, ...] = (),
-        pin: bool = True,
-        script: Path = ROOT / "server" / "server.py",
-    ) -> None:
-        self.workdir, self.loadgen, self.extra, self.pin = workdir, loadgen, list(extra), pin
-        self.script = script
-
-    def start(self) -> None:
-        out = Path(self.workdir, "server.out")
-        with out.open("w") as stdout:
-            argv = [sys.executable, str(self.script), "--host", "127.0.0.1",
-                    "--port", "0", "--multiplier", "1100", "--log-level", "warning"]  # fmt: skip
-            argv += self.extra
-            self.proc = subprocess.Popen(
-                pinned(0, argv) if self.pin else argv, stdout=stdout, stderr=subprocess.DEVNULL
-            )
-        for _ in range(200):
-            match = re.search(r"listening on \S+:(\d+) ", out.read_text())
-            if match:
-                self.port = int(match[1])
-                return
-            time.sleep(0.05)
-        raise SystemExit("bench: our server did not start")
-
-    def load(self, connections: int, depth: int, duration: float) -> dict:
-        argv = [self.loadgen, "127.0.0.1", str(self.port), str(connections), str(depth),
-                str(duration)]  # fmt: skip
-        result = subprocess.run(
-            pinned(1, argv) if self.pin else argv, capture_output=True, text=True, check=False
-        )
-        report = json.loads(result.stdout)
-        if report["errors"]:
-            raise SystemExit(f"bench: loadgen saw {report['errors']} errors: {result.stderr}")
-        return {"requests": report["replies"], "rps": report["replies_per_second"],
-                "p99_ms": report["p99_us"] / 1000}  # fmt: skip
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
 
 
 class RedisServer:
@@ -144,7 +66,7 @@ class RedisServer:
     def start(self) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            pinned(0, [self.server, "--port", str(self.port), "--bind", "127.0.0.1",
+            pinned(SERVER_CPU, [self.server, "--port", str(self.port), "--bind", "127.0.0.1",
                        "--save", "", "--appendonly", "no", "--maxclients", "20000",
                        "--dir", self.workdir]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -166,13 +88,18 @@ class RedisServer:
 
     def _run(self, connections: int, depth: int, requests: int) -> dict:
         result = subprocess.run(
-            pinned(1, [self.benchmark, "-p", str(self.port), "-t", "incr", "-c", str(connections),
-                       "-P", str(depth), "-n", str(max(requests, connections * depth)), "--csv"]),
+            pinned(LOAD_CPU, [self.benchmark, "-p", str(self.port), "-t", "incr", "-c",
+                              str(connections), "-P", str(depth), "-n",
+                              str(max(requests, connections * depth)), "--csv"]),
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         row = result.stdout.strip().splitlines()[-1].replace('"', "").split(",")
         return {"requests": max(requests, connections * depth), "rps": float(row[1]),
                 "p99_ms": float(row[6])}  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -186,42 +113,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU of ``pid`` and its children (the workers of --processes)."""
-    total = cpu_seconds(pid)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    total += cpu_seconds(int(entry.name))
-            except (OSError, ValueError):
-                continue
-    return total
-
-
-def measure(server, connections: int, depth: int, duration: float) -> dict:
-    server.start()
-    try:
-        time.sleep(0.5)
-        before_server, before_client = tree_cpu_seconds(server.proc.pid), children_cpu()
-        result = server.load(connections, depth, duration)
-        server_cpu = tree_cpu_seconds(server.proc.pid) - before_server
-        client_cpu = children_cpu() - before_client
-    finally:
-        server.stop()
-    n = result["requests"]
-    return {
-        "replies_per_second": result["rps"],
-        "server_us_per_request": server_cpu / n * 1e6,
-        "client_us_per_request": client_cpu / n * 1e6,
-        "p99_ms": result["p99_ms"],
-    }
-
-
 def main() -> int:
-    args = parse_args(__doc__)
-    duration = convert(__doc__, "--duration", args["--duration"], positive_int)
-    runs = convert(__doc__, "--runs", args["--runs"], positive_int)
+    args, duration, runs = options(__doc__)
     scenarios = [s for s in SCENARIOS if not args["--only"] or args["--only"] in s[0]]
     raise_file_limit()
     try:
@@ -231,26 +124,19 @@ def main() -> int:
             "bench: matplotlib missing: pip install -r requirements-bench.txt"
         ) from None
     workdir = tempfile.mkdtemp(prefix="bench-")
-    servers = [OurServer(workdir, build_loadgen(workdir)), RedisServer(workdir)]
-    machine = (
-        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-        f"Python {platform.python_version()}, "
-        f"{'server on CPU 0, load on CPU 1' if TASKSET else 'unpinned'}"
-    )
-    print(f"{machine}; {duration}s per run, median of {runs}", flush=True)
+    servers = [OurServer(build_loadgen(workdir)), RedisServer(workdir)]
+    where = machine()
+    print(f"{where}; {duration}s per run, median of {runs}", flush=True)
     rows = []
     for name, connections, depth in scenarios:
         measured: dict[str, list[dict]] = {s.name: [] for s in servers}
         for _ in range(runs):
             for server in servers:
                 measured[server.name].append(measure(server, connections, depth, duration))
-        medians = {
-            target: {k: statistics.median(r[k] for r in runs_) for k in runs_[0]}
-            for target, runs_ in measured.items()
-        }
+        medians = {target: median_of(runs_) for target, runs_ in measured.items()}
         rows.append((name, medians))
         print_row(name, medians)
-    write_results(rows, machine, duration, runs)
+    write_results(rows, where, duration, runs)
     return 0
 
 

@@ -9,7 +9,7 @@ import sys  # noqa: E402
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from client.chaos import main  # noqa: E402
+from chaos.run import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,6 +38,10 @@ class StopSignals:
         """Block until the first stop signal."""
         self._requested.wait()
 
+    def request(self) -> None:
+        """Ask for the graceful stop from inside the program, as a signal would."""
+        self._requested.set()
+
     def cancel(self) -> None:
         """Stop watching; the signals get their default behaviour back."""
         for watcher in self._watchers:

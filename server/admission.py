@@ -6,10 +6,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from server.close import CloseReason, Refused
 
-NOT_ALLOWED = "not_allowed"
-PER_IP_LIMIT = "per_ip_limit"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_network(raw: str) -> Network:
@@ -40,18 +39,17 @@ class Admission:
     def active(self) -> bool:
         return bool(self._allow) or self._max_per_ip is not None
 
-    def admit(self, ip: str) -> str | None:
-        """None if ``ip`` may connect (and counts it), else the refusal reason."""
+    def admit(self, ip: str) -> None:
+        """Count a connection from ``ip``; ``Refused`` with the reason if it may not connect."""
         if self._allow:
             address = ipaddress.ip_address(ip)
             if not any(address in network for network in self._allow):
-                return NOT_ALLOWED
+                raise Refused(CloseReason.NOT_ALLOWED)
         if self._max_per_ip is not None:
             count = self._per_ip.get(ip, 0)
             if count >= self._max_per_ip:
-                return PER_IP_LIMIT
+                raise Refused(CloseReason.PER_IP_LIMIT)
             self._per_ip[ip] = count + 1
-        return None
 
     def release(self, ip: str) -> None:
         """An admitted connection from ``ip`` has closed."""

@@ -1,20 +1,15 @@
-"""Command line of the counter server: parse flags, open the listener, run
-until SIGINT/SIGTERM, stop gracefully and print the totals."""
+"""The counter server's command line: flags in, ``ServerSettings`` out.
+
+Parsing only; ``server.wiring`` turns settings into listeners and stores and
+``server.run`` runs them.
+"""
 
 from __future__ import annotations
 
-import errno
-import logging
 import math
-import os
-import signal
-import socket
-import ssl
-import sys
 from dataclasses import dataclass
 
 from common.cli import (
-    configure_logging,
     convert,
     cpu_count,
     log_format,
@@ -26,18 +21,9 @@ from common.cli import (
     positive_int,
     usage_exit,
 )
-from common.signals import StopSignals
-from common.tls import TLSSetupError, server_context
-from server.admission import Admission, Network, parse_network
-from server.durable import FSYNC_MODES, DurableCounterStore
-from server.lifecycle import CounterServer
-from server.metrics import MetricsServer
-from server.processes import Supervisor, reserve_port
-from server.ratelimit import RateLimiter
-from server.redis_store import RedisCounterStore, parse_backend
-from server.shared import SharedCounter
-from server.statefile import StateFile, StateFileError
-from server.store import CounterStore, MemoryCounterStore
+from server.admission import Network, parse_network
+from server.store.durable import FSYNC_MODES
+from server.store.redis_backend import parse_backend
 from server.timeouts import Timeouts
 
 __doc__ = """Counter server: one shared 64-bit counter that many clients add to at
@@ -89,11 +75,10 @@ Options:
   --metrics-host HOST      Address for the metrics endpoint. [default: 127.0.0.1]
   --log-level LEVEL        debug, info, warning or error. [default: info]
   --log-format FORMAT      text, or json (one object per line). [default: text]
+  --ready-file PATH        Once accepting connections, write the start-up facts
+                           (address, pool, pids, metrics URL) to this file as JSON.
   -h --help                Show this help.
 """
-
-LISTEN_BACKLOG = 1024
-log = logging.getLogger("counter.server")
 
 
 @dataclass(frozen=True)
@@ -120,6 +105,7 @@ class ServerSettings:
     fsync: str
     processes: int
     backend: tuple[str, str] | None
+    ready_file: str | None = None
 
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
@@ -179,203 +165,11 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         fsync=value("--fsync", fsync_mode),
         processes=processes,
         backend=optional("--backend", parse_backend),
+        ready_file=args["--ready-file"],
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the server; returns the process exit status."""
-    settings = parse_settings(argv)
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        tls = None
-        if settings.tls_cert:
-            tls = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-        if settings.processes > 1:
-            return run_processes(settings, tls)
-        listener = open_listener(settings.host, settings.port)
-        metrics_listener = None
-        if settings.metrics_port is not None:
-            metrics_listener = open_listener(settings.metrics_host, settings.metrics_port)
-        store, origin = open_store(settings)
-    except (ListenError, TLSSetupError, StateFileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-    server = build_server(listener, store, settings, tls)
-    metrics = MetricsServer(metrics_listener, server) if metrics_listener else None
-    stop_signals = StopSignals()
-    server.start()
-    if metrics:
-        metrics.start()
-    print(
-        f"Counter server listening on {server.address} "
-        f"({describe_pool(settings)}, pid {os.getpid()}{origin})",
-        flush=True,
-    )
-    log.info(
-        "started: listening on %s%s, pool %d, pid %d%s",
-        server.address,
-        " (TLS)" if tls else "",
-        server.pool.size,
-        os.getpid(),
-        f", metrics on http://{metrics.address}/metrics" if metrics else "",
-    )
-
-    stop_signals.wait()
-    log.info("shutdown begun: no new connections or frames; sending owed replies")
-    cut = server.stop(settings.shutdown_timeout)
-    if metrics:
-        metrics.stop()
-    print_totals(store.requests_applied, store.value)  # close() re-read Redis's value
-    log.info(
-        "stopped: %d requests applied, final counter value %d, %d connections cut",
-        store.requests_applied,
-        store.value,
-        cut,
-    )
-    return 0
-
-
-def run_processes(settings: ServerSettings, tls: ssl.SSLContext | None) -> int:
-    """The parent of ``--processes N`` workers; returns the exit status."""
-    try:
-        reservation, address = reserve_port(settings.host, settings.port)
-    except OSError as exc:
-        where = f"{settings.host}:{settings.port}"
-        raise ListenError(f"cannot listen on {where}: {describe(exc)}") from None
-    port = reservation.getsockname()[1]
-    origin = ""
-    if settings.state_file is None:
-        shared = SharedCounter()
-    else:
-        parent_state = StateFile(settings.state_file)
-        slot, existed = parent_state.load_or_create()
-        shared = SharedCounter(slot.value)
-        origin = describe_origin(settings, slot.value, existed)
-
-    def worker(shared: SharedCounter, ready) -> int:
-        listener = open_listener(settings.host, port, reuse_port=True)
-        store: CounterStore = shared.open_store()
-        if settings.state_file is not None:
-            state = StateFile(settings.state_file)
-            state.open()
-            store = DurableCounterStore(state, store, settings.fsync)
-        server = build_server(listener, store, settings, tls)
-        stop_signals = StopSignals()
-        server.start()
-        ready()
-        stop_signals.wait()
-        server.stop(settings.shutdown_timeout)
-        return 0
-
-    supervisor = Supervisor(settings.processes, shared, worker)
-    stop_signals = StopSignals(on_force=lambda: supervisor.signal_all(signal.SIGKILL))
-    try:
-        supervisor.start(stop_signals)
-    except RuntimeError as exc:
-        raise ListenError(f"cannot start the workers on {address}: {exc}") from None
-    print(
-        f"Counter server listening on {address} ({describe_pool(settings)} per process, "
-        f"{settings.processes} processes, parent pid {os.getpid()}, workers {supervisor.pids}"
-        f"{origin})",
-        flush=True,
-    )
-    log.info(
-        "started: %d worker processes on %s, parent pid %d",
-        settings.processes,
-        address,
-        os.getpid(),
-    )
-    stop_signals.wait()
-    log.info("shutdown begun: stopping %d workers", settings.processes)
-    killed = supervisor.stop(settings.shutdown_timeout + 5)
-    if settings.state_file is not None:  # the workers saved it; make sure of the last value
-        parent_state.commit(lambda: shared.value, sync=True)
-        parent_state.close()
-    print_totals(shared.requests_applied, shared.value)
-    log.info(
-        "stopped: %d workers killed after the timeout, %d restarts", killed, supervisor.restarts
-    )
-    shared.remove()
-    reservation.close()
-    return 0
-
-
-def build_server(
-    listener: socket.socket, store: CounterStore, settings: ServerSettings, tls
-) -> CounterServer:
-    """A CounterServer with everything the settings ask for."""
-    return CounterServer(
-        listener,
-        store,
-        cpu_count() * settings.multiplier,
-        timeouts=settings.timeouts,
-        admission=Admission(settings.allow, settings.max_conns_per_ip),
-        rate_limiter=RateLimiter(settings.rate, settings.burst) if settings.rate else None,
-        tls=tls,
-    )
-
-
-def describe_pool(settings: ServerSettings) -> str:
-    cpus = cpu_count()
-    return f"pool {cpus * settings.multiplier} = {cpus} CPUs x {settings.multiplier}"
-
-
-def print_totals(requests_applied: int, value: int) -> None:
-    """The Go original's closing line, and the final value."""
-    print(f"Server stopped after processing total requests: {requests_applied}")
-    print(f"Final counter value: {value}", flush=True)
-
-
-def open_store(settings: ServerSettings) -> tuple[CounterStore, str]:
-    """The counter store the settings ask for, and how the start-up line
-    describes where the counter came from ("" for memory)."""
-    if settings.backend is not None:
-        url, key = settings.backend
-        store = RedisCounterStore(url, key)
-        return store, f", counter {store.current_value()} in Redis {url} key {key}"
-    if settings.state_file is None:
-        return MemoryCounterStore(), ""
-    state = StateFile(settings.state_file)
-    slot, existed = state.load_or_create()
-    store = DurableCounterStore(state, MemoryCounterStore(slot.value), settings.fsync)
-    return store, describe_origin(settings, slot.value, existed)
-
-
-def describe_origin(settings: ServerSettings, value: int, existed: bool) -> str:
-    """How the start-up line says where the counter came from."""
-    how = f"resumed at {value} from" if existed else "starts at 0 in new state file"
-    return f", counter {how} {settings.state_file}, fsync {settings.fsync}"
 
 
 def fsync_mode(raw: str) -> str:
     if raw not in FSYNC_MODES:
         raise ValueError(f"must be always, everysec or no, got {raw!r}")
     return raw
-
-
-class ListenError(OSError):
-    """A listener that could not be opened; the message is one line."""
-
-
-def open_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (IPv6 if ``host`` has a colon);
-    ListenError with a one-line reason if it cannot be opened."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server(
-            (host, port),
-            family=family,
-            backlog=LISTEN_BACKLOG,
-            dualstack_ipv6=host == "::",  # every interface means IPv4 too
-            reuse_port=reuse_port,
-        )
-    except OSError as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {describe(exc)}") from None
-
-
-def describe(exc: OSError) -> str:
-    """A short human reason for a socket error ("address already in use")."""
-    if exc.errno is not None and exc.errno in errno.errorcode:
-        return os.strerror(exc.errno).lower()
-    return str(exc)

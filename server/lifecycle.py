@@ -21,15 +21,16 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from common.cli import format_address
+from common.ratelog import RateLimitedLog
 from protocol import InvalidFrame, RejectReason
 from server.admission import Admission, client_ip
+from server.close import CloseReason, ConnectionEnded, HandshakeFailed
 from server.connection import close_after_refusal, serve
-from server.ratelimit import RateLimiter
-from server.ratelog import RateLimitedLog
+from server.ratelimit import RateLimiter, TokenBucket
 from server.saturation import SaturationWatch
-from server.stats import CLOSE_REASONS, ServerStats
-from server.store import CounterStore, StoreUnavailable
-from server.timeouts import DEFAULT_TIMEOUTS, ClientTimeout, TimeoutReaper, Timeouts, shut_down
+from server.stats import ServerStats
+from server.store import CounterStore
+from server.timeouts import DEFAULT_TIMEOUTS, TimeoutReaper, Timeouts, shut_down
 
 log = logging.getLogger("counter.server")
 
@@ -38,8 +39,19 @@ HANDSHAKE_TIMEOUT = 10.0
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
-class HandshakeFailed(Exception):
-    """The TLS handshake did not complete (bad certificate, not TLS, timeout)."""
+class _Connection:
+    """One accepted connection while it is handled: what its close must undo."""
+
+    __slots__ = ("address", "admitted", "bucket", "conn", "ip", "refusal", "sock")
+
+    def __init__(self, sock: socket.socket, address: tuple) -> None:
+        self.sock = sock
+        self.conn: socket.socket = sock  # the TLS socket once the handshake is done
+        self.address = address
+        self.ip = client_ip(address)
+        self.admitted = False
+        self.bucket: TokenBucket | None = None
+        self.refusal: InvalidFrame | None = None
 
 
 class _Acceptor(StreamServer):
@@ -124,7 +136,8 @@ class CounterServer:
 
     def stop(self, timeout: float) -> int:
         """Stop gracefully within ``timeout`` seconds; return how many
-        connections had to be cut because they did not finish in time."""
+        connections had to be cut because they did not finish in time.
+        The store stays open: its owner closes it."""
         self.stopping = True
         self._saturation.stop()
         self._stream_server.close()
@@ -140,7 +153,6 @@ class CounterServer:
             )
             self.pool.kill(block=True, timeout=1.0)
         self.reaper.stop()
-        self.store.close()
         return cut
 
     def _accept_failed(self, exc: OSError) -> None:
@@ -154,61 +166,70 @@ class CounterServer:
         )
 
     def _handle(self, sock: socket.socket, address: tuple) -> None:
-        stats = self.stats
-        stats.connections_accepted += 1
-        ip = client_ip(address)
-        refused_by = self.admission.admit(ip) if self.admission is not None else None
-        bucket = None
-        if refused_by is None and self.rate_limiter is not None:
-            bucket = self.rate_limiter.acquire(ip)
-        conn = sock
-        refusal = None
-        reason, detail = refused_by or "shutdown", ""
+        """Serve one accepted connection, then account for it and close it,
+        however it ended (gevent's ``_handle_and_close_when_done``)."""
+        self.stats.connections_accepted += 1
+        connection = _Connection(sock, address)
+        reason, detail = CloseReason.ERROR, ""
         try:
-            if refused_by is None and not self.stopping:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self.tls is not None:
-                    conn = self._handshake(sock)
-                if not self.stopping:
-                    refusal = serve(conn, self.store, stats, self, self.reaper, bucket)
-                if refusal is not None and refusal.reason is not RejectReason.TRUNCATED:
-                    reason = "refused"
-                elif not self.stopping:
-                    reason = "peer_closed"
-        except ClientTimeout as exc:
+            reason = self._serve_admitted(connection)
+        except ConnectionEnded as exc:
             reason, detail = exc.reason, str(exc)
-        except StoreUnavailable as exc:
-            reason, detail = "backend_unavailable", str(exc)
-        except HandshakeFailed as exc:
-            reason, detail = "tls_failed", str(exc)
         except OSError as exc:
-            reason, detail = "reset", exc.strerror or str(exc)
+            reason, detail = CloseReason.RESET, exc.strerror or str(exc)
         except GreenletExit:
-            reason = "shutdown_timeout"
+            reason = CloseReason.SHUTDOWN_TIMEOUT
             raise
         except Exception as exc:
-            reason = "error"
             self._unexpected(address, exc)
         finally:
-            stats.connections_closed[reason] += 1
-            if refused_by is None and self.admission is not None:
-                self.admission.release(ip)
-            if bucket is not None:
-                self.rate_limiter.release(ip)
-            if refusal is not None:
-                self._refuse(conn, address, refusal)
-            elif reason != "error":
-                self._events.log(
-                    f"closed:{reason}",
-                    logging.WARNING if CLOSE_REASONS[reason] else logging.INFO,
-                    "connection from %s closed: %s%s",
-                    format_address(address),
-                    reason.replace("_", " "),
-                    f" ({detail})" if detail else "",
-                )
-            conn.close()
-            if conn is not sock:
-                sock.close()
+            self._closed(connection, reason, detail)
+
+    def _serve_admitted(self, connection: _Connection) -> CloseReason:
+        """Admit the connection, serve it, and say how it ended; raises
+        ConnectionEnded (or OSError) for the other endings."""
+        if self.admission is not None:
+            self.admission.admit(connection.ip)  # Refused: not counted, nothing to release
+            connection.admitted = True
+        if self.rate_limiter is not None:
+            connection.bucket = self.rate_limiter.acquire(connection.ip)
+        if self.stopping:
+            return CloseReason.SHUTDOWN
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            connection.conn = self._handshake(connection.sock)
+            if self.stopping:
+                return CloseReason.SHUTDOWN
+        refusal = serve(
+            connection.conn, self.store, self.stats, self, self.reaper, connection.bucket
+        )
+        if refusal is not None:
+            connection.refusal = refusal
+            if refusal.reason is not RejectReason.TRUNCATED:
+                return CloseReason.REFUSED
+        return CloseReason.SHUTDOWN if self.stopping else CloseReason.PEER_CLOSED
+
+    def _closed(self, connection: _Connection, reason: CloseReason, detail: str) -> None:
+        """The one place a connection is counted, released, logged and closed."""
+        self.stats.connections_closed[reason] += 1
+        if connection.admitted:
+            self.admission.release(connection.ip)
+        if connection.bucket is not None:
+            self.rate_limiter.release(connection.ip)
+        if connection.refusal is not None:
+            self._refuse(connection.conn, connection.address, connection.refusal)
+        elif reason is not CloseReason.ERROR:  # _unexpected logged it
+            self._events.log(
+                f"closed:{reason.value}",
+                reason.level,
+                "connection from %s closed: %s%s",
+                format_address(connection.address),
+                reason.words,
+                f" ({detail})" if detail else "",
+            )
+        connection.conn.close()
+        if connection.conn is not connection.sock:
+            connection.sock.close()
 
     def _handshake(self, sock: socket.socket) -> ssl.SSLSocket:
         """The TLS handshake, bounded by the frame timeout (or 10 s);

@@ -79,7 +79,9 @@ class ServerCollector(Collector):
             "connections_accepted", "Connections accepted since start.", stats.connections_accepted
         )
         yield by_reason(
-            "connections_closed", "Connections closed, by reason.", stats.connections_closed
+            "connections_closed",
+            "Connections closed, by reason.",
+            {reason.value: count for reason, count in stats.connections_closed.items()},
         )
         yield gauge("pool_size", "Connections the pool can serve at once.", server.pool.size)
         yield gauge("pool_in_use", "Pool slots in use.", len(server.pool))
@@ -98,8 +100,14 @@ class ServerCollector(Collector):
             "Accept failures for lack of file descriptors or memory.",
             stats.accept_errors,
         )
-        for name, doc, value in server.store.figures():
-            yield counter(name, doc, value)
+        for figure in server.store.figures():
+            make = counter if figure.kind == "counter" else gauge
+            yield make(figure.name, figure.help, figure.value)
+        yield gauge(
+            "healthy",
+            "1 while the server can acknowledge increments, 0 when /healthz says 503.",
+            0 if health(server) else 1,
+        )
         limiter = server.rate_limiter
         yield counter(
             "throttled_seconds",
@@ -136,6 +144,13 @@ def build_registry(server: CounterServer) -> CollectorRegistry:
     return registry
 
 
+def health(server: CounterServer) -> str | None:
+    """None while the server can acknowledge increments, else why not."""
+    if server.stopping:
+        return "stopping"
+    return server.store.health()
+
+
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 
@@ -148,16 +163,10 @@ def make_app(server: CounterServer, registry: CollectorRegistry) -> WSGIApp:
         if path == "/metrics":
             return metrics(environ, start_response)
         if path == "/healthz":
-            status, body = (
-                ("503 Service Unavailable", b"stopping\n")
-                if server.stopping
-                else (
-                    "200 OK",
-                    b"ok\n",
-                )
-            )
+            problem = health(server)
+            status = "200 OK" if problem is None else "503 Service Unavailable"
             start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
-            return [body]
+            return [f"{problem or 'ok'}\n".encode()]
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
         return [b"not found: try /metrics or /healthz\n"]
 

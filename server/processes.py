@@ -1,7 +1,12 @@
-"""``--processes N``: N worker processes accept on one port (SO_REUSEPORT),
-each a full gevent server with its own pool, all sharing one counter in
-shared memory. The parent starts them, restarts any that dies while the others
-keep serving, and on SIGINT/SIGTERM stops them all and prints the totals once.
+"""``--processes N``: N worker processes accept on one listening socket that
+the parent opened (so the port belongs to this one instance), each a full
+gevent server with its own pool, all sharing one counter in shared memory.
+
+The parent forks them, restarts any that dies while the others keep serving
+(with exponential backoff when they keep dying young, giving up after
+``GIVE_UP_AFTER`` such deaths in a row), and stops them all on request.
+Each worker tells the parent it is ready, or why it failed, through a pipe of
+its own that is closed right after: nothing accumulates over a long life.
 """
 
 from __future__ import annotations
@@ -12,101 +17,102 @@ import ctypes.util
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import gevent
 from gevent import os as gevent_os
 
-from common.cli import format_address
-from common.signals import StopSignals
-from server.shared import SharedCounter
-
 log = logging.getLogger("counter.processes")
 
-READY_TIMEOUT = 30.0
-PR_SET_PDEATHSIG = 1
-POLL_SECONDS = 0.2
+READY_TIMEOUT = 30.0  # seconds for every worker to start at launch
+PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent dies
+POLL_SECONDS = 0.2  # how often the parent looks for exited workers
+STABLE_SECONDS = 10.0  # a worker that served this long did not die young
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 30.0  # restart delay after young deaths, doubling
+GIVE_UP_AFTER = 10  # young deaths in a row before the supervisor gives up
+READY = b"."  # what a worker writes once it is listening
 
-# Builds and runs one worker's server until it is told to stop; returns the
-# exit status. Arguments: the shared counter, and a callback to call once the
-# worker is listening.
-WorkerMain = Callable[[SharedCounter, Callable[[], None]], int]
+# Runs one worker until it is told to stop; returns its exit status. Its
+# argument is the callback to call once the worker is serving.
+WorkerMain = Callable[[Callable[[], None]], int]
+
+
+class WorkersFailed(Exception):
+    """The workers could not be started or kept running; one line."""
+
+
+@dataclass
+class _Worker:
+    pid: int
+    started: float
+    ready_fd: int  # the pipe it reports on; -1 once it has said all
+    message: bytes = b""
+    ready: bool = False
+    failure: str = ""  # what the worker said before it exited, if it failed at start
 
 
 class Supervisor:
     """Forks and watches the workers (the parent process)."""
 
-    def __init__(self, count: int, shared: SharedCounter, worker_main: WorkerMain) -> None:
+    def __init__(
+        self, count: int, worker_main: WorkerMain, on_give_up: Callable[[str], None]
+    ) -> None:
         self.count = count
-        self.shared = shared
         self._worker_main = worker_main
-        self._workers: set[int] = set()
+        self._on_give_up = on_give_up
+        self._workers: dict[int, _Worker] = {}
         self._stopping = False
-        self._ready_read, self._ready_write = os.pipe()
-        os.set_blocking(self._ready_read, False)
+        self._young_deaths = 0
         self.restarts = 0
-        self._signals: StopSignals | None = None
+        self._in_child: Callable[[], None] = lambda: None
+        self._watcher: gevent.Greenlet | None = None
 
-    def start(self, signals: StopSignals) -> None:
-        """Fork every worker and wait until each is listening."""
-        self._signals = signals
+    def start(self, in_child: Callable[[], None] = lambda: None) -> None:
+        """Fork every worker and wait until each is serving; WorkersFailed if
+        not. ``in_child`` runs first in each worker (to drop parent-only state)."""
+        self._in_child = in_child
         for _ in range(self.count):
             self._fork()
-        ready = 0
-        try:
-            with gevent.Timeout(READY_TIMEOUT):
-                while ready < self.count:
-                    ready += len(gevent_os.nb_read(self._ready_read, self.count - ready))
-        except gevent.Timeout:
-            self.stop(timeout=1.0)
-            raise RuntimeError(f"only {ready} of {self.count} workers started") from None
-        gevent.spawn(self._watch)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(w.ready for w in self._workers.values()):
+            for worker in self._workers.values():
+                self._hear_from(worker)
+            failed = [w for w in self._workers.values() if w.failure]
+            if failed or time.monotonic() > deadline:
+                ready = sum(w.ready for w in self._workers.values())
+                cause = failed[0].failure if failed else "timed out"
+                self.stop(timeout=1.0)
+                raise WorkersFailed(f"only {ready} of {self.count} workers started: {cause}")
+            gevent.sleep(0.01)
+        self._watcher = gevent.spawn(self._watch)
 
-    def _fork(self) -> None:
-        pid = gevent_os.fork()
-        if pid == 0:  # the worker
-            status = 1
-            try:
-                _die_with_parent()
-                if self._signals is not None:
-                    self._signals.cancel()  # the parent's watchers came along
-                status = self._worker_main(self.shared, lambda: os.write(self._ready_write, b"."))
-            except BaseException:
-                log.exception("worker %d failed", os.getpid())
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(status)
-        self._workers.add(pid)
-
-    def _watch(self) -> None:
-        while True:
-            gevent.sleep(POLL_SECONDS)
-            for pid in list(self._workers):
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if not done:
-                    continue
-                self._workers.discard(pid)
-                if not self._stopping:
-                    self.restarts += 1
-                    log.warning("worker %d exited (%s); starting a new one", pid, _describe(status))
-                    self._fork()
+    @property
+    def pids(self) -> list[int]:
+        return sorted(self._workers)
 
     def stop(self, timeout: float) -> int:
         """SIGTERM every worker, wait up to ``timeout`` s, SIGKILL the rest;
         returns how many had to be killed."""
         self._stopping = True
+        if self._watcher is not None:
+            self._watcher.kill()
         self.signal_all(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while self._workers and time.monotonic() < deadline:
-            gevent.sleep(POLL_SECONDS)
+            for worker, _ in self._reap():
+                self._hear_from(worker)  # closes its pipe
+            if self._workers:
+                gevent.sleep(0.05)
         killed = len(self._workers)
         self.signal_all(signal.SIGKILL)
         for pid in list(self._workers):
             os.waitpid(pid, 0)
+        for worker in self._workers.values():
+            if worker.ready_fd >= 0:
+                os.close(worker.ready_fd)
         self._workers.clear()
         return killed
 
@@ -115,25 +121,123 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    @property
-    def pids(self) -> list[int]:
-        return sorted(self._workers)
+    def _fork(self) -> None:
+        ready_read, ready_write = os.pipe()
+        pid = gevent_os.fork()
+        if pid == 0:  # the worker
+            os.close(ready_read)
+            self._forget_parent_state()
+            os._exit(self._run_worker(ready_write))
+        os.close(ready_write)
+        os.set_blocking(ready_read, False)
+        self._workers[pid] = _Worker(pid, time.monotonic(), ready_read)
 
+    def _forget_parent_state(self) -> None:
+        """In a new worker: drop the copies of the parent's watcher and of
+        the other workers' pipes, which are the parent's business."""
+        if self._watcher is not None:
+            self._watcher.kill(block=False)
+        for worker in self._workers.values():
+            if worker.ready_fd >= 0:
+                os.close(worker.ready_fd)
+        self._workers.clear()
 
-def reserve_port(host: str, port: int) -> tuple[socket.socket, str]:
-    """Bind (without listening) a SO_REUSEPORT socket on ``host:port`` so the
-    port is ours and known (``port`` 0 picks one); workers bind the same."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if host == "::":
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock, format_address(sock.getsockname())
+    def _run_worker(self, ready_write: int) -> int:
+        status = 1
+        told = False
+
+        def ready() -> None:
+            nonlocal told
+            os.write(ready_write, READY)
+            os.close(ready_write)
+            told = True
+
+        try:
+            _die_with_parent()
+            self._in_child()
+            status = self._worker_main(ready)
+        except BaseException as exc:
+            if told:  # a bug while serving: the traceback helps
+                log.exception("worker %d failed", os.getpid())
+            else:  # failed at start: the parent logs it, once per restart
+                with contextlib.suppress(OSError):
+                    os.write(ready_write, f"{type(exc).__name__}: {exc}".encode()[:4000])
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        return status
+
+    def _hear_from(self, worker: _Worker) -> None:
+        """Read what the worker said so far (never blocks); at end of file,
+        settle whether it is ready or failed and close the pipe. Polled, not
+        left to a greenlet: a worker forked later would inherit the greenlet
+        and read the message meant for the parent."""
+        if worker.ready_fd < 0:
+            return
+        try:
+            while chunk := os.read(worker.ready_fd, 4096):
+                worker.message += chunk
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            worker.message = worker.message or f"cannot hear from it: {exc}".encode()
+        os.close(worker.ready_fd)
+        worker.ready_fd = -1
+        if worker.message == READY:
+            worker.ready = True
+        else:
+            worker.failure = worker.message.decode(errors="replace") or "exited before it was ready"
+
+    def _watch(self) -> None:
+        while True:
+            gevent.sleep(POLL_SECONDS)
+            for worker in self._workers.values():
+                self._hear_from(worker)
+            for worker, status in self._reap():
+                self._replace(worker, status)
+
+    def _reap(self) -> list[tuple[_Worker, int]]:
+        exited = []
+        for pid in list(self._workers):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                exited.append((self._workers.pop(pid), status))
+        return exited
+
+    def _replace(self, worker: _Worker, status: int) -> None:
+        self._hear_from(worker)  # it has exited: the pipe is at its end
+        cause = (_describe(status) if worker.pid > 0 else "not started") + (
+            f": {worker.failure}" if worker.failure else ""
+        )
+        young = not worker.ready or time.monotonic() - worker.started < STABLE_SECONDS
+        self._young_deaths = self._young_deaths + 1 if young else 0
+        if self._young_deaths >= GIVE_UP_AFTER:
+            message = (
+                f"worker {worker.pid} {cause}; {self._young_deaths} workers in a row died "
+                "young: giving up"
+            )
+            log.error("%s", message)
+            self._on_give_up(message)
+            return
+        delay = BACKOFF_FIRST * 2 ** (self._young_deaths - 1) if self._young_deaths else 0.0
+        delay = min(delay, BACKOFF_MAX)
+        self.restarts += 1
+        log.warning(
+            "worker %s %s; starting a new one in %.1fs (restart %d)",
+            worker.pid,
+            cause,
+            delay,
+            self.restarts,
+        )
+        gevent.spawn_later(delay, self._fork_unless_stopping)
+
+    def _fork_unless_stopping(self) -> None:
+        if self._stopping:
+            return
+        try:
+            self._fork()
+        except OSError as exc:  # no descriptors or memory for a new process
+            self._replace(_Worker(-1, time.monotonic(), -1, failure=f"cannot fork: {exc}"), 0)
 
 
 def _die_with_parent() -> None:
@@ -148,5 +252,5 @@ def _die_with_parent() -> None:
 
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit status {os.waitstatus_to_exitcode(status)}"
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"

@@ -18,13 +18,23 @@ from protocol import FRAME_SIZE
 class TokenBucket:
     """``rate`` tokens per second, holding at most ``burst``; one token per frame."""
 
-    __slots__ = ("_clock", "burst", "rate", "throttled_seconds", "tokens", "updated", "users")
+    __slots__ = (
+        "_clock", "_sleep", "burst", "rate", "throttled_seconds", "tokens", "updated", "users"
+    )  # fmt: skip
 
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = gevent.sleep,
+    ) -> None:
+        """``clock`` and ``sleep`` are injectable so tests need not wait."""
         self.rate = rate
         self.burst = burst
         self.tokens = float(burst)
         self._clock = clock
+        self._sleep = sleep
         self.updated = clock()
         self.throttled_seconds = 0.0
         self.users = 0  # connections sharing this bucket
@@ -41,7 +51,7 @@ class TokenBucket:
         if self.tokens < 1:
             wait = (1 - self.tokens) / self.rate
             self.throttled_seconds += wait
-            gevent.sleep(wait)
+            self._sleep(wait)
             self._refill()
         return max(1, int(self.tokens)) * FRAME_SIZE - pending_bytes
 

@@ -15,7 +15,7 @@ import struct
 import gevent
 from gevent.pool import Pool
 
-from server.ratelog import RateLimitedLog
+from common.ratelog import RateLimitedLog
 from server.stats import ServerStats
 
 CHECK_INTERVAL = 0.5

@@ -12,7 +12,7 @@ if not __package__:
     # than from server/ (where this file would shadow the server package).
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from server.cli import main  # noqa: E402
+from server.run import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

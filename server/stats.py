@@ -10,23 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from protocol import RejectReason
+from server.close import CloseReason
 
-# Why a connection ended -> whether an operator should see it as a warning.
-CLOSE_REASONS = {
-    "peer_closed": False,
-    "reset": False,
-    "refused": True,
-    "idle_timeout": True,
-    "frame_timeout": True,
-    "write_timeout": True,
-    "not_allowed": True,
-    "per_ip_limit": True,
-    "tls_failed": True,
-    "backend_unavailable": True,
-    "shutdown": False,
-    "shutdown_timeout": True,
-    "error": True,
-}
 # replies_per_write[k] counts writes of n replies with n.bit_length() == k,
 # i.e. n in [2^(k-1), 2^k - 1]; one C-level int method on the hot path.
 WRITE_SIZE_SLOTS = 65
@@ -41,8 +26,8 @@ class ServerStats:
     bytes_in: int = 0  # of closed connections; live ones keep their own count
     bytes_out: int = 0
     replies_per_write: list[int] = field(default_factory=lambda: [0] * WRITE_SIZE_SLOTS)
-    connections_closed: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(CLOSE_REASONS, 0)
+    connections_closed: dict[CloseReason, int] = field(
+        default_factory=lambda: dict.fromkeys(CloseReason, 0)
     )
     rejected: dict[RejectReason, int] = field(
         default_factory=lambda: dict.fromkeys(RejectReason, 0)

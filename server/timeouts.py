@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import gevent
 
 from protocol import FrameDecoder
+from server.close import ClientTimeout, CloseReason
+from server.ratelimit import TokenBucket
 
 MIN_INTERVAL, MAX_INTERVAL = 0.05, 1.0
 
@@ -49,17 +51,14 @@ class Timeouts:
 DEFAULT_TIMEOUTS = Timeouts()
 
 
-class ClientTimeout(Exception):
-    """The client broke one of the ``Timeouts``; ``reason`` names which."""
-
-    def __init__(self, reason: str, seconds: float | None) -> None:
-        super().__init__(f"{reason.replace('_', ' ')} after {seconds:g}s")
-        self.reason = reason
-
-
 class Watched:
-    """One connection as the reaper sees it. The hot path writes ``bytes_in``,
-    ``bytes_out`` and ``writing``; the rate limiter sets ``throttled``."""
+    """One connection as the reaper sees it.
+
+    The hot path bumps ``bytes_in``; its two blocking steps other than the
+    read go through ``write`` and ``wait_for_tokens``, which raise the
+    ``writing`` and ``throttled`` flags around the wait, so the reaper always
+    knows whether the server or the client is the one holding things up.
+    """
 
     __slots__ = (
         "_frame_since",
@@ -84,13 +83,30 @@ class Watched:
         self.bytes_out = 0
         self.writing = False
         self.throttled = False
-        self.timed_out: str | None = None
+        self.timed_out: ClientTimeout | None = None
         self._seen_in = 0
         self._idle_since = now
         self._frame_start = -1
         self._frame_since = now
         self._seen_out = -1
         self._write_since = now
+
+    def write(self, data: bytes) -> None:
+        """Send all of ``data``; blocks while the client is not reading."""
+        self.writing = True
+        sock = self.sock
+        sent = sock.send(data)
+        if sent != len(data):  # rare: the socket buffer is full
+            sock.sendall(memoryview(data)[sent:])
+        self.writing = False
+        self.bytes_out += len(data)
+
+    def wait_for_tokens(self, bucket: TokenBucket) -> int:
+        """Bytes the connection may read now, after waiting for rate tokens."""
+        self.throttled = True
+        budget = bucket.read_budget(self.decoder.pending_bytes)
+        self.throttled = False
+        return budget
 
 
 class TimeoutReaper:
@@ -127,21 +143,21 @@ class TimeoutReaper:
         """One pass: time out, and shut down, every connection over a limit."""
         for watched in list(self.watched):
             if watched.timed_out is None:
-                reason = self._broken_limit(watched, now)
-                if reason is not None:
-                    watched.timed_out = reason
+                broken = self._broken_limit(watched, now)
+                if broken is not None:
+                    watched.timed_out = broken
                     shut_down(watched.sock, socket.SHUT_RDWR)
 
-    def _broken_limit(self, w: Watched, now: float) -> str | None:
+    def _broken_limit(self, w: Watched, now: float) -> ClientTimeout | None:
         idle, frame, write = self.timeouts.idle, self.timeouts.frame, self.timeouts.write
         if not w.writing or w.bytes_out != w._seen_out:
             w._seen_out, w._write_since = w.bytes_out, now
         elif write is not None and now - w._write_since >= write:
-            return "write_timeout"
+            return ClientTimeout(CloseReason.WRITE_TIMEOUT, write)
         if w.bytes_in != w._seen_in or w.writing or w.throttled:
             w._seen_in, w._idle_since = w.bytes_in, now
         elif idle is not None and now - w._idle_since >= idle:
-            return "idle_timeout"
+            return ClientTimeout(CloseReason.IDLE_TIMEOUT, idle)
         pending = w.decoder.pending_bytes
         if not pending:
             w._frame_start = -1
@@ -150,12 +166,8 @@ class TimeoutReaper:
             # writing or throttling): the frame clock (re)starts.
             w._frame_start, w._frame_since = w.bytes_in - pending, now
         elif frame is not None and now - w._frame_since >= frame:
-            return "frame_timeout"
+            return ClientTimeout(CloseReason.FRAME_TIMEOUT, frame)
         return None
-
-    def limit_of(self, reason: str) -> float | None:
-        """The configured seconds behind a timeout ``reason``."""
-        return getattr(self.timeouts, reason.removesuffix("_timeout"))
 
 
 def shut_down(sock: socket.socket, how: int) -> None:

@@ -7,77 +7,21 @@ wrong fails with a message instead of hanging.
 from __future__ import annotations
 
 import json
-import re
-import resource
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol import REPLY_SIZE, decode_replies, encode_request
+from server.launcher import SERVER_SCRIPT, ServerProcess, start_server
+
+__all__ = ["SERVER_SCRIPT", "ServerProcess", "start_server"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SERVER_SCRIPT = REPO_ROOT / "server" / "server.py"
 VECTORS = json.loads((REPO_ROOT.parent / "shared" / "protocol-vectors.json").read_text())
-STARTUP_LINE = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+) \(pool (?P<pool>\d+) ")
 IO_TIMEOUT = 10.0
-
-
-@dataclass
-class ServerProcess:
-    """A server started by ``start_server``; output goes to files, never pipes,
-    so a chatty server cannot block on a full pipe."""
-
-    proc: subprocess.Popen
-    port: int
-    pool_size: int
-    stdout_path: Path
-    stderr_path: Path
-    returncode: int | None = None
-    stdout: str = ""
-    stderr: str = ""
-    _files: list = field(default_factory=list)
-
-    def connect(self, timeout: float = IO_TIMEOUT) -> socket.socket:
-        return connect(self.port, timeout)
-
-    def metrics_url(self, path: str = "/metrics") -> str:
-        """The metrics endpoint the server logged at start (needs --metrics-port)."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            match = re.search(r"metrics on http://(\S+)/metrics", self.stderr_path.read_text())
-            if match:
-                return f"http://{match[1]}{path}"
-            time.sleep(0.05)
-        raise AssertionError("the server did not log its metrics address")
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        """Wait for exit (killing it if it overruns) and collect its output."""
-        try:
-            self.returncode = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"server did not exit within {timeout}s") from None
-        finally:
-            self.stdout = self.stdout_path.read_text()
-            self.stderr = self.stderr_path.read_text()
-            for f in self._files:
-                f.close()
-        return self.returncode
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit status."""
-        if self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
-        return self.wait(timeout)
 
 
 def run_server_command(*args: str, cwd: Path | None = None, timeout: float = 30.0):
@@ -89,51 +33,6 @@ def run_server_command(*args: str, cwd: Path | None = None, timeout: float = 30.
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
-    )
-
-
-def start_server(
-    *args: str, cwd: Path | None = None, script: str | None = None, max_files: int | None = None
-) -> ServerProcess:
-    """Start the server on a free loopback port and wait for its start-up line
-    (with at most ``max_files`` open file descriptors, if given)."""
-    workdir = Path(cwd or tempfile.mkdtemp(prefix="counter-test-"))
-    out_path = Path(tempfile.mkstemp(prefix="server-out-", suffix=".txt")[1])
-    err_path = Path(tempfile.mkstemp(prefix="server-err-", suffix=".txt")[1])
-    out, err = out_path.open("w"), err_path.open("w")
-    argv = [sys.executable, script or str(SERVER_SCRIPT)]
-    if "--port" not in args:
-        argv += ["--port", "0"]
-    if "--host" not in args:
-        argv += ["--host", "127.0.0.1"]
-
-    def limit_files() -> None:
-        if max_files is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
-
-    proc = subprocess.Popen(
-        [*argv, *args],
-        cwd=workdir,
-        stdout=out,
-        stderr=err,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=limit_files,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        match = STARTUP_LINE.search(out_path.read_text())
-        if match:
-            return ServerProcess(
-                proc, int(match["port"]), int(match["pool"]), out_path, err_path, _files=[out, err]
-            )
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    raise AssertionError(
-        f"server did not print its start-up line; stdout={out_path.read_text()!r} "
-        f"stderr={err_path.read_text()!r}"
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 import signal
 import socket
 import threading
@@ -20,9 +19,7 @@ from support import (
     start_server,
 )
 
-from server.statefile import FILE_SIZE, encode_slot
-
-RESUMED = re.compile(r"counter resumed at (\d+) from ")
+from server.store.statefile import FILE_SIZE, encode_slot
 
 
 @dataclass
@@ -68,9 +65,8 @@ class Load:
 
 
 def resumed_value(server) -> int:
-    match = RESUMED.search(server.stdout_path.read_text())
-    assert match, server.stdout_path.read_text()
-    return int(match[1])
+    assert "counter resumed at" in server.ready.origin, server.ready
+    return server.ready.initial
 
 
 def test_graceful_restart_resumes_where_it_stopped(tmp_path):
@@ -198,4 +194,4 @@ def test_fsync_always_under_concurrent_load_stays_exact(tmp_path):
         assert everything == list(range(1, 1001))
     finally:
         server.stop()
-    assert "Final counter value: 1000" in server.stdout
+    assert server.totals[1] == 1000

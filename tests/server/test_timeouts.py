@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from protocol import FrameDecoder, encode_request
+from server.close import CloseReason
 from server.timeouts import TimeoutReaper, Timeouts
 
 
@@ -31,9 +32,9 @@ def test_idle_connection_times_out_and_is_shut_down(pair):
     reaper.check(start + 4.9)
     assert watched.timed_out is None
     reaper.check(start + 5.0)
-    assert watched.timed_out == "idle_timeout"
+    assert watched.timed_out.reason is CloseReason.IDLE_TIMEOUT
     assert pair[1].recv(1) == b""  # the reaper shut the socket down
-    assert reaper.limit_of("idle_timeout") == 5
+    assert str(watched.timed_out) == "idle timeout after 5s"
 
 
 def test_activity_resets_the_idle_clock(pair):
@@ -46,7 +47,7 @@ def test_activity_resets_the_idle_clock(pair):
     reaper.check(start + 10.9)
     assert watched.timed_out is None
     reaper.check(start + 11)
-    assert watched.timed_out == "idle_timeout"
+    assert watched.timed_out.reason is CloseReason.IDLE_TIMEOUT
 
 
 def test_a_trickled_frame_times_out_even_though_bytes_keep_coming(pair):
@@ -59,7 +60,7 @@ def test_a_trickled_frame_times_out_even_though_bytes_keep_coming(pair):
         reaper.check(start + second)
         if watched.timed_out:
             break
-    assert watched.timed_out == "frame_timeout"
+    assert watched.timed_out.reason is CloseReason.FRAME_TIMEOUT
 
 
 def test_completed_frames_restart_the_frame_clock(pair):
@@ -84,7 +85,7 @@ def test_blocked_write_times_out_but_slow_progress_does_not(pair):
     reaper.check(start + 4.9)
     assert watched.timed_out is None
     reaper.check(start + 5)
-    assert watched.timed_out == "write_timeout"
+    assert watched.timed_out.reason is CloseReason.WRITE_TIMEOUT
 
 
 def test_throttled_connection_is_not_idle(pair):
@@ -112,4 +113,4 @@ def test_a_partial_frame_does_not_time_out_while_the_server_is_writing(pair):
         reaper.check(start + tenth / 10)
         assert watched.timed_out is None, tenth
     reaper.check(start + 3.1)
-    assert watched.timed_out == "write_timeout"
+    assert watched.timed_out.reason is CloseReason.WRITE_TIMEOUT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from server.ratelog import RateLimitedLog
+from common.ratelog import RateLimitedLog
 
 
 class FakeClock:

@@ -29,26 +29,23 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import socket
 import struct
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import gevent
 from gevent.pool import Group
 
 from client.load import recv_exactly
 from common.cli import convert, cpu_count, parse_args, positive_int
+from common.procinfo import fd_count, rss_kib
 from protocol import MAX_COUNTER, REPLY_SIZE, decode_replies, encode_request
+from server.banner import parse_totals
+from server.launcher import start_server
 
-ROOT = Path(__file__).resolve().parent.parent
 ZERO, ONE = encode_request(0), encode_request(1)
 TAMPERED = bytes.fromhex("00000000000000016021b5621680598b")  # checksum of '2' on 1
 RSS_MARGIN_KIB = 64 * 1024
@@ -245,29 +242,6 @@ def good_client(h: Harness, replies: list[int], errors: list[str]) -> None:
 # --- the server ---------------------------------------------------------------
 
 
-def start_server(workdir: str) -> tuple[subprocess.Popen, int, str, Path, Path]:
-    out, err = Path(workdir, "server.out"), Path(workdir, "server.err")
-    multiplier = max(1, 200 // cpu_count())
-    with out.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "server" / "server.py"), "--host", "127.0.0.1",
-             "--port", "0", "--metrics-port", "0", "--multiplier", str(multiplier),
-             *SERVER_FLAGS],
-            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        port = re.search(r"listening on \S+:(\d+) ", out.read_text())
-        metrics = re.search(r"metrics on (http://\S+)", err.read_text())
-        if port and metrics:
-            return proc, int(port[1]), metrics[1], out, err
-        if proc.poll() is not None:
-            break
-        gevent.sleep(0.05)
-    proc.kill()
-    raise SystemExit(f"the server did not start: {err.read_text()}")
-
-
 def scrape(url: str) -> Counter:
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
@@ -279,17 +253,6 @@ def scrape(url: str) -> Counter:
     return samples
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def closed(reason: str) -> str:
     return f'counter_server_connections_closed_total{{reason="{reason}"}}'
 
@@ -299,9 +262,10 @@ def rejected(reason: str) -> str:
 
 
 def run(duration: float, good: int, sigterm: bool) -> dict:
-    workdir = tempfile.mkdtemp(prefix="chaos-")
-    proc, port, metrics_url, out, err = start_server(workdir)
-    h = Harness(port)
+    multiplier = max(1, 200 // cpu_count())
+    server = start_server("--metrics-port", "0", "--multiplier", str(multiplier), *SERVER_FLAGS)
+    proc, metrics_url = server.proc, server.metrics_url()
+    h = Harness(server.port)
     checks: dict[str, tuple[bool, str]] = {}
     try:
         start = h.read_counter()
@@ -331,16 +295,15 @@ def run(duration: float, good: int, sigterm: bool) -> dict:
             f"{len(counted):,} replies over {good} connections, from {start + 1:,}",
         )
         if sigterm:
-            code = proc.wait(30)
+            code = server.wait(30)
             took = time.monotonic() - stopped_at
-            text = out.read_text()
-            final = re.search(r"Final counter value: (\d+)", text)
+            final = parse_totals(server.stdout)
             checks["graceful stop: exit 0 within the shutdown timeout"] = (
                 code == 0 and took < 5 + 5,
                 f"exit {code} after {took:.1f}s",
             )
             checks["final value = start + good acknowledged"] = (
-                bool(final) and int(final[1]) == start + len(counted),
+                final is not None and final[1] == start + len(counted),
                 f"final {final[1] if final else '?'}, expected {start + len(counted):,}",
             )
         else:
@@ -368,10 +331,8 @@ def run(duration: float, good: int, sigterm: bool) -> dict:
             checks.update(verdicts(before, after, sent, good, h))
         checks["good clients saw no error"] = (not good_errors, "; ".join(good_errors[:3]))
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-    tracebacks = err.read_text().count("Traceback")
+        server.stop(30)
+    tracebacks = server.stderr.count("Traceback")
     checks["no traceback in the server's log"] = (tracebacks == 0, f"{tracebacks} tracebacks")
     return {
         "duration_s": duration,

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import gevent
 from gevent.event import Event
 
-from server.statefile import StateFile, StateFileError
-from server.store import CounterStore, StoreUnavailable
+from server.store.base import CounterStore, Figure, LayeredStore, StoreUnavailable
+from server.store.statefile import StateFile, StateFileError
 
 log = logging.getLogger("counter.state")
 
@@ -32,7 +32,7 @@ PERIODIC_SECONDS = 1.0
 RETRY_SECONDS = 1.0
 
 
-class DurableCounterStore:
+class DurableCounterStore(LayeredStore):
     """``CounterStore`` that makes ``core``'s value durable in a ``StateFile``.
 
     Durability is tracked by value: the counter only rises, so a reply value v
@@ -41,31 +41,29 @@ class DurableCounterStore:
     (each process's committer writes the shared value, which covers its own).
     """
 
-    def __init__(self, state: StateFile, core: CounterStore, fsync: str) -> None:
+    def __init__(
+        self, state: StateFile, core: CounterStore, fsync: str, on_disk: int | None = None
+    ) -> None:
+        """``on_disk``: the value the file is known to hold (the newest slot
+        read at start); a worker restarted beside running ones must pass it,
+        since the shared counter may be ahead of the disk."""
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, got {fsync!r}")
+        super().__init__(core)
         self._state = state
-        self._core = core
         self._fsync = fsync
-        self._durable_value = core.value  # the value the disk is known to hold
+        self._durable_value = core.value if on_disk is None else on_disk
         self._in_flight: tuple[int, Event] | None = None  # (value it covers, done)
         self._next_commit = Event()
         self._wake = Event()
         self._failure: str | None = None
         self._closed = False
         self.commits = 0
+        self.commit_failures = 0
         self.commit_seconds = 0.0
         self.batches_committed = 0  # applies (one per connection read) that waited on commits
         self._waiting = 0
         self._committer = gevent.spawn(self._run)
-
-    @property
-    def value(self) -> int:
-        return self._core.value
-
-    @property
-    def requests_applied(self) -> int:
-        return self._core.requests_applied
 
     def apply(self, increments: Sequence[int]) -> Sequence[int]:
         if self._closed:
@@ -88,12 +86,12 @@ class DurableCounterStore:
 
     def _run(self) -> None:
         while True:
-            if self._fsync == "always":
+            if self._fsync == "always" and self._failure is None:
                 self._wake.wait()
-            else:
+            else:  # periodic, and failing commits are retried until one works
                 self._wake.wait(timeout=PERIODIC_SECONDS)
             self._wake.clear()
-            if self._core.value <= self._durable_value:
+            if self._core.value <= self._durable_value and self._failure is None:
                 # A commit that finished meanwhile already wrote what they
                 # wait for (it reads the value late): release the waiters.
                 done, self._next_commit = self._next_commit, Event()
@@ -115,6 +113,7 @@ class DurableCounterStore:
             )
         except (OSError, StateFileError) as exc:
             self._failure = f"cannot write: {getattr(exc, 'strerror', None) or exc}"
+            self.commit_failures += 1
             log.error("state file %s: %s; replies wait until it works", self._state.path, exc)
             self._waiting += waiting
             ok = False
@@ -132,26 +131,38 @@ class DurableCounterStore:
             done.set()
         return ok
 
-    def figures(self) -> list[tuple[str, str, float]]:
+    def health(self) -> str | None:
+        if self._failure is not None:
+            return f"state file {self._state.path}: {self._failure}"
+        return self._core.health()
+
+    def figures(self) -> list[Figure]:
         return [
-            ("state_commits", "Writes of the state file.", self.commits),
-            ("state_commit_seconds", "Time spent writing (and syncing) the state file.",
-             self.commit_seconds),
-            ("state_batches_committed",
-             "Applies (one per connection read) that waited for a commit (fsync always);"
-             " divided by commits, the group-commit batch.", self.batches_committed),
+            Figure("state_commits", "Writes of the state file.", self.commits),
+            Figure("state_commit_seconds", "Time spent writing (and syncing) the state file.",
+                   self.commit_seconds),
+            Figure("state_batches_committed",
+                   "Applies (one per connection read) that waited for a commit (fsync always);"
+                   " divided by commits, the group-commit batch.", self.batches_committed),
+            Figure("state_commit_failures", "State file commits that failed.",
+                   self.commit_failures),
+            Figure("state_restores",
+                   "Times the state file was found deleted, replaced or damaged and restored.",
+                   self._state.restored),
             *self._core.figures(),
         ]  # fmt: skip
 
-    def close(self) -> None:
-        """Write and sync the final value; further applies are refused."""
+    def close(self) -> bool:
+        """Write and sync the final value; further applies are refused.
+        False (and an error logged) if it could not be saved."""
         self._closed = True
         if self._in_flight is not None:
             self._in_flight[1].wait()
         self._committer.kill()
-        if not self._commit(sync=True):
+        saved = self._commit(sync=True)
+        if not saved:
             log.error(
                 "state file %s: the final value %d was not saved", self._state.path, self.value
             )
         self._state.close()
-        self._core.close()
+        return self._core.close() and saved

@@ -34,7 +34,7 @@ from gevent.event import Event
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from server.store import StoreUnavailable, advance
+from server.store.base import Figure, StoreUnavailable, advance
 
 log = logging.getLogger("counter.redis")
 
@@ -87,6 +87,7 @@ class RedisCounterStore:
         self._queue: list[_Pending] = []
         self._wake = Event()
         self._suspect = True  # check the connection before the next transaction
+        self._unhealthy: str | None = None  # why increments cannot be confirmed now
         self._last_value = 0
         self._applied = 0
         self.round_trips = 0
@@ -122,10 +123,14 @@ class RedisCounterStore:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            # While unhealthy, look again now and then even without traffic,
+            # so /healthz recovers by itself.
+            self._wake.wait(timeout=None if self._unhealthy is None else RETRY_SECONDS)
             self._wake.clear()
             batch, self._queue = self._queue, []
-            if batch:
+            if not batch and self._unhealthy is not None:
+                self._reachable(attempts=1)
+            elif batch:
                 try:
                     self._flush(batch)
                 except Exception:  # never let the flusher die: fail this batch
@@ -146,6 +151,7 @@ class RedisCounterStore:
             results = pipe.execute(raise_on_error=False)
         except (redis.RedisError, StoreUnavailable) as exc:
             self._suspect = True
+            self._unhealthy = f"Redis: {exc}"
             self.errors += 1
             log.error("Redis: %s; %d reads not acknowledged", exc, len(batch))
             for pending in batch:
@@ -169,21 +175,24 @@ class RedisCounterStore:
             self._applied += len(pending.replies)
             pending.done.set()
 
-    def _reachable(self) -> bool:
+    def _reachable(self, attempts: int = CONNECT_RETRIES) -> bool:
         """After a failure, wait (bounded) until Redis answers PING."""
         if not self._suspect:
             return True
-        for attempt in range(CONNECT_RETRIES):
+        for attempt in range(attempts):
             try:
                 self._redis.ping()
             except redis.RedisError as exc:
-                if attempt == 0:
+                if attempt == 0 and self._unhealthy is None:
                     log.warning("Redis: %s; retrying", exc)
-                gevent.sleep(RETRY_SECONDS)
+                self._unhealthy = f"Redis unreachable: {exc}"
+                if attempts > 1:
+                    gevent.sleep(RETRY_SECONDS)
                 continue
-            if attempt:
+            if self._unhealthy is not None:
                 log.warning("Redis: reachable again")
             self._suspect = False
+            self._unhealthy = None
             return True
         return False
 
@@ -201,19 +210,23 @@ class RedisCounterStore:
         self._last_value = max(self._last_value, after)
         return advance(after - total, increments[: len(prefix)], REDIS_MAX)
 
-    def figures(self) -> list[tuple[str, str, float]]:
+    def health(self) -> str | None:
+        return self._unhealthy
+
+    def figures(self) -> list[Figure]:
         return [
-            ("backend_round_trips", "Transactions sent to Redis.", self.round_trips),
-            ("backend_reads_batched",
-             "Connection reads carried by those transactions (÷ round trips = batch).",
-             self.reads_batched),
-            ("backend_errors", "Failed Redis round trips.", self.errors),
+            Figure("backend_round_trips", "Transactions sent to Redis.", self.round_trips),
+            Figure("backend_reads_batched",
+                   "Connection reads carried by those transactions (÷ round trips = batch).",
+                   self.reads_batched),
+            Figure("backend_errors", "Failed Redis round trips.", self.errors),
         ]  # fmt: skip
 
-    def close(self) -> None:
+    def close(self) -> bool:
         started = time.monotonic()
         while self._queue and time.monotonic() - started < SOCKET_TIMEOUT:
             gevent.sleep(0.01)
         self._flusher.kill()
         self.current_value()
         self._redis.close()
+        return True

@@ -1,16 +1,26 @@
-"""Counter stores: where the shared counter lives.
+"""The counter store interface, and the arithmetic every store shares.
 
-The connection loop only knows the ``CounterStore`` interface, so durable,
-multi-process and Redis-backed stores plug in without touching it.
+The connection loop only knows ``CounterStore``, so durable, multi-process and
+Redis-backed stores plug in without touching it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import accumulate
-from typing import Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from protocol import MAX_COUNTER
+from server.close import CloseReason, ConnectionEnded
+
+
+class Figure(NamedTuple):
+    """One of a store's own figures for the metrics endpoint."""
+
+    name: str
+    help: str
+    value: float
+    kind: Literal["counter", "gauge"] = "counter"
 
 
 class CounterStore(Protocol):
@@ -21,6 +31,7 @@ class CounterStore(Protocol):
     each increment. It stops before the first increment that would take the
     counter past ``MAX_COUNTER``: a result shorter than the batch means the
     next increment was refused for overflow and nothing after it was applied.
+    It raises ``StoreUnavailable`` when it cannot confirm the increments.
     """
 
     def apply(self, increments: Sequence[int]) -> Sequence[int]: ...
@@ -35,18 +46,52 @@ class CounterStore(Protocol):
         """Frames applied since start, zero-increment reads included."""
         ...
 
-    def figures(self) -> list[tuple[str, str, float]]:
-        """The store's own counters for the metrics endpoint, as
-        (name, help, value) triples; empty when it has none."""
+    def health(self) -> str | None:
+        """None while the store can acknowledge increments, else why not."""
         ...
 
-    def close(self) -> None:
-        """Release resources; called once at shutdown after the last apply."""
+    def figures(self) -> list[Figure]:
+        """The store's own figures for the metrics endpoint (empty when none)."""
+        ...
+
+    def close(self) -> bool:
+        """Release resources; called once at shutdown after the last apply.
+        False if the final value could not be saved."""
         ...
 
 
-class StoreUnavailable(OSError):
+class StoreUnavailable(ConnectionEnded):
     """The store cannot confirm these increments; no reply may be sent."""
+
+    reason = CloseReason.BACKEND_UNAVAILABLE
+
+
+class LayeredStore:
+    """A store that adds a feature on top of a ``core`` store: everything it
+    does not override passes through to the core."""
+
+    def __init__(self, core: CounterStore) -> None:
+        self._core = core
+
+    @property
+    def value(self) -> int:
+        return self._core.value
+
+    @property
+    def requests_applied(self) -> int:
+        return self._core.requests_applied
+
+    def apply(self, increments: Sequence[int]) -> Sequence[int]:
+        return self._core.apply(increments)
+
+    def health(self) -> str | None:
+        return self._core.health()
+
+    def figures(self) -> list[Figure]:
+        return self._core.figures()
+
+    def close(self) -> bool:
+        return self._core.close()
 
 
 def advance(value: int, increments: Sequence[int], limit: int = MAX_COUNTER) -> list[int]:
@@ -69,37 +114,3 @@ def advance(value: int, increments: Sequence[int], limit: int = MAX_COUNTER) -> 
         fits = next(i for i, after in enumerate(replies) if after > limit)
         del replies[fits:]
     return replies
-
-
-class MemoryCounterStore:
-    """The counter in this process's memory, as in the Go original.
-
-    Atomic under gevent because ``apply`` never yields to another greenlet.
-    """
-
-    def __init__(self, initial: int = 0) -> None:
-        if not 0 <= initial <= MAX_COUNTER:
-            raise ValueError(f"initial value {initial} is outside 0..2^64-1")
-        self._value = initial
-        self._applied = 0
-
-    @property
-    def value(self) -> int:
-        return self._value
-
-    @property
-    def requests_applied(self) -> int:
-        return self._applied
-
-    def apply(self, increments: Sequence[int]) -> Sequence[int]:
-        replies = advance(self._value, increments)
-        if replies:
-            self._value = replies[-1]
-            self._applied += len(replies)
-        return replies
-
-    def figures(self) -> list[tuple[str, str, float]]:
-        return []
-
-    def close(self) -> None:
-        pass

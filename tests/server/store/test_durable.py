@@ -8,8 +8,8 @@ import threading
 import gevent
 import pytest
 
-from server.durable import DurableCounterStore
 from server.store import MemoryCounterStore, StoreUnavailable
+from server.store.durable import DurableCounterStore
 
 
 class HeldStateFile:

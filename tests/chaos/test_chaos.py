@@ -10,7 +10,7 @@ from collections import Counter
 
 from support import REPO_ROOT
 
-from client.chaos import BAD_KINDS, closed, rejected, verdicts
+from chaos.run import BAD_KINDS, closed, rejected, verdicts
 
 CHAOS = REPO_ROOT / "chaos" / "chaos.py"
 

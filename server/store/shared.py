@@ -18,7 +18,7 @@ import struct
 import tempfile
 from collections.abc import Sequence
 
-from server.store import advance
+from server.store.base import Figure, advance
 
 _LAYOUT = struct.Struct("=QQ")  # value, frames applied
 
@@ -78,8 +78,12 @@ class SharedCounterStore:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
         return replies
 
-    def figures(self) -> list[tuple[str, str, float]]:
+    def health(self) -> str | None:
+        return None
+
+    def figures(self) -> list[Figure]:
         return []
 
-    def close(self) -> None:
+    def close(self) -> bool:
         os.close(self._lock)
+        return True

@@ -1,0 +1,175 @@
+"""The benchmarks' shared harness: placement on CPUs, CPU and memory
+accounting, the C load generator, our server under load, and the common
+``--duration``/``--runs`` options. Every script in bench/ builds on it.
+
+Servers are started through ``server.launcher`` like everywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common.cli import convert, parse_args, positive_int  # noqa: E402
+from common.procinfo import cpu_seconds, rss_kib  # noqa: E402
+from server.launcher import ServerProcess, start_server  # noqa: E402
+
+__all__ = ["ROOT", "rss_kib"]
+
+TASKSET = shutil.which("taskset")
+SERVER_CPU, LOAD_CPU = 0, 1  # pinned runs: the server on one core, its load on the other
+
+
+def options(doc: str) -> tuple[dict, int, int]:
+    """Parse ``sys.argv`` against ``doc``: (all options, --duration, --runs)."""
+    args = parse_args(doc)
+    duration = convert(doc, "--duration", args["--duration"], positive_int)
+    runs = convert(doc, "--runs", args["--runs"], positive_int)
+    return args, duration, runs
+
+
+def pinned(cpu: int, argv: Sequence[str]) -> list[str]:
+    """``argv`` run on CPU ``cpu`` only (when taskset exists)."""
+    return ["taskset", "-c", str(cpu), *argv] if TASKSET else list(argv)
+
+
+def machine(pinned_run: bool = True) -> str:
+    """One line naming the machine and the placement, for every table."""
+    placement = "server on CPU 0, load on CPU 1" if TASKSET and pinned_run else "unpinned"
+    return (
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"Python {platform.python_version()}, {placement}"
+    )
+
+
+def children_cpu() -> float:
+    """CPU seconds used by this process's finished children (load generators)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of ``pid`` and its children (the workers of --processes)."""
+    total = cpu_seconds(pid)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    total += cpu_seconds(int(entry.name))
+            except (OSError, ValueError):
+                continue
+    return total
+
+
+def raise_file_limit(needed: int | None = None) -> None:
+    """Raise this process's open-file limit (inherited by the servers) to
+    ``needed``, or as far as the hard limit allows (up to 65536)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if needed is None:
+        needed = min(hard, 65536)
+    if hard < needed:
+        raise SystemExit(f"bench: the open-file hard limit is {hard}; {needed} needed (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, needed), hard))
+
+
+def need(tool: str, how: str) -> str:
+    """The path of ``tool``, or exit with how to install it."""
+    path = shutil.which(tool)
+    if path is None:
+        raise SystemExit(f"bench: {tool} not found; {how}")
+    return path
+
+
+def build_loadgen(workdir: str) -> str:
+    """Compile bench/loadgen.c (a C epoll load generator) into ``workdir``."""
+    compiler = shutil.which("cc") or need("gcc", "install a C compiler (apt-get install gcc)")
+    binary = os.path.join(workdir, "loadgen")
+    subprocess.run([compiler, "-O2", "-o", binary, str(ROOT / "bench" / "loadgen.c")], check=True)
+    return binary
+
+
+def median_of(runs: Iterable[dict]) -> dict:
+    """Each figure's median over the runs."""
+    runs = list(runs)
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+class OurServer:
+    """Our server (or a stand-in script speaking its ready file) driven by
+    the C load generator."""
+
+    name = "ours"
+
+    def __init__(
+        self,
+        loadgen: str,
+        extra: Sequence[str] = (),
+        pin: bool = True,
+        script: Path | None = None,
+    ) -> None:
+        self.loadgen, self.extra, self.pin, self.script = loadgen, list(extra), pin, script
+        self.server: ServerProcess | None = None
+
+    def start(self) -> None:
+        self.server = start_server(
+            "--multiplier", "1100", "--log-level", "warning", *self.extra,
+            script=self.script, prefix=pinned(SERVER_CPU, []) if self.pin else (),
+        )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.server.pid
+
+    def load(self, connections: int, depth: int, duration: float) -> dict:
+        import json
+
+        argv = [self.loadgen, "127.0.0.1", str(self.server.port), str(connections), str(depth),
+                str(duration)]  # fmt: skip
+        result = subprocess.run(
+            pinned(LOAD_CPU, argv) if self.pin else argv,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        report = json.loads(result.stdout)
+        if report["errors"]:
+            raise SystemExit(f"bench: loadgen saw {report['errors']} errors: {result.stderr}")
+        return {"requests": report["replies"], "rps": report["replies_per_second"],
+                "p99_ms": report["p99_us"] / 1000}  # fmt: skip
+
+    def stop(self) -> None:
+        self.server.stop(30)
+
+
+def measure(server, connections: int, depth: int, duration: float) -> dict:
+    """Start ``server``, load it, stop it: replies/s, server and load CPU
+    per request, p99 latency."""
+    import time
+
+    server.start()
+    try:
+        time.sleep(0.5)
+        before_server, before_client = tree_cpu_seconds(server.pid), children_cpu()
+        result = server.load(connections, depth, duration)
+        server_cpu = tree_cpu_seconds(server.pid) - before_server
+        client_cpu = children_cpu() - before_client
+    finally:
+        server.stop()
+    n = result["requests"]
+    return {
+        "replies_per_second": result["rps"],
+        "server_us_per_request": server_cpu / n * 1e6,
+        "client_us_per_request": client_cpu / n * 1e6,
+        "p99_ms": result["p99_ms"],
+    }

@@ -1,0 +1,86 @@
+"""What the server tells people and programs about itself, each defined once.
+
+- The start-up line on stdout (for people), and the same facts as JSON in
+  the ``--ready-file`` (for programs: tests, chaos, benchmarks, spam.sh), written
+  atomically once the server accepts connections.
+- The closing lines on stdout: the Go original's
+  ``Server stopped after processing total requests: N`` and the final value,
+  with ``parse_totals`` to read them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+_TOTALS = re.compile(
+    r"Server stopped after processing total requests: (\d+)\nFinal counter value: (\d+)"
+)
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The facts of a started server."""
+
+    host: str
+    port: int
+    pool: int  # connections served at once, per process
+    cpus: int
+    multiplier: int
+    pid: int
+    tls: bool = False
+    metrics_url: str | None = None
+    workers: list[int] = field(default_factory=list)  # --processes: the workers' pids
+    initial: int = 0  # the counter when the server started
+    origin: str = ""  # where the counter came from, for people ("resumed at 5 from ...")
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def startup_line(ready: Ready) -> str:
+    """The one line printed on stdout once the server accepts connections."""
+    pool = f"pool {ready.pool} = {ready.cpus} CPUs x {ready.multiplier}"
+    if ready.workers:
+        how = (
+            f"{pool} per process, {len(ready.workers)} processes, parent pid {ready.pid}, "
+            f"workers {ready.workers}"
+        )
+    else:
+        how = f"{pool}, pid {ready.pid}"
+    origin = f", {ready.origin}" if ready.origin else ""
+    return f"Counter server listening on {ready.address} ({how}{origin})"
+
+
+def write_ready_file(path: str, ready: Ready) -> None:
+    """Write ``ready`` as JSON to ``path`` atomically (a reader never sees half)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(asdict(ready), f)
+    os.replace(temporary, path)
+
+
+def read_ready_file(path: str) -> Ready | None:
+    """The facts a server wrote to ``path``, or None if it has not yet."""
+    try:
+        with open(path) as f:
+            return Ready(**json.load(f))
+    except FileNotFoundError:
+        return None
+
+
+def totals_lines(requests_applied: int, value: int) -> str:
+    """The Go original's closing line, and the final value."""
+    return (
+        f"Server stopped after processing total requests: {requests_applied}\n"
+        f"Final counter value: {value}"
+    )
+
+
+def parse_totals(text: str) -> tuple[int, int] | None:
+    """(requests applied, final value) from a server's stdout, or None."""
+    match = _TOTALS.search(text)
+    return (int(match[1]), int(match[2])) if match else None

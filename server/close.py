@@ -1,0 +1,69 @@
+"""Why a connection ended: one enum value per reason, carrying its log level,
+and the exceptions that end a connection, each carrying its reason.
+
+Everything that counts, logs or exports close reasons reads them from here,
+so a new reason is one new line and can never be missing from a table.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+
+
+class CloseReason(Enum):
+    """``value`` is the label in logs and metrics; ``level`` the log level."""
+
+    PEER_CLOSED = "peer_closed", logging.INFO
+    RESET = "reset", logging.INFO
+    REFUSED = "refused", logging.WARNING
+    IDLE_TIMEOUT = "idle_timeout", logging.WARNING
+    FRAME_TIMEOUT = "frame_timeout", logging.WARNING
+    WRITE_TIMEOUT = "write_timeout", logging.WARNING
+    NOT_ALLOWED = "not_allowed", logging.WARNING
+    PER_IP_LIMIT = "per_ip_limit", logging.WARNING
+    TLS_FAILED = "tls_failed", logging.WARNING
+    BACKEND_UNAVAILABLE = "backend_unavailable", logging.WARNING
+    SHUTDOWN = "shutdown", logging.INFO
+    SHUTDOWN_TIMEOUT = "shutdown_timeout", logging.WARNING
+    ERROR = "error", logging.ERROR
+
+    def __new__(cls, label: str, level: int) -> CloseReason:
+        member = object.__new__(cls)
+        member._value_ = label
+        member.level = level
+        return member
+
+    @property
+    def words(self) -> str:
+        """The label as words for a log line ("idle timeout")."""
+        return self.value.replace("_", " ")
+
+
+class ConnectionEnded(Exception):
+    """Ends the connection it is raised in; ``reason`` says how it is
+    counted and logged, the message adds the detail."""
+
+    reason: CloseReason = CloseReason.ERROR
+
+
+class ClientTimeout(ConnectionEnded):
+    """The client broke one of the time limits."""
+
+    def __init__(self, reason: CloseReason, seconds: float) -> None:
+        super().__init__(f"{reason.words} after {seconds:g}s")
+        self.reason = reason
+
+
+class HandshakeFailed(ConnectionEnded):
+    """The TLS handshake did not complete (bad certificate, not TLS)."""
+
+    reason = CloseReason.TLS_FAILED
+
+
+class Refused(ConnectionEnded):
+    """Admission turned the connection away at accept time."""
+
+    def __init__(self, reason: CloseReason) -> None:
+        super().__init__()
+        self.reason = reason

@@ -1,0 +1,138 @@
+"""Start a server as a subprocess and wait until it is ready: the one way
+the tests, the chaos run and the benchmarks start one.
+
+Readiness comes from the server's ``--ready-file`` (``server.banner``), never
+from parsing its output; output goes to files, never pipes, so a chatty
+server cannot block on a full pipe.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.banner import Ready, parse_totals, read_ready_file
+
+SERVER_SCRIPT = Path(__file__).resolve().parent / "server.py"
+START_TIMEOUT = 20.0  # seconds for a server to become ready
+
+
+class ServerDidNotStart(AssertionError):
+    """The server exited or stayed silent instead of becoming ready."""
+
+
+@dataclass
+class ServerProcess:
+    """A server started by ``start_server``."""
+
+    proc: subprocess.Popen
+    ready: Ready
+    stdout_path: Path
+    stderr_path: Path
+    returncode: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    _files: list = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.ready.port
+
+    @property
+    def pool_size(self) -> int:
+        return self.ready.pool
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def metrics_url(self, path: str = "/metrics") -> str:
+        """The metrics endpoint (needs ``--metrics-port``), at ``path``."""
+        if self.ready.metrics_url is None:
+            raise AssertionError("the server was started without --metrics-port")
+        return self.ready.metrics_url.removesuffix("/metrics") + path
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Wait for exit (killing it if it overruns) and collect its output."""
+        try:
+            self.returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"server did not exit within {timeout}s") from None
+        finally:
+            self.stdout = self.stdout_path.read_text()
+            self.stderr = self.stderr_path.read_text()
+            for f in self._files:
+                f.close()
+        return self.returncode
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    @property
+    def totals(self) -> tuple[int, int]:
+        """(requests applied, final value) from the closing lines, once stopped."""
+        totals = parse_totals(self.stdout)
+        if totals is None:
+            raise AssertionError(f"no closing lines in the server's output: {self.stdout!r}")
+        return totals
+
+
+def start_server(
+    *args: str,
+    cwd: str | Path | None = None,
+    script: str | Path | None = None,
+    max_files: int | None = None,
+    prefix: Sequence[str] = (),
+) -> ServerProcess:
+    """Start the server (on a free loopback port unless ``args`` name one)
+    and wait until it is ready. ``prefix`` goes before the interpreter
+    (``taskset -c 0``); ``max_files`` caps its open file descriptors."""
+    workdir = Path(cwd or tempfile.mkdtemp(prefix="counter-server-"))
+    scratch = Path(tempfile.mkdtemp(prefix="counter-launch-"))
+    out_path, err_path = scratch / "stdout.txt", scratch / "stderr.txt"
+    ready_path = scratch / "ready.json"
+    out, err = out_path.open("w"), err_path.open("w")
+    argv = [*prefix, sys.executable, str(script or SERVER_SCRIPT), *args]
+    if "--port" not in args:
+        argv += ["--port", "0"]
+    if "--host" not in args:
+        argv += ["--host", "127.0.0.1"]
+    argv += ["--ready-file", str(ready_path)]
+
+    def limit_files() -> None:
+        if max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
+    proc = subprocess.Popen(
+        argv, cwd=workdir, stdout=out, stderr=err, stdin=subprocess.DEVNULL, preexec_fn=limit_files
+    )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        ready = read_ready_file(str(ready_path))
+        if ready is not None:
+            return ServerProcess(proc, ready, out_path, err_path, _files=[out, err])
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    for f in (out, err):
+        f.close()
+    raise ServerDidNotStart(
+        f"server did not start; stdout={out_path.read_text()!r} stderr={err_path.read_text()!r}"
+    )

@@ -1,0 +1,222 @@
+"""Run a server instance: claim its port and state file, start it (one
+process, or ``--processes`` workers), announce it, wait for SIGINT/SIGTERM,
+stop it gracefully and print the totals. Exit status: 0, 1 if it could not
+start or could not save its final value, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from common.cli import configure_logging, cpu_count
+from common.gevent_errors import log_gevent_errors
+from common.signals import StopSignals
+from server.banner import Ready, startup_line, totals_lines, write_ready_file
+from server.cli import ServerSettings, parse_settings
+from server.lifecycle import CounterServer
+from server.metrics import MetricsServer
+from server.processes import Supervisor, WorkersFailed
+from server.store import CounterStore
+from server.store.shared import SharedCounter
+from server.store.statefile import StateFileError
+from server.wiring import (
+    SETUP_ERRORS,
+    Claimed,
+    build_server,
+    claim,
+    describe_origin,
+    open_store,
+    pool_size,
+)
+
+log = logging.getLogger("counter.server")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server; returns the process exit status."""
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level, settings.log_format)
+    log_gevent_errors()
+    try:
+        claimed = claim(settings)
+    except SETUP_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    instance = Workers(settings, claimed) if settings.processes > 1 else Single(settings, claimed)
+    stop_signals = StopSignals(on_force=instance.force_stop)
+    try:
+        ready = instance.start(stop_signals)
+    except WorkersFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(startup_line(ready), flush=True)
+    log.info(
+        "started: listening on %s%s, pool %d, pid %d%s",
+        ready.address,
+        " (TLS)" if ready.tls else "",
+        ready.pool,
+        ready.pid,
+        f", metrics on {ready.metrics_url}" if ready.metrics_url else "",
+    )
+    if settings.ready_file:
+        write_ready_file(settings.ready_file, ready)
+
+    stop_signals.wait()
+    log.info("shutdown begun: no new connections or frames; sending owed replies")
+    saved = instance.stop()
+    print(totals_lines(instance.requests_applied, instance.value), flush=True)
+    log.info(
+        "stopped: %d requests applied, final counter value %d",
+        instance.requests_applied,
+        instance.value,
+    )
+    if not saved:
+        print(
+            f"error: the final counter value {instance.value} could not be saved to "
+            f"{settings.state_file}; see the log",
+            file=sys.stderr,
+        )
+        return 1
+    return 0 if not instance.failed else 1
+
+
+class Single:
+    """The whole server in this process."""
+
+    def __init__(self, settings: ServerSettings, claimed: Claimed) -> None:
+        self.settings = settings
+        self.claimed = claimed
+        self.failed = False
+        self.store: CounterStore = open_store(settings, claimed)
+        self.server: CounterServer = build_server(
+            claimed.listener, self.store, settings, claimed.tls
+        )
+        self.metrics: MetricsServer | None = None
+        if claimed.metrics_listener is not None:
+            self.metrics = MetricsServer(claimed.metrics_listener, self.server)
+
+    def start(self, stop_signals: StopSignals) -> Ready:
+        self.server.start()
+        if self.metrics is not None:
+            self.metrics.start()
+        return _ready(self.settings, self.claimed, self.store, os.getpid(), [], self.metrics)
+
+    def stop(self) -> bool:
+        """Stop gracefully; False if the final value could not be saved."""
+        self.server.stop(self.settings.shutdown_timeout)
+        if self.metrics is not None:
+            self.metrics.stop()
+        return self.store.close()
+
+    def force_stop(self) -> None:
+        pass  # the second signal exits this process, which is everything
+
+    @property
+    def requests_applied(self) -> int:
+        return self.store.requests_applied
+
+    @property
+    def value(self) -> int:
+        return self.store.value
+
+
+class Workers:
+    """``--processes N``: this process supervises N workers sharing one counter."""
+
+    def __init__(self, settings: ServerSettings, claimed: Claimed) -> None:
+        self.settings = settings
+        self.claimed = claimed
+        self.failed = False
+        self.shared = SharedCounter(claimed.initial)
+        self._signals: StopSignals | None = None
+        self.supervisor = Supervisor(settings.processes, self._worker, self._give_up)
+
+    def start(self, stop_signals: StopSignals) -> Ready:
+        self._signals = stop_signals
+        try:
+            self.supervisor.start(in_child=stop_signals.cancel)
+        except WorkersFailed:
+            self._release()
+            raise
+        origin = describe_origin(self.settings, self.claimed, None)
+        return _ready(
+            self.settings, self.claimed, None, os.getpid(), self.supervisor.pids, None, origin
+        )
+
+    def _worker(self, ready) -> int:
+        """One worker process: serve on the inherited listener until SIGTERM."""
+        store = open_store(self.settings, self.claimed, self.shared)
+        server = build_server(self.claimed.listener, store, self.settings, self.claimed.tls)
+        stop_signals = StopSignals()
+        server.start()
+        ready()
+        stop_signals.wait()
+        server.stop(self.settings.shutdown_timeout)
+        return 0 if store.close() else 1
+
+    def _give_up(self, why: str) -> None:
+        self.failed = True
+        if self._signals is not None:
+            self._signals.request()
+
+    def stop(self) -> bool:
+        killed = self.supervisor.stop(self.settings.shutdown_timeout + 5)
+        if killed:
+            log.warning("%d workers did not stop in time and were killed", killed)
+        saved = True
+        state = self.claimed.state
+        if state is not None:  # the workers saved it; make sure of the last value
+            try:
+                state.commit(lambda: self.shared.value, sync=True)
+            except (OSError, StateFileError) as exc:
+                log.error("state file %s: the final value was not saved: %s", state.path, exc)
+                saved = False
+        self._release()
+        return saved
+
+    def _release(self) -> None:
+        if self.claimed.state is not None:
+            self.claimed.state.close()
+        self.shared.remove()
+        self.claimed.listener.close()
+
+    def force_stop(self) -> None:
+        self.supervisor.signal_all(signal.SIGKILL)
+
+    @property
+    def requests_applied(self) -> int:
+        return self.shared.requests_applied
+
+    @property
+    def value(self) -> int:
+        return self.shared.value
+
+
+def _ready(
+    settings: ServerSettings,
+    claimed: Claimed,
+    store: CounterStore | None,
+    pid: int,
+    workers: list[int],
+    metrics: MetricsServer | None,
+    origin: str | None = None,
+) -> Ready:
+    host, port = claimed.listener.getsockname()[:2]
+    if origin is None:
+        origin = describe_origin(settings, claimed, store)  # asks Redis for its value
+    return Ready(
+        host=host,
+        port=port,
+        pool=pool_size(settings),
+        cpus=cpu_count(),
+        multiplier=settings.multiplier,
+        pid=pid,
+        tls=claimed.tls is not None,
+        metrics_url=f"http://{metrics.address}/metrics" if metrics else None,
+        workers=workers,
+        initial=store.value if store is not None else claimed.initial,
+        origin=origin,
+    )

@@ -1,0 +1,21 @@
+"""Where the shared counter lives: interchangeable stores behind one interface.
+
+- ``memory``: this process's memory (the Go original's behaviour).
+- ``durable`` over ``statefile``: a crash-safe state file with a choice of fsync.
+- ``shared``: one counter in shared memory for ``--processes`` workers.
+- ``redis_backend``: one Redis key shared by any number of instances.
+
+``server.wiring.open_store`` is the one place that picks and stacks them.
+"""
+
+from server.store.base import CounterStore, Figure, LayeredStore, StoreUnavailable, advance
+from server.store.memory import MemoryCounterStore
+
+__all__ = [
+    "CounterStore",
+    "Figure",
+    "LayeredStore",
+    "MemoryCounterStore",
+    "StoreUnavailable",
+    "advance",
+]

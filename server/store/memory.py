@@ -1,0 +1,42 @@
+"""The counter in this process's memory, as in the Go original."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from protocol import MAX_COUNTER
+from server.store.base import Figure, advance
+
+
+class MemoryCounterStore:
+    """Atomic under gevent because ``apply`` never yields to another greenlet."""
+
+    def __init__(self, initial: int = 0) -> None:
+        if not 0 <= initial <= MAX_COUNTER:
+            raise ValueError(f"initial value {initial} is outside 0..2^64-1")
+        self._value = initial
+        self._applied = 0
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @property
+    def requests_applied(self) -> int:
+        return self._applied
+
+    def apply(self, increments: Sequence[int]) -> Sequence[int]:
+        replies = advance(self._value, increments)
+        if replies:
+            self._value = replies[-1]
+            self._applied += len(replies)
+        return replies
+
+    def health(self) -> str | None:
+        return None
+
+    def figures(self) -> list[Figure]:
+        return []
+
+    def close(self) -> bool:
+        return True

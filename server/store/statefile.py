@@ -1,0 +1,243 @@
+"""The on-disk state file: a tiny, versioned, checksummed format that a crash
+at any instant leaves readable.
+
+The file is 64 bytes: two 32-byte slots, written alternately. Each slot is
+
+    magic  b"CNTR"                      4 bytes
+    format version (1), big-endian      2 bytes
+    reserved, zero                      2 bytes
+    sequence number, big-endian u64     8 bytes   (higher = newer)
+    counter value, big-endian u64       8 bytes
+    XXH64 (seed 0) of the 24 bytes above, big-endian u64
+
+A commit overwrites the older slot (sequence n goes to slot n % 2) and syncs,
+holding a lock so that writers in several processes take turns.
+If the machine dies mid-write, that slot fails its checksum and the other one
+still holds the previous commit, so loading takes the newest valid slot. A
+new file is written whole to a temporary name, synced, renamed into place and
+its directory synced, so it never exists half-written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import xxhash
+
+log = logging.getLogger("counter.state")
+
+MAGIC = b"CNTR"
+VERSION = 1
+SLOT_SIZE = 32
+FILE_SIZE = 2 * SLOT_SIZE
+_BODY = struct.Struct(">4sHHQQ")
+_CHECKSUM = struct.Struct(">Q")
+
+
+class StateFileError(Exception):
+    """The state file cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    sequence: int
+    value: int
+
+
+def encode_slot(sequence: int, value: int) -> bytes:
+    """One 32-byte slot."""
+    body = _BODY.pack(MAGIC, VERSION, 0, sequence, value)
+    return body + _CHECKSUM.pack(xxhash.xxh64_intdigest(body))
+
+
+def decode_slot(raw: bytes) -> Slot | str:
+    """The slot in ``raw``, or why it is not usable (a short phrase)."""
+    if len(raw) != SLOT_SIZE:
+        return f"slot is {len(raw)} bytes, expected {SLOT_SIZE}"
+    body, (checksum,) = raw[:24], _CHECKSUM.unpack(raw[24:])
+    magic, version, _, sequence, value = _BODY.unpack(body)
+    if magic != MAGIC:
+        return "not a counter state file (bad magic)"
+    if xxhash.xxh64_intdigest(body) != checksum:
+        return "checksum mismatch"
+    if version != VERSION:
+        return f"unknown format version {version}"
+    return Slot(sequence, value)
+
+
+def decode_file(path: str, raw: bytes) -> Slot:
+    """The newest valid slot of a whole file; StateFileError if there is none."""
+    if len(raw) != FILE_SIZE:
+        raise StateFileError(
+            f"state file {path}: wrong size ({len(raw)} bytes, expected {FILE_SIZE})"
+        )
+    slots = [decode_slot(raw[:SLOT_SIZE]), decode_slot(raw[SLOT_SIZE:])]
+    valid = [s for s in slots if isinstance(s, Slot)]
+    if not valid:
+        problems = "; ".join(dict.fromkeys(str(s) for s in slots))
+        raise StateFileError(f"state file {path}: corrupt, no valid slot ({problems})")
+    return max(valid, key=lambda s: s.sequence)
+
+
+class StateFile:
+    """A state file owned by one server instance: ``claim``, then ``commit``.
+
+    Ownership: ``claim`` takes an exclusive ``flock`` on the file, held on an
+    open file description that worker processes inherit, so it lasts until
+    the last process of the instance exits; a second instance is refused.
+
+    Commits from the instance's worker processes take turns under a POSIX
+    record lock (per process, released if a worker dies) on that same
+    description. Each commit first checks that the file at the path is still
+    the one it holds and still holds what was written; if it was deleted,
+    replaced or damaged, it is restored from the live value with the same
+    crash-safe write as creation, and ``restored`` is counted. A commit never
+    writes a value below the newest one on disk.
+
+    The locks assume a local filesystem (flock and POSIX locks are
+    independent there, not on NFS).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._owner_fd = -1  # claimed, never replaced: the instance's locks
+        self._fd = -1  # the file at the path, as far as we know
+        self._last: Slot | None = None  # what this process last wrote or read
+        self.restored = 0
+
+    def claim(self) -> tuple[Slot, bool]:
+        """Open the file, creating it (value 0) if missing, and take ownership.
+        Returns the newest slot and whether the file existed. StateFileError
+        if it is unusable or another server instance owns it."""
+        existed = True
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            self._create(0)
+            fd = os.open(self.path, os.O_RDWR)
+            existed = False
+        except OSError as exc:
+            raise StateFileError(f"state file {self.path}: {exc.strerror.lower()}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateFileError(
+                    f"state file {self.path} is in use by another server instance; "
+                    "stop it first (it holds the file until its last process exits)"
+                ) from None
+            slot = decode_file(self.path, os.pread(fd, FILE_SIZE + 1, 0))
+        except BaseException:
+            os.close(fd)
+            raise
+        self._owner_fd = self._fd = fd
+        self._last = slot
+        return slot, existed
+
+    def newest(self) -> Slot:
+        """The newest slot on disk (a worker reads it when it starts)."""
+        slot = decode_file(self.path, os.pread(self._fd, FILE_SIZE + 1, 0))
+        self._last = slot
+        return slot
+
+    def commit(self, read_value: Callable[[], int], sync: bool) -> int:
+        """Write the value ``read_value()`` returns, read under the lock so that
+        later commits never carry a smaller value, and sync it if ``sync``;
+        returns the value written. Restores a deleted, replaced or damaged
+        file (logging an error). Blocking: run it in a worker thread."""
+        fcntl.lockf(self._owner_fd, fcntl.LOCK_EX)
+        try:
+            value = read_value()
+            problem = self._problem()
+            if problem is not None:
+                self._restore(value, problem)
+                return value
+            newest = self._last
+            if newest.value > value:
+                raise StateFileError(
+                    f"state file {self.path} holds {newest.value}, above this server's "
+                    f"{value}: another server wrote to it; not writing a smaller value"
+                )
+            sequence = newest.sequence + 1
+            os.pwrite(self._fd, encode_slot(sequence, value), (sequence % 2) * SLOT_SIZE)
+            if sync:
+                os.fdatasync(self._fd)
+            self._last = Slot(sequence, value)
+            return value
+        finally:
+            fcntl.lockf(self._owner_fd, fcntl.LOCK_UN)
+
+    def _problem(self) -> str | None:
+        """Why the file at the path is not the one this instance wrote, or
+        None; sets ``_last`` to its newest slot when it is fine."""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return "was deleted"
+        held = os.fstat(self._fd)
+        if (at_path.st_dev, at_path.st_ino) != (held.st_dev, held.st_ino):
+            return "was replaced by another file"
+        try:
+            newest = decode_file(self.path, os.pread(self._fd, FILE_SIZE + 1, 0))
+        except StateFileError as exc:
+            return f"was damaged ({str(exc).split(': ', 1)[-1]})"
+        if self._last is not None and newest.sequence < self._last.sequence:
+            return "was overwritten with older contents"
+        self._last = newest
+        return None
+
+    def _restore(self, value: int, problem: str) -> None:
+        log.error(
+            "state file %s %s; restoring it from the live value %d", self.path, problem, value
+        )
+        # Numbered after everything seen, so other workers see it as newer.
+        sequence = (self._last.sequence if self._last else 0) + 2
+        self._create(value, sequence)
+        fd = os.open(self.path, os.O_RDWR)
+        if self._fd != self._owner_fd:
+            os.close(self._fd)
+        self._fd = fd
+        self._last = Slot(sequence, value)
+        self.restored += 1
+
+    def _create(self, value: int, sequence: int = 1) -> None:
+        """Write a whole new file holding ``value`` (both slots, the newer one
+        numbered ``sequence``) under a temporary name, sync it, rename it into
+        place and sync the directory."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        temporary = f"{self.path}.{os.getpid()}.new"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                newer, older = encode_slot(sequence, value), encode_slot(sequence - 1, value)
+                os.write(fd, older + newer if sequence % 2 else newer + older)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, self.path)
+            sync_directory(directory)
+        except OSError as exc:
+            raise StateFileError(
+                f"state file {self.path}: cannot create it: {exc.strerror.lower()}"
+            ) from None
+
+    def close(self) -> None:
+        """Close this process's descriptors (ownership ends when every
+        process of the instance has closed or exited)."""
+        for fd in {self._fd, self._owner_fd} - {-1}:
+            os.close(fd)
+        self._fd = self._owner_fd = -1
+
+
+def sync_directory(directory: str) -> None:
+    """fsync a directory so a rename inside it is durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,156 @@
+"""From settings to what a server instance owns and runs: its listeners,
+its state file, its TLS context, its store stack and its ``CounterServer``.
+
+This is the one place stores are stacked; the single-process server and
+every ``--processes`` worker build theirs through ``open_store``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+
+from common.cli import cpu_count
+from common.tls import TLSSetupError, server_context
+from server.admission import Admission
+from server.cli import ServerSettings
+from server.lifecycle import CounterServer
+from server.ratelimit import RateLimiter
+from server.store import CounterStore, MemoryCounterStore
+from server.store.durable import DurableCounterStore
+from server.store.redis_backend import RedisCounterStore
+from server.store.shared import SharedCounter
+from server.store.statefile import StateFile, StateFileError
+
+LISTEN_BACKLOG = 1024  # connections the kernel queues while the pool is full
+
+
+class ListenError(OSError):
+    """A listener that could not be opened; the message is one line."""
+
+
+# What can stop an instance from starting: each prints as one line, exit 1.
+SETUP_ERRORS = (ListenError, TLSSetupError, StateFileError)
+
+
+@dataclass
+class Claimed:
+    """What one server instance owns for its whole life; its worker
+    processes inherit it. Nobody else can hold the port or the state file
+    while any process of the instance lives."""
+
+    listener: socket.socket
+    metrics_listener: socket.socket | None
+    tls: ssl.SSLContext | None
+    state: StateFile | None
+    initial: int  # the counter at start, from the state file
+    state_existed: bool
+
+
+def claim(settings: ServerSettings) -> Claimed:
+    """Take the port, the metrics port and the state file; one of
+    ``SETUP_ERRORS`` (and nothing left open) if any is taken or unusable."""
+    tls = None
+    if settings.tls_cert:
+        tls = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    opened: list = []
+    try:
+        listener = open_listener(settings.host, settings.port)
+        opened.append(listener)
+        metrics_listener = None
+        if settings.metrics_port is not None:
+            metrics_listener = open_listener(settings.metrics_host, settings.metrics_port)
+            opened.append(metrics_listener)
+        state, initial, existed = None, 0, False
+        if settings.state_file is not None:
+            state = StateFile(settings.state_file)
+            slot, existed = state.claim()
+            initial = slot.value
+    except BaseException:
+        for sock in opened:
+            sock.close()
+        raise
+    return Claimed(listener, metrics_listener, tls, state, initial, existed)
+
+
+def open_store(
+    settings: ServerSettings, claimed: Claimed, shared: SharedCounter | None = None
+) -> CounterStore:
+    """The store stack the settings ask for: Redis; or memory (this
+    process's, or ``shared`` by the workers), made durable by the state file."""
+    if settings.backend is not None:
+        url, key = settings.backend
+        return RedisCounterStore(url, key)
+    if shared is None:
+        core: CounterStore = MemoryCounterStore(claimed.initial)
+        on_disk = claimed.initial
+    else:
+        core = shared.open_store()
+        on_disk = claimed.state.newest().value if claimed.state is not None else 0
+    if claimed.state is None:
+        return core
+    return DurableCounterStore(claimed.state, core, settings.fsync, on_disk=on_disk)
+
+
+def describe_origin(settings: ServerSettings, claimed: Claimed, store: CounterStore | None) -> str:
+    """Where the counter came from, for the start-up line ("" for memory)."""
+    if isinstance(store, RedisCounterStore):
+        url, key = settings.backend
+        return f"counter {store.current_value()} in Redis {url} key {key}"
+    if claimed.state is None:
+        return ""
+    how = (
+        f"resumed at {claimed.initial} from"
+        if claimed.state_existed
+        else "starts at 0 in new state file"
+    )
+    return f"counter {how} {settings.state_file}, fsync {settings.fsync}"
+
+
+def build_server(
+    listener: socket.socket,
+    store: CounterStore,
+    settings: ServerSettings,
+    tls: ssl.SSLContext | None,
+) -> CounterServer:
+    """A CounterServer with everything the settings ask for."""
+    return CounterServer(
+        listener,
+        store,
+        pool_size(settings),
+        timeouts=settings.timeouts,
+        admission=Admission(settings.allow, settings.max_conns_per_ip),
+        rate_limiter=RateLimiter(settings.rate, settings.burst) if settings.rate else None,
+        tls=tls,
+    )
+
+
+def pool_size(settings: ServerSettings) -> int:
+    """Connections one process serves at once: NumCPU x multiplier."""
+    return cpu_count() * settings.multiplier
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv6 if ``host`` has a colon);
+    ListenError with a one-line reason if it cannot be opened. Never
+    SO_REUSEPORT: a port already served by anyone is refused."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server(
+            (host, port),
+            family=family,
+            backlog=LISTEN_BACKLOG,
+            dualstack_ipv6=host == "::",  # every interface means IPv4 too
+        )
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {describe(exc)}") from None
+
+
+def describe(exc: OSError) -> str:
+    """A short human reason for a socket error ("address already in use")."""
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        return os.strerror(exc.errno).lower()
+    return str(exc)

@@ -1,0 +1,124 @@
+"""The connection loop, ``serve()``, in process over ``socket.socketpair()``:
+no server process, no timing (the test plays the client and the reaper)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from protocol import MAX_COUNTER, RejectReason, decode_replies, encode_request
+from server.close import ClientTimeout, CloseReason
+from server.connection import serve
+from server.stats import ServerStats
+from server.store import MemoryCounterStore, StoreUnavailable
+from server.timeouts import TimeoutReaper, Timeouts
+
+TAMPERED = bytes.fromhex("00000000000000016021b5621680598b")  # checksum of "2" on 1
+
+
+class State:
+    stopping = False
+
+
+@pytest.fixture
+def pair():
+    server_side, client_side = socket.socketpair()
+    client_side.settimeout(10)
+    yield server_side, client_side
+    server_side.close()
+    client_side.close()
+
+
+def run(pair, payload: bytes, store=None, stats=None):
+    """Send ``payload``, close the sending side, serve, collect the replies."""
+    server_side, client_side = pair
+    client_side.sendall(payload)
+    client_side.shutdown(socket.SHUT_WR)
+    store = store or MemoryCounterStore()
+    stats = stats or ServerStats()
+    reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None))
+    outcome = serve(server_side, store, stats, State(), reaper)
+    server_side.shutdown(socket.SHUT_WR)
+    received = b""
+    while chunk := client_side.recv(65536):
+        received += chunk
+    return outcome, decode_replies(received), store, stats
+
+
+def test_frames_get_their_replies_in_order_and_the_peer_close_ends_it(pair):
+    outcome, replies, store, stats = run(pair, b"".join(map(encode_request, [1, 2, 0, 3])))
+    assert outcome is None
+    assert replies == (1, 3, 3, 6)
+    assert store.requests_applied == 4
+    assert stats.bytes_in == 64 and stats.bytes_out == 32
+
+
+def test_replies_owed_before_a_bad_frame_are_sent_then_it_is_refused(pair):
+    payload = encode_request(1) * 3 + TAMPERED + encode_request(1)
+    outcome, replies, store, _ = run(pair, payload)
+    assert outcome.reason is RejectReason.CHECKSUM
+    assert replies == (1, 2, 3)
+    assert store.value == 3  # nothing after the bad frame applied
+
+
+def test_a_partial_frame_at_close_is_discarded(pair):
+    outcome, replies, store, _ = run(pair, encode_request(5) + encode_request(1)[:9])
+    assert outcome.reason is RejectReason.TRUNCATED
+    assert replies == (5,)
+    assert store.value == 5
+
+
+def test_overflow_is_refused_and_the_counter_unchanged(pair):
+    store = MemoryCounterStore(MAX_COUNTER - 1)
+    outcome, replies, _, _ = run(pair, encode_request(1) + encode_request(1), store=store)
+    assert outcome.reason is RejectReason.OVERFLOW
+    assert replies == (MAX_COUNTER,)
+    assert store.value == MAX_COUNTER
+
+
+class FailingStore(MemoryCounterStore):
+    def apply(self, increments: Sequence[int]) -> Sequence[int]:
+        raise StoreUnavailable("state file: cannot write")
+
+
+def test_an_unavailable_store_ends_the_connection_without_replies(pair):
+    with pytest.raises(StoreUnavailable) as raised:
+        run(pair, encode_request(1), store=FailingStore())
+    assert raised.value.reason is CloseReason.BACKEND_UNAVAILABLE
+
+
+def test_a_reaper_verdict_ends_the_loop_as_that_timeout(pair):
+    server_side, _ = pair
+    reaper = TimeoutReaper(Timeouts(idle=5, frame=None, write=None))
+    outcome: list = []
+
+    def serving() -> None:
+        try:
+            serve(server_side, MemoryCounterStore(), ServerStats(), State(), reaper)
+        except ClientTimeout as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=serving)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not reaper.watched:  # serve() registered the connection
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    reaper.check(time.monotonic() + 6)  # the idle limit has passed
+    thread.join(10)
+    assert not thread.is_alive()
+    assert outcome and outcome[0].reason is CloseReason.IDLE_TIMEOUT
+    assert str(outcome[0]) == "idle timeout after 5s"
+
+
+def test_shutdown_stops_reading_quietly(pair):
+    server_side, client_side = pair
+    state = State()
+    state.stopping = True
+    client_side.sendall(encode_request(1))
+    reaper = TimeoutReaper(Timeouts())
+    assert serve(server_side, MemoryCounterStore(), ServerStats(), state, reaper) is None

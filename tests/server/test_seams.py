@@ -1,0 +1,294 @@
+"""Where features meet: one owner per port and per state file, restarts
+under --fsync always, a state file deleted or damaged while the server runs,
+honest /healthz, a crash-looping worker, and JSON-only logs. Each case runs
+a real server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from support import (
+    exchange,
+    read_counter,
+    run_server_command,
+    stall_server,
+    start_server,
+)
+
+from server.cli import parse_settings
+from server.store.shared import SharedCounter
+from server.store.statefile import FILE_SIZE, StateFile, StateFileError, decode_file
+from server.wiring import claim, open_store
+
+
+def on_disk(path: Path) -> int:
+    return decode_file(str(path), path.read_bytes()).value
+
+
+def on_disk_or_none(path: Path) -> int | None:
+    try:
+        return on_disk(path)
+    except (OSError, StateFileError):
+        return None
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {seconds}s"
+        time.sleep(0.05)
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+# --- one server per port ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (["--processes", "2"], ["--processes", "2"]),
+        (["--processes", "2"], []),
+        ([], ["--processes", "2"]),
+    ],
+    ids=["processes-processes", "processes-single", "single-processes"],
+)
+def test_a_second_instance_on_a_served_port_is_refused(first, second):
+    owner = start_server(*first)
+    try:
+        before = exchange(owner.port, 1)[0]
+        result = run_server_command(
+            "--host", "127.0.0.1", "--port", str(owner.port), *second, timeout=30
+        )
+        assert result.returncode == 1, result
+        lines = result.stderr.strip().splitlines()
+        assert lines == [f"error: cannot listen on 127.0.0.1:{owner.port}: address already in use"]
+        assert "Traceback" not in result.stderr
+        # The owner still serves alone: one counter, nothing split off.
+        assert [exchange(owner.port, 1)[0] for _ in range(20)] == list(
+            range(before + 1, before + 21)
+        )
+    finally:
+        owner.stop()
+
+
+# --- one owner per state file -----------------------------------------------------
+
+
+def test_rolling_restart_on_one_state_file_loses_nothing(tmp_path):
+    """The issue's reproduction: A acknowledges, a never-reading client holds
+    its drain, SIGTERM A; B must not run beside A on the same file; after A
+    exits, B resumes; B is killed hard; the restart keeps all B acknowledged."""
+    path = tmp_path / "counter.state"
+    a = start_server("--state-file", str(path), "--fsync", "always", "--shutdown-timeout", "3")
+    acked = [exchange(a.port, 1)[0] for _ in range(50)]
+    stalled = stall_server(a.port)  # A owes replies it cannot send: its drain lasts
+    a.signal(signal.SIGTERM)
+    try:
+        refused = run_server_command(
+            "--host", "127.0.0.1", "--port", "0", "--state-file", str(path), "--fsync", "always"
+        )
+        assert refused.returncode == 1, refused
+        assert "is in use by another server instance" in refused.stderr
+        assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    finally:
+        stalled.close()
+    assert a.wait(30) == 0
+    final_a = a.totals[1]
+    assert final_a >= acked[-1]
+
+    b = start_server("--state-file", str(path), "--fsync", "always")
+    assert b.ready.initial == final_a
+    acked_b = [exchange(b.port, 1)[0] for _ in range(100)]
+    assert acked_b == list(range(final_a + 1, final_a + 101))
+    b.signal(signal.SIGKILL)
+    b.wait()
+    c = start_server("--state-file", str(path), "--fsync", "always")
+    try:
+        assert c.ready.initial >= acked_b[-1]
+        assert read_counter(c.port) >= acked_b[-1]
+    finally:
+        c.stop()
+
+
+def test_an_instance_that_waited_resumes_where_the_owner_stopped(tmp_path):
+    """Sequential rolling restart, as the docs describe it."""
+    path = tmp_path / "counter.state"
+    old = start_server("--state-file", str(path), "--fsync", "always", "--processes", "2")
+    for _ in range(30):
+        exchange(old.port, 2)
+    port = old.port
+    assert old.stop() == 0
+    new = start_server("--state-file", str(path), "--port", str(port))
+    try:
+        assert new.ready.initial == 60
+        assert exchange(port, 1) == (61,)
+    finally:
+        new.stop()
+
+
+# --- the state file deleted or damaged while the server runs ----------------------
+
+
+@pytest.mark.parametrize("fsync", ["always", "everysec"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.unlink(),
+        lambda p: p.write_bytes(b""),
+        lambda p: p.write_bytes(os.urandom(FILE_SIZE)),
+    ],
+    ids=["deleted", "truncated", "garbage"],
+)
+def test_a_state_file_lost_while_running_is_restored(tmp_path, fsync, damage):
+    path = tmp_path / "counter.state"
+    server = start_server("--state-file", str(path), "--fsync", fsync)
+    try:
+        for _ in range(20):
+            exchange(server.port, 10)
+        damage(path)
+        last = [exchange(server.port, 1)[0] for _ in range(5)][-1]
+        if fsync == "always":  # each reply waited for its commit, which restored the file
+            assert on_disk(path) >= last
+        else:
+            wait_until(lambda: (on_disk_or_none(path) or -1) >= last, 10, "restored with the value")
+    finally:
+        assert server.stop() == 0
+    assert "restoring it from the live value" in server.stderr
+    assert server.totals[1] == last
+    again = start_server("--state-file", str(path))
+    try:
+        assert again.ready.initial == last
+    finally:
+        again.stop()
+
+
+def test_a_stop_that_cannot_save_the_final_value_exits_non_zero(tmp_path):
+    directory = tmp_path / "state"
+    directory.mkdir()
+    path = directory / "counter.state"
+    server = start_server("--state-file", str(path), "--fsync", "no")
+    exchange(server.port, 7)
+    shutil.rmtree(directory)  # nowhere to restore it to
+    assert server.stop() == 1
+    assert "could not be saved" in server.stderr
+    assert server.totals[1] == 7
+
+
+# --- a restarted --processes worker under --fsync always --------------------------
+
+
+def test_a_restarted_worker_never_reports_a_value_not_yet_on_disk(tmp_path):
+    """A worker started beside running ones finds the shared counter ahead
+    of the disk (increments applied, their commit not yet done). Built
+    through the same wiring a restarted worker uses."""
+    path = tmp_path / "counter.state"
+    settings = parse_settings(["--state-file", str(path), "--fsync", "always"])
+    claimed = claim(settings)
+    try:
+        StateFile.commit(claimed.state, lambda: 5, sync=True)
+        shared = SharedCounter(12)  # 7 applied by a worker that died before committing
+        store = open_store(settings, claimed, shared)
+        replies = store.apply([0])  # a read on the new worker
+        assert replies == [12]
+        assert on_disk(path) >= 12, "replied 12 while the disk held less"
+        store.close()
+    finally:
+        claimed.listener.close()
+        shared.remove()
+
+
+# --- /healthz tells the truth ----------------------------------------------------
+
+
+def test_healthz_is_503_while_the_state_file_cannot_be_written(tmp_path):
+    directory = tmp_path / "state"
+    directory.mkdir()
+    path = directory / "counter.state"
+    server = start_server(
+        "--state-file", str(path), "--fsync", "always", "--metrics-port", "0",
+        "--log-format", "json",
+    )  # fmt: skip
+    try:
+        assert get(server.metrics_url("/healthz")) == (200, "ok\n")
+        exchange(server.port, 1)
+        directory.rename(tmp_path / "gone")  # the file's directory disappears
+        with pytest.raises(AssertionError, match="closed after 0 of 8 bytes"):
+            exchange(server.port, 1)  # its commit fails: no reply
+        status, body = get(server.metrics_url("/healthz"))
+        assert status == 503
+        assert f"state file {path}" in body and "cannot" in body
+        assert "counter_server_healthy 0.0" in get(server.metrics_url())[1]
+        (tmp_path / "gone").rename(directory)  # the operator puts it back
+        wait_until(lambda: get(server.metrics_url("/healthz"))[0] == 200, 10, "health recovered")
+        # The failed frame was applied but never acknowledged (like a reply
+        # lost in the network); what matters is that nothing is acknowledged
+        # before it is on disk.
+        assert exchange(server.port, 1) == (3,)
+        assert on_disk(path) >= 3
+        assert "counter_server_healthy 1.0" in get(server.metrics_url())[1]
+    finally:
+        server.stop()
+    # Every line on stderr is a JSON object, gevent's own reports included.
+    lines = server.stderr.splitlines()
+    assert any("cannot" in line for line in lines)
+    for line in lines:
+        record = json.loads(line)
+        assert {"time", "level", "logger", "message"} <= record.keys(), line
+
+
+# --- a worker that keeps dying at start -------------------------------------------
+
+
+def test_a_crash_looping_worker_is_restarted_with_backoff_and_recovers():
+    server = start_server("--processes", "2", "--multiplier", "2")
+    try:
+        parent = server.pid
+        fds = len(os.listdir(f"/proc/{parent}/fd"))
+        soft, hard = resource.prlimit(parent, resource.RLIMIT_NOFILE)
+        # New workers inherit a limit that leaves them no descriptor to open.
+        resource.prlimit(parent, resource.RLIMIT_NOFILE, (fds, hard))
+        os.kill(server.ready.workers[0], signal.SIGKILL)
+        time.sleep(4)
+        restarts = server.stderr_path.read_text().count("starting a new one in")
+        assert 2 <= restarts <= 7, f"{restarts} restarts in 4 s"
+        log = server.stderr_path.read_text()
+        assert "too many open files" in log.lower(), log
+        assert "Traceback" not in log
+        resource.prlimit(parent, resource.RLIMIT_NOFILE, (soft, hard))
+        wait_until(
+            lambda: (
+                len([p for p in os.listdir("/proc") if p.isdigit() and _parent_of(p) == parent])
+                == 2
+            ),
+            15,
+            "a new worker started once descriptors were available",
+        )
+        assert exchange(server.port, 1)[0] >= 1
+        # Once the new worker has said it is ready, its pipe is closed: no
+        # descriptor accumulates in the parent, however many restarts.
+        wait_until(lambda: len(os.listdir(f"/proc/{parent}/fd")) <= fds, 5, "no pipe leaked")
+    finally:
+        assert server.stop() == 0
+
+
+def _parent_of(pid: str) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return -1
