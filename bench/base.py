@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common.cli import convert, parse_args, positive_int  # noqa: E402
-from common.procinfo import cpu_seconds, rss_kib  # noqa: E402
+from common.procinfo import children_of, cpu_seconds, rss_kib  # noqa: E402
 from server.launcher import ServerProcess, start_server  # noqa: E402
 
 __all__ = ["ROOT", "rss_kib"]
@@ -62,13 +62,11 @@ def children_cpu() -> float:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU of ``pid`` and its children (the workers of --processes)."""
     total = cpu_seconds(pid)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    total += cpu_seconds(int(entry.name))
-            except (OSError, ValueError):
-                continue
+    for child in children_of(pid):
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            continue  # exited meanwhile
     return total
 
 

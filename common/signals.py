@@ -3,13 +3,15 @@ graceful stop, a second one exits the process at once."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 from collections.abc import Callable
 
 import gevent
 from gevent.event import Event
+
+log = logging.getLogger("counter.signals")
 
 
 class StopSignals:
@@ -50,8 +52,7 @@ class StopSignals:
     def _on_signal(self, signum: int) -> None:
         if self._requested.is_set():
             name = signal.Signals(signum).name
-            message = f"Second {name}: exiting now without waiting for owed replies"
-            print(message, file=sys.stderr, flush=True)
+            log.warning("second %s: exiting now without waiting for owed replies", name)
             if self._on_force is not None:
                 self._on_force()
             os._exit(128 + signum)

@@ -73,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         instance.requests_applied,
         instance.value,
     )
-    if not saved:
-        print(
-            f"error: the final counter value {instance.value} could not be saved to "
-            f"{settings.state_file}; see the log",
-            file=sys.stderr,
-        )
+    if not saved:  # the store logged why
         return 1
     return 0 if not instance.failed else 1
 

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from protocol import REPLY_SIZE, decode_replies, encode_request
@@ -34,6 +36,15 @@ def run_server_command(*args: str, cwd: Path | None = None, timeout: float = 30.
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=IO_TIMEOUT) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def connect(port: int, timeout: float = IO_TIMEOUT) -> socket.socket:

@@ -66,6 +66,20 @@ class StoreUnavailable(ConnectionEnded):
     reason = CloseReason.BACKEND_UNAVAILABLE
 
 
+class PlainStore:
+    """Defaults for a store with nothing to report and nothing to save:
+    always healthy, no figures of its own, closing loses nothing."""
+
+    def health(self) -> str | None:
+        return None
+
+    def figures(self) -> list[Figure]:
+        return []
+
+    def close(self) -> bool:
+        return True
+
+
 class LayeredStore:
     """A store that adds a feature on top of a ``core`` store: everything it
     does not override passes through to the core."""

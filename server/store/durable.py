@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import gevent
 from gevent.event import Event
 
+from common.ratelog import RateLimitedLog
 from server.store.base import CounterStore, Figure, LayeredStore, StoreUnavailable
 from server.store.statefile import StateFile, StateFileError
 
@@ -58,6 +59,7 @@ class DurableCounterStore(LayeredStore):
         self._wake = Event()
         self._failure: str | None = None
         self._closed = False
+        self._events = RateLimitedLog(log)  # a failing disk fails every second
         self.commits = 0
         self.commit_failures = 0
         self.commit_seconds = 0.0
@@ -108,13 +110,19 @@ class DurableCounterStore(LayeredStore):
         waiting, self._waiting = self._waiting, 0
         started = time.perf_counter()
         try:
-            written = gevent.get_hub().threadpool.apply(
-                self._state.commit, (lambda: self._core.value, sync)
-            )
+            written = gevent.get_hub().threadpool.apply(self._write, (sync,))
+            if isinstance(written, Exception):
+                raise written
         except (OSError, StateFileError) as exc:
-            self._failure = f"cannot write: {getattr(exc, 'strerror', None) or exc}"
+            self._failure = self._describe(exc)
             self.commit_failures += 1
-            log.error("state file %s: %s; replies wait until it works", self._state.path, exc)
+            self._events.log(
+                "commit-failed",
+                logging.ERROR,
+                "state file %s: %s; replies wait until it works",
+                self._state.path,
+                self._failure,
+            )
             self._waiting += waiting
             ok = False
         else:
@@ -130,6 +138,20 @@ class DurableCounterStore(LayeredStore):
             self._in_flight = None
             done.set()
         return ok
+
+    def _write(self, sync: bool) -> int | Exception:
+        """The commit, in a worker thread. An expected failure is returned,
+        not raised, so the thread pool does not report it as a crash."""
+        try:
+            return self._state.commit(lambda: self._core.value, sync)
+        except (OSError, StateFileError) as exc:
+            return exc
+
+    def _describe(self, exc: Exception) -> str:
+        """A failure as a phrase, without the path the log line already names."""
+        if isinstance(exc, OSError):
+            return f"cannot write: {(exc.strerror or str(exc)).lower()}"
+        return str(exc).removeprefix(f"state file {self._state.path}").lstrip(": ")
 
     def health(self) -> str | None:
         if self._failure is not None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from protocol import MAX_COUNTER
-from server.store.base import Figure, advance
+from server.store.base import PlainStore, advance
 
 
-class MemoryCounterStore:
+class MemoryCounterStore(PlainStore):
     """Atomic under gevent because ``apply`` never yields to another greenlet."""
 
     def __init__(self, initial: int = 0) -> None:
@@ -32,11 +32,3 @@ class MemoryCounterStore:
             self._applied += len(replies)
         return replies
 
-    def health(self) -> str | None:
-        return None
-
-    def figures(self) -> list[Figure]:
-        return []
-
-    def close(self) -> bool:
-        return True

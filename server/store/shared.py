@@ -18,7 +18,7 @@ import struct
 import tempfile
 from collections.abc import Sequence
 
-from server.store.base import Figure, advance
+from server.store.base import PlainStore, advance
 
 _LAYOUT = struct.Struct("=QQ")  # value, frames applied
 
@@ -50,7 +50,7 @@ class SharedCounter:
             os.unlink(self.lock_path)
 
 
-class SharedCounterStore:
+class SharedCounterStore(PlainStore):
     """``CounterStore`` over a ``SharedCounter``, for one worker process."""
 
     def __init__(self, shared: SharedCounter) -> None:
@@ -77,12 +77,6 @@ class SharedCounterStore:
         finally:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
         return replies
-
-    def health(self) -> str | None:
-        return None
-
-    def figures(self) -> list[Figure]:
-        return []
 
     def close(self) -> bool:
         os.close(self._lock)

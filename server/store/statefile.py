@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from common.ratelog import RateLimitedLog
+
 log = logging.getLogger("counter.state")
 
 MAGIC = b"CNTR"
@@ -109,6 +111,7 @@ class StateFile:
         self._fd = -1  # the file at the path, as far as we know
         self._last: Slot | None = None  # what this process last wrote or read
         self.restored = 0
+        self._events = RateLimitedLog(log)
 
     def claim(self) -> tuple[Slot, bool]:
         """Open the file, creating it (value 0) if missing, and take ownership.
@@ -192,8 +195,13 @@ class StateFile:
         return None
 
     def _restore(self, value: int, problem: str) -> None:
-        log.error(
-            "state file %s %s; restoring it from the live value %d", self.path, problem, value
+        self._events.log(
+            "restore",
+            logging.ERROR,
+            "state file %s %s; restoring it from the live value %d",
+            self.path,
+            problem,
+            value,
         )
         # Numbered after everything seen, so other workers see it as newer.
         sequence = (self._last.sequence if self._last else 0) + 2

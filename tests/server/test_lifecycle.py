@@ -113,7 +113,7 @@ def test_second_signal_exits_at_once():
         assert server.proc.poll() is None, "the first signal should wait for the stuck client"
         server.signal(signal.SIGTERM)
         assert server.wait(timeout=5) == 128 + signal.SIGTERM
-    assert "Second SIGTERM" in server.stderr
+    assert "second SIGTERM: exiting now" in server.stderr
 
 
 def test_port_already_in_use_is_one_line_and_exit_1():

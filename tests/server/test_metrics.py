@@ -16,6 +16,7 @@ from support import (
     VECTORS,
     connect,
     frames,
+    http_get,
     recv_replies,
     recv_until_closed,
     run_server_command,
@@ -40,14 +41,6 @@ def scrape(server) -> dict[tuple[str, tuple], float]:
 
 def metric(samples: dict, name: str, **labels: str) -> float:
     return samples[(f"counter_server_{name}", tuple(sorted(labels.items())))]
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 @pytest.fixture
@@ -116,15 +109,15 @@ def test_pool_in_use_counts_open_connections(metered):
 def test_healthz_flips_to_503_when_shutdown_begins():
     server = start_server("--metrics-port", "0", "--shutdown-timeout", "30")
     try:
-        assert get(server.metrics_url("/healthz")) == (200, "ok\n")
-        assert get(server.metrics_url("/nowhere"))[0] == 404
+        assert http_get(server.metrics_url("/healthz")) == (200, "ok\n")
+        assert http_get(server.metrics_url("/nowhere"))[0] == 404
         with stall_server(server.port):
             server.signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while get(server.metrics_url("/healthz"))[0] != 503:
+            while http_get(server.metrics_url("/healthz"))[0] != 503:
                 assert time.monotonic() < deadline, "/healthz never reported the shutdown"
                 time.sleep(0.1)
-            assert get(server.metrics_url("/healthz")) == (503, "stopping\n")
+            assert http_get(server.metrics_url("/healthz")) == (503, "stopping\n")
             assert metric(scrape(server), "connections_active") == 1
         assert server.wait() == 0
     finally:

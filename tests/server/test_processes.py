@@ -19,6 +19,8 @@ from support import (
     start_server,
 )
 
+from common.procinfo import children_of
+
 
 def worker_pids(server) -> list[int]:
     return server.ready.workers
@@ -35,18 +37,6 @@ def alive(pid: int) -> bool:
 def socket_count(pid: int) -> int:
     fds = Path(f"/proc/{pid}/fd")
     return sum(1 for fd in fds.iterdir() if str(fd.readlink()).startswith("socket:"))
-
-
-def children(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.add(int(entry.name))
-            except (OSError, ValueError):
-                continue
-    return found
 
 
 def test_two_workers_share_the_port_and_give_exact_distinct_replies():
@@ -97,7 +87,7 @@ def test_a_dead_worker_is_replaced_and_nothing_acknowledged_is_lost():
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while True:
-            workers = children(server.proc.pid)
+            workers = children_of(server.proc.pid)
             if first not in workers and len(workers) == 2:
                 break
             assert time.monotonic() < deadline, f"no replacement: {workers}"

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import trustme
@@ -27,6 +26,7 @@ from support import (
     start_server,
 )
 
+from common.procinfo import rss_kib
 from protocol import REPLY_SIZE
 
 
@@ -60,13 +60,6 @@ def closed_without_reply(sock: socket.socket) -> bool:
         return recv_until_closed(sock) == b""
     except ConnectionResetError:
         return True
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 # --- timeouts ---------------------------------------------------------------

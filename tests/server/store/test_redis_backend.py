@@ -14,6 +14,7 @@ from support import (
     connect,
     exchange,
     frames,
+    http_get,
     recv_replies,
     recv_until_closed,
     run_server_command,
@@ -206,3 +207,25 @@ def test_bad_backend_flags(args, message):
     result = run_server_command(*args)
     assert result.returncode == 2
     assert message in result.stderr.splitlines()[0]
+
+
+def test_healthz_is_503_while_redis_is_unreachable_and_recovers_by_itself(redis_server):
+    server = start_server("--backend", redis_server.url(), "--metrics-port", "0")
+    healthz = server.metrics_url("/healthz")
+    try:
+        assert exchange(server.port, 1) == (1,)
+        assert http_get(healthz) == (200, "ok\n")
+        redis_server.kill()
+        with connect(server.port, timeout=30) as sock:
+            sock.sendall(frames(1))
+            assert recv_until_closed(sock) == b""
+        status, body = http_get(healthz)
+        assert status == 503 and body.startswith("Redis"), (status, body)
+        redis_server.start()  # no traffic: the server notices by itself
+        deadline = time.monotonic() + 10
+        while http_get(healthz)[0] != 200:
+            assert time.monotonic() < deadline, "/healthz did not recover"
+            time.sleep(0.1)
+        assert exchange(server.port, 1)[0] >= 2
+    finally:
+        server.stop()
