@@ -31,4 +31,3 @@ class MemoryCounterStore(PlainStore):
             self._value = replies[-1]
             self._applied += len(replies)
         return replies
-
