@@ -5,16 +5,22 @@ Needs a file-descriptor limit above the connection count for this process and
 the servers (raised here up to the hard limit; as root, `ulimit -Hn 65536`
 first if the hard limit is lower), and redis-server (apt-get install redis-server).
 
+With --never-read, each of our connections instead pipelines frames and never
+reads a reply, until the server is blocked writing to it (ours only: the
+question is what such a client costs us).
+
 Usage:
-  memory.py [--connections N]
+  memory.py [--connections N] [--never-read]
   memory.py -h | --help
 
 Options:
   --connections N  Concurrent connections to hold open. [default: 10000]
+  --never-read     Clients that pipeline and never read their replies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
@@ -50,6 +56,43 @@ def hold(port: int, count: int, request: bytes, reply_size: int) -> list[socket.
     return held
 
 
+def never_reading(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections, each flooding frames without ever reading, until
+    no connection can send any more: the server is then stuck writing to all."""
+    held = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        held.append(sock)
+    flood = memoryview(encode_request(1) * 8192)  # 128 KiB
+    offsets = [0] * count  # where each stream is in the flood, so frames stay whole
+    idle_rounds = 0
+    while idle_rounds < 3:  # nothing could be sent three rounds in a row
+        sent = 0
+        for i, sock in enumerate(held):
+            with contextlib.suppress(BlockingIOError):
+                n = sock.send(flood[offsets[i] :])
+                offsets[i] = (offsets[i] + n) % len(flood)
+                sent += n
+        idle_rounds = idle_rounds + 1 if not sent else 0
+        time.sleep(0.2)
+    return held
+
+
+def measure_never_reading(pid: int, port: int, count: int) -> tuple:
+    never_reading(port, 5)  # warm up
+    time.sleep(0.5)
+    before = rss_kib(pid)
+    held = never_reading(port, count)
+    time.sleep(1.0)
+    after = rss_kib(pid)
+    for sock in held:
+        sock.close()
+    return (after - before) / count, before, after
+
+
 def measure(pid: int, port: int, count: int, request: bytes, size: int) -> tuple:
     hold(port, 10, request, size)  # warm up allocators and code paths
     time.sleep(0.5)
@@ -70,11 +113,22 @@ def main() -> int:
     results = {}
 
     multiplier = math.ceil((count + 100) / cpu_count())
-    ours = start_server("--multiplier", str(multiplier), "--log-level", "warning")
+    ours = start_server(
+        "--multiplier", str(multiplier), "--log-level", "warning", "--write-timeout", "0"
+    )  # fmt: skip
     try:
-        results["ours"] = measure(ours.pid, ours.port, count, encode_request(0), REPLY_SIZE)
+        if args["--never-read"]:
+            results["ours"] = measure_never_reading(ours.pid, ours.port, count)
+        else:
+            results["ours"] = measure(ours.pid, ours.port, count, encode_request(0), REPLY_SIZE)
     finally:
         ours.stop(60)
+    if args["--never-read"]:
+        per, before, after = results["ours"]
+        print(f"{count:,} connections pipelining and never reading their replies:")
+        print(f"  ours   RSS {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB: "
+              f"{per:.2f} KiB per connection")  # fmt: skip
+        return 0
 
     redis = shutil.which("redis-server")
     if redis:

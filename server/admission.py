@@ -19,6 +19,15 @@ def parse_network(raw: str) -> Network:
         raise ValueError(f"not an IPv4 or IPv6 network (CIDR), got {raw!r}") from None
 
 
+def peer_key(ip: str, ipv6_prefix: int = 64) -> str:
+    """What the per-IP limits count ``ip`` as: an IPv4 address is itself; an
+    IPv6 one is its /``ipv6_prefix`` network, since a host gets a whole /64
+    (or more) of addresses for free."""
+    if ":" not in ip:
+        return ip
+    return str(ipaddress.ip_network(f"{ip}/{ipv6_prefix}", strict=False))
+
+
 def client_ip(address: tuple) -> str:
     """The peer's IP as text; IPv4-mapped IPv6 (``::ffff:1.2.3.4``) as IPv4."""
     ip = ipaddress.ip_address(address[0].split("%", 1)[0])
@@ -39,23 +48,32 @@ class Admission:
     def active(self) -> bool:
         return bool(self._allow) or self._max_per_ip is not None
 
-    def admit(self, ip: str) -> None:
-        """Count a connection from ``ip``; ``Refused`` with the reason if it may not connect."""
-        if self._allow:
-            address = ipaddress.ip_address(ip)
-            if not any(address in network for network in self._allow):
-                raise Refused(CloseReason.NOT_ALLOWED)
+    def admit(self, ip: str, key: str) -> None:
+        """Count a connection from ``ip`` under its peer ``key``; ``Refused``
+        with the reason if it may not connect."""
+        if self._allow and not self.allowed(ip):
+            raise Refused(CloseReason.NOT_ALLOWED)
         if self._max_per_ip is not None:
-            count = self._per_ip.get(ip, 0)
+            count = self._per_ip.get(key, 0)
             if count >= self._max_per_ip:
                 raise Refused(CloseReason.PER_IP_LIMIT)
-            self._per_ip[ip] = count + 1
+            self._per_ip[key] = count + 1
 
-    def release(self, ip: str) -> None:
-        """An admitted connection from ``ip`` has closed."""
+    def allowed(self, ip: str) -> bool:
+        """Whether ``ip`` is in an allowed network. An IPv4 client also
+        matches IPv4-mapped IPv6 networks (``::ffff:10.0.0.0/104``)."""
+        address = ipaddress.ip_address(ip)
+        mapped = ipaddress.IPv6Address(f"::ffff:{ip}") if address.version == 4 else None
+        return any(
+            address in network or (mapped is not None and mapped in network)
+            for network in self._allow
+        )
+
+    def release(self, key: str) -> None:
+        """An admitted connection counted under ``key`` has closed."""
         if self._max_per_ip is not None:
-            count = self._per_ip[ip] - 1
+            count = self._per_ip[key] - 1
             if count:
-                self._per_ip[ip] = count
+                self._per_ip[key] = count
             else:
-                del self._per_ip[ip]
+                del self._per_ip[key]

@@ -50,12 +50,17 @@ Options:
                            within this long, against slowloris (0: never). [default: 10]
   --write-timeout SECS     Close a client that leaves its replies unread so that
                            sending blocks this long (0: never). [default: 30]
+  --evict-idle-after SECS  While the pool is full and connections wait, close
+                           connections idle this long to free their slots
+                           (0: never). [default: 1]
   --rate R                 Frames per second allowed per client IP; faster
                            clients are slowed down, not refused (off when not given).
   --burst B                Frames a client IP may send at full speed before the
                            rate applies (default: one second's worth).
   --max-conns-per-ip N     Close connections beyond N at once from one IP
                            (off when not given).
+  --ipv6-prefix BITS       Per-IP limits (--max-conns-per-ip, --rate) count an
+                           IPv6 client as its /BITS network. [default: 64]
   --allow CIDR             Accept only peers in this network (IPv4 or IPv6);
                            repeat for more. Everyone when not given.
   --tls-cert FILE          Serve TLS with this certificate chain (PEM).
@@ -97,6 +102,7 @@ class ServerSettings:
     rate: float | None
     burst: int | None
     max_conns_per_ip: int | None
+    ipv6_prefix: int
     allow: tuple[Network, ...]
     tls_cert: str | None
     tls_key: str | None
@@ -153,10 +159,12 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
             idle=seconds_or_off("--idle-timeout"),
             frame=seconds_or_off("--frame-timeout"),
             write=seconds_or_off("--write-timeout"),
+            evict_idle=seconds_or_off("--evict-idle-after"),
         ),
         rate=rate,
         burst=burst,
         max_conns_per_ip=optional("--max-conns-per-ip", positive_int),
+        ipv6_prefix=value("--ipv6-prefix", prefix_length),
         allow=tuple(convert(__doc__, "--allow", raw, parse_network) for raw in args["--allow"]),
         tls_cert=args["--tls-cert"],
         tls_key=args["--tls-key"],
@@ -167,6 +175,14 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         backend=optional("--backend", parse_backend),
         ready_file=args["--ready-file"],
     )
+
+
+def prefix_length(raw: str) -> int:
+    """An IPv6 prefix length, 1 to 128."""
+    bits = positive_int(raw)
+    if bits > 128:
+        raise ValueError(f"must be an IPv6 prefix length from 1 to 128, got {raw!r}")
+    return bits
 
 
 def fsync_mode(raw: str) -> str:

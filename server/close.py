@@ -20,6 +20,8 @@ class CloseReason(Enum):
     IDLE_TIMEOUT = "idle_timeout", logging.WARNING
     FRAME_TIMEOUT = "frame_timeout", logging.WARNING
     WRITE_TIMEOUT = "write_timeout", logging.WARNING
+    HANDSHAKE_TIMEOUT = "handshake_timeout", logging.WARNING
+    IDLE_EVICTED = "idle_evicted", logging.INFO
     NOT_ALLOWED = "not_allowed", logging.WARNING
     PER_IP_LIMIT = "per_ip_limit", logging.WARNING
     TLS_FAILED = "tls_failed", logging.WARNING
@@ -53,6 +55,15 @@ class ClientTimeout(ConnectionEnded):
     def __init__(self, reason: CloseReason, seconds: float) -> None:
         super().__init__(f"{reason.words} after {seconds:g}s")
         self.reason = reason
+
+
+class Evicted(ConnectionEnded):
+    """Closed while idle because the pool was full and connections waited."""
+
+    reason = CloseReason.IDLE_EVICTED
+
+    def __init__(self, idle_for: float) -> None:
+        super().__init__(f"idle for {idle_for:g}s or more while the pool was full")
 
 
 class HandshakeFailed(ConnectionEnded):

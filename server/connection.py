@@ -17,7 +17,10 @@ from server.stats import ServerStats
 from server.store import CounterStore
 from server.timeouts import TimeoutReaper, Watched
 
-RECV_SIZE = 64 * 1024
+# Bytes read at once: up to 1024 frames. Bounds what one connection holds
+# while its client does not read (at most one read's 8 KiB of replies), and
+# is still far more than a pipelining client keeps in flight.
+RECV_SIZE = 16 * 1024
 # After refusing a frame we half-close and read what the client still sends
 # for a little while, so that closing with unread input (which makes the
 # kernel send RST) cannot destroy the replies we owed it.
@@ -51,8 +54,8 @@ def serve(
         return _serve(sock, decoder, watched, store, stats, state, bucket)
     except OSError:
         # The reaper or shutdown cut the socket under a blocked send.
-        if watched.timed_out is not None:
-            raise watched.timed_out from None
+        if watched.verdict is not None:
+            raise watched.verdict from None
         if state.stopping:
             return None
         raise
@@ -87,20 +90,26 @@ def _serve(
 
         chunk = recv(read_size)
         if not chunk:
-            if watched.timed_out is not None:
-                raise watched.timed_out
+            if watched.verdict is not None:
+                raise watched.verdict
             return None if state.stopping else decoder.close()
         watched.bytes_in += len(chunk)
         increments = feed(chunk)
         if increments:
             replies = apply(increments)
-            if replies:
-                write(encode_replies(replies))
-                writes_by_size[len(replies).bit_length()] += 1
+            applied = len(replies)
+            refused = increments[applied] if applied < len(increments) else None
+            if applied:
+                out = encode_replies(replies)
+                # Drop the lists before a write that a client not reading can
+                # block for long: it then holds only its bytes.
+                chunk = increments = replies = None
+                write(out)
+                writes_by_size[applied.bit_length()] += 1
                 if bucket is not None:
-                    bucket.spend(len(replies))
-            if len(replies) < len(increments):
-                return _overflow(increments[len(replies)], store.value)
+                    bucket.spend(applied)
+            if refused is not None:
+                return _overflow(refused, store.value)
         if decoder.error is not None:
             return decoder.error
     return None

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 import traceback
 
 import gevent
@@ -23,8 +24,8 @@ from gevent.server import StreamServer
 from common.cli import format_address
 from common.ratelog import RateLimitedLog
 from protocol import InvalidFrame, RejectReason
-from server.admission import Admission, client_ip
-from server.close import CloseReason, ConnectionEnded, HandshakeFailed
+from server.admission import Admission, client_ip, peer_key
+from server.close import ClientTimeout, CloseReason, ConnectionEnded, HandshakeFailed
 from server.connection import close_after_refusal, serve
 from server.ratelimit import RateLimiter, TokenBucket
 from server.saturation import SaturationWatch
@@ -34,21 +35,23 @@ from server.timeouts import DEFAULT_TIMEOUTS, TimeoutReaper, Timeouts, shut_down
 
 log = logging.getLogger("counter.server")
 
-ACCEPT_RETRY_SECONDS = 0.1
-HANDSHAKE_TIMEOUT = 10.0
+ACCEPT_RETRY_SECONDS = 0.1  # pause accepting this long when out of descriptors
+HANDSHAKE_TIMEOUT = 10.0  # seconds for a TLS handshake when --frame-timeout is 0
+# accept() errors that mean "no descriptors or memory now", not a bug.
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class _Connection:
     """One accepted connection while it is handled: what its close must undo."""
 
-    __slots__ = ("address", "admitted", "bucket", "conn", "ip", "refusal", "sock")
+    __slots__ = ("address", "admitted", "bucket", "conn", "ip", "key", "refusal", "sock")
 
-    def __init__(self, sock: socket.socket, address: tuple) -> None:
+    def __init__(self, sock: socket.socket, address: tuple, ipv6_prefix: int) -> None:
         self.sock = sock
         self.conn: socket.socket = sock  # the TLS socket once the handshake is done
         self.address = address
         self.ip = client_ip(address)
+        self.key = peer_key(self.ip, ipv6_prefix)  # what per-IP limits count
         self.admitted = False
         self.bucket: TokenBucket | None = None
         self.refusal: InvalidFrame | None = None
@@ -96,6 +99,7 @@ class CounterServer:
         rate_limiter: RateLimiter | None = None,
         tls: ssl.SSLContext | None = None,
         stats: ServerStats | None = None,
+        ipv6_prefix: int = 64,
     ) -> None:
         self.store = store
         self.stats = stats if stats is not None else ServerStats()
@@ -104,6 +108,7 @@ class CounterServer:
         self.admission = admission if admission is not None and admission.active else None
         self.rate_limiter = rate_limiter
         self.tls = tls
+        self.ipv6_prefix = ipv6_prefix
         self.pool = Pool(pool_size)
         self.stopping = False
         self._stream_server = _Acceptor(
@@ -111,7 +116,9 @@ class CounterServer:
         )
         self._events = RateLimitedLog(log)
         self._seen_errors: set[tuple] = set()
-        self._saturation = SaturationWatch(listener, self.pool, self.stats, self._events)
+        self._saturation = SaturationWatch(
+            listener, self.pool, self.stats, self._events, relieve=self._evict_idle
+        )
 
     @property
     def bytes_in(self) -> int:
@@ -155,6 +162,13 @@ class CounterServer:
         self.reaper.stop()
         return cut
 
+    def _evict_idle(self, waiting: int) -> int:
+        """The pool is full and ``waiting`` connections wait: close as many
+        connections idle for ``--evict-idle-after`` seconds (0: none)."""
+        if self.timeouts.evict_idle is None:
+            return 0
+        return self.reaper.evict_idle(time.monotonic(), self.timeouts.evict_idle, waiting)
+
     def _accept_failed(self, exc: OSError) -> None:
         self.stats.accept_errors += 1
         self._events.log(
@@ -169,7 +183,7 @@ class CounterServer:
         """Serve one accepted connection, then account for it and close it,
         however it ended (gevent's ``_handle_and_close_when_done``)."""
         self.stats.connections_accepted += 1
-        connection = _Connection(sock, address)
+        connection = _Connection(sock, address, self.ipv6_prefix)
         reason, detail = CloseReason.ERROR, ""
         try:
             reason = self._serve_admitted(connection)
@@ -189,10 +203,10 @@ class CounterServer:
         """Admit the connection, serve it, and say how it ended; raises
         ConnectionEnded (or OSError) for the other endings."""
         if self.admission is not None:
-            self.admission.admit(connection.ip)  # Refused: not counted, nothing to release
+            self.admission.admit(connection.ip, connection.key)  # Refused: nothing counted
             connection.admitted = True
         if self.rate_limiter is not None:
-            connection.bucket = self.rate_limiter.acquire(connection.ip)
+            connection.bucket = self.rate_limiter.acquire(connection.key)
         if self.stopping:
             return CloseReason.SHUTDOWN
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -213,9 +227,9 @@ class CounterServer:
         """The one place a connection is counted, released, logged and closed."""
         self.stats.connections_closed[reason] += 1
         if connection.admitted:
-            self.admission.release(connection.ip)
+            self.admission.release(connection.key)
         if connection.bucket is not None:
-            self.rate_limiter.release(connection.ip)
+            self.rate_limiter.release(connection.key)
         if connection.refusal is not None:
             self._refuse(connection.conn, connection.address, connection.refusal)
         elif reason is not CloseReason.ERROR:  # _unexpected logged it
@@ -232,15 +246,16 @@ class CounterServer:
             connection.sock.close()
 
     def _handshake(self, sock: socket.socket) -> ssl.SSLSocket:
-        """The TLS handshake, bounded by the frame timeout (or 10 s);
-        HandshakeFailed if it does not complete."""
+        """The TLS handshake; the whole of it must finish within the frame
+        timeout (or 10 s), however the client trickles its bytes.
+        HandshakeFailed if it fails, ClientTimeout if it is too slow."""
+        limit = self.timeouts.frame or HANDSHAKE_TIMEOUT
         try:
-            conn = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            conn.settimeout(self.timeouts.frame or HANDSHAKE_TIMEOUT)
-            conn.do_handshake()
-        except OSError as exc:  # ssl.SSLError and TimeoutError included
+            with gevent.Timeout(limit, ClientTimeout(CloseReason.HANDSHAKE_TIMEOUT, limit)):
+                conn = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                conn.do_handshake()
+        except OSError as exc:  # ssl.SSLError included
             raise HandshakeFailed(exc.strerror or str(exc) or type(exc).__name__) from None
-        conn.settimeout(None)  # from here on the reaper enforces the timeouts
         return conn
 
     def _unexpected(self, address: tuple, exc: Exception) -> None:

@@ -11,6 +11,8 @@ import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
 
+import gevent
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from prometheus_client import (
     GC_COLLECTOR,
@@ -35,7 +37,9 @@ log = logging.getLogger("counter.metrics")
 
 PREFIX = "counter_server"
 # Histogram buckets of replies per write; the stats keep one slot per bit length.
-WRITE_BUCKET_BITS = 13  # up to 8191 replies; a 64 KiB read holds at most 4096 frames
+WRITE_BUCKET_BITS = 13  # up to 8191 replies (a read holds at most 1024 frames)
+CONNECTIONS = 16  # HTTP connections served at once; more wait in the listen queue
+REQUEST_SECONDS = 5.0  # a metrics connection's whole life, request and response
 
 
 class ServerCollector(Collector):
@@ -173,12 +177,26 @@ def make_app(server: CounterServer, registry: CollectorRegistry) -> WSGIApp:
     return app
 
 
+class _BoundedWSGIServer(WSGIServer):
+    """gevent's WSGI server with each connection's whole life bounded: a
+    client that sends half a request and waits is closed after the limit."""
+
+    def handle(self, sock: socket.socket, address: tuple) -> None:
+        with gevent.Timeout(REQUEST_SECONDS, False):  # False: end quietly
+            super().handle(sock, address)
+        sock.close()
+
+
 class MetricsServer:
-    """The HTTP endpoint, on its own listener (loopback by default)."""
+    """The HTTP endpoint, on its own listener (loopback by default), with a
+    pool of its own so that scrapers, or anyone else reaching the port, can
+    never hold more than ``CONNECTIONS`` descriptors of the server's."""
 
     def __init__(self, listener: socket.socket, server: CounterServer) -> None:
         app = make_app(server, build_registry(server))
-        self._http = WSGIServer(listener, app, log=None, error_log=log)
+        self._http = _BoundedWSGIServer(
+            listener, app, spawn=Pool(CONNECTIONS), log=None, error_log=log
+        )
 
     @property
     def address(self) -> str:

@@ -36,8 +36,9 @@ GIVE_UP_AFTER = 10  # young deaths in a row before the supervisor gives up
 READY = b"."  # what a worker writes once it is listening
 
 # Runs one worker until it is told to stop; returns its exit status. Its
-# argument is the callback to call once the worker is serving.
-WorkerMain = Callable[[Callable[[], None]], int]
+# arguments: the worker's index (0..N-1; a replacement takes the index of the
+# worker it replaces) and the callback to call once the worker is serving.
+WorkerMain = Callable[[int, Callable[[], None]], int]
 
 
 class WorkersFailed(Exception):
@@ -47,6 +48,7 @@ class WorkersFailed(Exception):
 @dataclass
 class _Worker:
     pid: int
+    index: int
     started: float
     ready_fd: int  # the pipe it reports on; -1 once it has said all
     message: bytes = b""
@@ -58,11 +60,18 @@ class Supervisor:
     """Forks and watches the workers (the parent process)."""
 
     def __init__(
-        self, count: int, worker_main: WorkerMain, on_give_up: Callable[[str], None]
+        self,
+        count: int,
+        worker_main: WorkerMain,
+        on_give_up: Callable[[str], None],
+        on_death: Callable[[int], None] = lambda index: None,
     ) -> None:
+        """``on_death(index)`` runs in the parent when a worker has exited,
+        before it is replaced (to drop state the dead worker held)."""
         self.count = count
         self._worker_main = worker_main
         self._on_give_up = on_give_up
+        self._on_death = on_death
         self._workers: dict[int, _Worker] = {}
         self._stopping = False
         self._young_deaths = 0
@@ -74,8 +83,8 @@ class Supervisor:
         """Fork every worker and wait until each is serving; WorkersFailed if
         not. ``in_child`` runs first in each worker (to drop parent-only state)."""
         self._in_child = in_child
-        for _ in range(self.count):
-            self._fork()
+        for index in range(self.count):
+            self._fork(index)
         deadline = time.monotonic() + READY_TIMEOUT
         while not all(w.ready for w in self._workers.values()):
             for worker in self._workers.values():
@@ -121,16 +130,16 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def _fork(self) -> None:
+    def _fork(self, index: int) -> None:
         ready_read, ready_write = os.pipe()
         pid = gevent_os.fork()
         if pid == 0:  # the worker
             os.close(ready_read)
             self._forget_parent_state()
-            os._exit(self._run_worker(ready_write))
+            os._exit(self._run_worker(index, ready_write))
         os.close(ready_write)
         os.set_blocking(ready_read, False)
-        self._workers[pid] = _Worker(pid, time.monotonic(), ready_read)
+        self._workers[pid] = _Worker(pid, index, time.monotonic(), ready_read)
 
     def _forget_parent_state(self) -> None:
         """In a new worker: drop the copies of the parent's watcher and of
@@ -142,7 +151,7 @@ class Supervisor:
                 os.close(worker.ready_fd)
         self._workers.clear()
 
-    def _run_worker(self, ready_write: int) -> int:
+    def _run_worker(self, index: int, ready_write: int) -> int:
         status = 1
         told = False
 
@@ -155,7 +164,7 @@ class Supervisor:
         try:
             _die_with_parent()
             self._in_child()
-            status = self._worker_main(ready)
+            status = self._worker_main(index, ready)
         except BaseException as exc:
             if told:  # a bug while serving: the traceback helps
                 log.exception("worker %d failed", os.getpid())
@@ -206,6 +215,7 @@ class Supervisor:
 
     def _replace(self, worker: _Worker, status: int) -> None:
         self._hear_from(worker)  # it has exited: the pipe is at its end
+        self._on_death(worker.index)
         cause = (_describe(status) if worker.pid > 0 else "not started") + (
             f": {worker.failure}" if worker.failure else ""
         )
@@ -229,15 +239,16 @@ class Supervisor:
             delay,
             self.restarts,
         )
-        gevent.spawn_later(delay, self._fork_unless_stopping)
+        gevent.spawn_later(delay, self._fork_unless_stopping, worker.index)
 
-    def _fork_unless_stopping(self) -> None:
+    def _fork_unless_stopping(self, index: int) -> None:
         if self._stopping:
             return
         try:
-            self._fork()
+            self._fork(index)
         except OSError as exc:  # no descriptors or memory for a new process
-            self._replace(_Worker(-1, time.monotonic(), -1, failure=f"cannot fork: {exc}"), 0)
+            failed = _Worker(-1, index, time.monotonic(), -1, failure=f"cannot fork: {exc}")
+            self._replace(failed, 0)
 
 
 def _die_with_parent() -> None:

@@ -30,6 +30,7 @@ from server.wiring import (
     describe_origin,
     open_store,
     pool_size,
+    shared_peer_table,
 )
 
 log = logging.getLogger("counter.server")
@@ -126,8 +127,11 @@ class Workers:
         self.claimed = claimed
         self.failed = False
         self.shared = SharedCounter(claimed.initial)
+        self.peers = shared_peer_table(settings)
         self._signals: StopSignals | None = None
-        self.supervisor = Supervisor(settings.processes, self._worker, self._give_up)
+        self.supervisor = Supervisor(
+            settings.processes, self._worker, self._give_up, on_death=self._worker_died
+        )
 
     def start(self, stop_signals: StopSignals) -> Ready:
         self._signals = stop_signals
@@ -141,16 +145,24 @@ class Workers:
             self.settings, self.claimed, None, os.getpid(), self.supervisor.pids, None, origin
         )
 
-    def _worker(self, ready) -> int:
+    def _worker(self, index: int, ready) -> int:
         """One worker process: serve on the inherited listener until SIGTERM."""
         store = open_store(self.settings, self.claimed, self.shared)
-        server = build_server(self.claimed.listener, store, self.settings, self.claimed.tls)
+        if self.peers is not None:
+            self.peers.open()
+        server = build_server(
+            self.claimed.listener, store, self.settings, self.claimed.tls, (self.peers, index)
+        )
         stop_signals = StopSignals()
         server.start()
         ready()
         stop_signals.wait()
         server.stop(self.settings.shutdown_timeout)
         return 0 if store.close() else 1
+
+    def _worker_died(self, index: int) -> None:
+        if self.peers is not None:
+            self.peers.forget_worker(index)
 
     def _give_up(self, why: str) -> None:
         self.failed = True
@@ -176,6 +188,8 @@ class Workers:
         if self.claimed.state is not None:
             self.claimed.state.close()
         self.shared.remove()
+        if self.peers is not None:
+            self.peers.remove()
         self.claimed.listener.close()
 
     def force_stop(self) -> None:

@@ -1,5 +1,6 @@
 """Pool saturation: notice when connections are waiting because every pool
-slot is busy, count it and tell the operator (rate-limited).
+slot is busy, count it, tell the operator (rate-limited), and let the server
+free slots held by idle connections.
 
 When the pool is full, gevent stops accepting, so waiting connections sit in
 the kernel's listen queue. On Linux its length is read from the listening
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections.abc import Callable
 
 import gevent
 from gevent.pool import Pool
@@ -41,12 +43,16 @@ class SaturationWatch:
         pool: Pool,
         stats: ServerStats,
         events: RateLimitedLog,
+        relieve: Callable[[int], int] = lambda waiting: 0,
         interval: float = CHECK_INTERVAL,
     ) -> None:
+        """``relieve(waiting)`` is called while connections wait; it may free
+        pool slots and returns how many it freed."""
         self._listener = listener
         self._pool = pool
         self._stats = stats
         self._events = events
+        self._relieve = relieve
         self._interval = interval
         self._saturated = False
         self._greenlet: gevent.Greenlet | None = None
@@ -65,6 +71,15 @@ class SaturationWatch:
             queued = listen_queue_length(self._listener)
             waiting = 1 if queued is None else queued  # unknown: assume someone waits
         self._stats.connections_waiting = waiting
+        freed = self._relieve(waiting) if waiting else 0
+        if freed:
+            self._events.log(
+                "evicted",
+                logging.INFO,
+                "connection pool full with %d waiting: closed %d idle connections",
+                waiting,
+                freed,
+            )
         if waiting and not self._saturated:
             self._stats.pool_saturation_events += 1
             self._events.log(

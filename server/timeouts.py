@@ -5,7 +5,7 @@ every wait, which costs more than the rest of a ping-pong request. Instead
 the hot path only bumps two per-connection byte counters and a flag; the
 reaper looks at every connection a few times per timeout period and shuts
 down the sockets of those that broke a limit. The connection loop then wakes
-(end of stream, or a failed send), sees ``timed_out`` and ends with the
+(end of stream, or a failed send), sees ``verdict`` and ends with the
 reason. Precision is a quarter of the shortest timeout (or one second).
 """
 
@@ -19,10 +19,13 @@ from dataclasses import dataclass
 import gevent
 
 from protocol import FrameDecoder
-from server.close import ClientTimeout, CloseReason
+from server.close import ClientTimeout, CloseReason, ConnectionEnded, Evicted
 from server.ratelimit import TokenBucket
 
-MIN_INTERVAL, MAX_INTERVAL = 0.05, 1.0
+# The reaper looks at every connection this often: at least four times per
+# shortest timeout, and at most half a second apart (eviction needs to know
+# which connections are idle even when no timeout is set).
+MIN_INTERVAL, MAX_INTERVAL = 0.05, 0.5
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,16 @@ class Timeouts:
     """Seconds; None means no limit.
 
     idle: no bytes at all for this long. frame: a frame whose first byte has
-    arrived must be complete within this long (slowloris). write: sending
-    replies may stay blocked (the client is not reading) for at most this long.
+    arrived must be complete within this long (slowloris); the TLS handshake
+    too. write: sending replies may stay blocked (the client is not reading)
+    for at most this long. evict_idle: while the pool is full and connections
+    wait to be accepted, connections idle this long give up their slot.
     """
 
     idle: float | None = 300.0
     frame: float | None = 10.0
     write: float | None = 30.0
+    evict_idle: float | None = 1.0
 
     @property
     def enabled(self) -> bool:
@@ -44,8 +50,10 @@ class Timeouts:
 
     @property
     def check_interval(self) -> float:
-        shortest = min(t for t in (self.idle, self.frame, self.write) if t is not None)
-        return min(MAX_INTERVAL, max(MIN_INTERVAL, shortest / 4))
+        limits = [t for t in (self.idle, self.frame, self.write) if t is not None]
+        if not limits:
+            return MAX_INTERVAL
+        return min(MAX_INTERVAL, max(MIN_INTERVAL, min(limits) / 4))
 
 
 DEFAULT_TIMEOUTS = Timeouts()
@@ -72,7 +80,7 @@ class Watched:
         "decoder",
         "sock",
         "throttled",
-        "timed_out",
+        "verdict",
         "writing",
     )
 
@@ -83,7 +91,7 @@ class Watched:
         self.bytes_out = 0
         self.writing = False
         self.throttled = False
-        self.timed_out: ClientTimeout | None = None
+        self.verdict: ConnectionEnded | None = None  # set by the reaper: how it ends
         self._seen_in = 0
         self._idle_since = now
         self._frame_start = -1
@@ -126,8 +134,7 @@ class TimeoutReaper:
         self.watched.discard(watched)
 
     def start(self) -> None:
-        if self.timeouts.enabled:
-            self._greenlet = gevent.spawn(self._run)
+        self._greenlet = gevent.spawn(self._run)
 
     def stop(self) -> None:
         if self._greenlet is not None:
@@ -142,11 +149,32 @@ class TimeoutReaper:
     def check(self, now: float) -> None:
         """One pass: time out, and shut down, every connection over a limit."""
         for watched in list(self.watched):
-            if watched.timed_out is None:
+            if watched.verdict is None:
                 broken = self._broken_limit(watched, now)
                 if broken is not None:
-                    watched.timed_out = broken
+                    watched.verdict = broken
                     shut_down(watched.sock, socket.SHUT_RDWR)
+
+    def evict_idle(self, now: float, idle_for: float, count: int) -> int:
+        """Close up to ``count`` connections that have been idle for at least
+        ``idle_for`` seconds (no byte in, no partial frame, nothing being sent
+        or throttled), longest idle first; returns how many. Only the read
+        side is shut: a reply still being produced goes out before the close."""
+        idle = [
+            w
+            for w in self.watched
+            if w.verdict is None
+            and not w.writing
+            and not w.throttled
+            and not w.decoder.pending_bytes
+            and w.bytes_in == w._seen_in
+            and now - w._idle_since >= idle_for
+        ]
+        idle.sort(key=lambda w: w._idle_since)
+        for w in idle[:count]:
+            w.verdict = Evicted(idle_for)
+            shut_down(w.sock, socket.SHUT_RD)
+        return min(count, len(idle))
 
     def _broken_limit(self, w: Watched, now: float) -> ClientTimeout | None:
         idle, frame, write = self.timeouts.idle, self.timeouts.frame, self.timeouts.write

@@ -18,6 +18,7 @@ from common.tls import TLSSetupError, server_context
 from server.admission import Admission
 from server.cli import ServerSettings
 from server.lifecycle import CounterServer
+from server.peers import PeerTable, SharedAdmission, SharedRateLimiter
 from server.ratelimit import RateLimiter
 from server.store import CounterStore, MemoryCounterStore
 from server.store.durable import DurableCounterStore
@@ -115,17 +116,35 @@ def build_server(
     store: CounterStore,
     settings: ServerSettings,
     tls: ssl.SSLContext | None,
+    peers: tuple[PeerTable, int] | None = None,
 ) -> CounterServer:
-    """A CounterServer with everything the settings ask for."""
+    """A CounterServer with everything the settings ask for. ``peers``: in
+    a ``--processes`` worker, the shared per-peer table and the worker's
+    index, so per-IP limits hold across the workers."""
+    admission: Admission = Admission(settings.allow, settings.max_conns_per_ip)
+    rate_limiter = RateLimiter(settings.rate, settings.burst) if settings.rate else None
+    if peers is not None and peers[0] is not None:
+        table, index = peers
+        admission = SharedAdmission(table, index, settings.allow, settings.max_conns_per_ip)
+        rate_limiter = SharedRateLimiter(table) if settings.rate else None
     return CounterServer(
         listener,
         store,
         pool_size(settings),
         timeouts=settings.timeouts,
-        admission=Admission(settings.allow, settings.max_conns_per_ip),
-        rate_limiter=RateLimiter(settings.rate, settings.burst) if settings.rate else None,
+        admission=admission,
+        rate_limiter=rate_limiter,
         tls=tls,
+        ipv6_prefix=settings.ipv6_prefix,
     )
+
+
+def shared_peer_table(settings: ServerSettings) -> PeerTable | None:
+    """For ``--processes``: the table that per-IP limits share, if any is set."""
+    if settings.rate is None and settings.max_conns_per_ip is None:
+        return None
+    capacity = pool_size(settings) * settings.processes
+    return PeerTable(capacity, settings.processes, settings.rate, settings.burst)
 
 
 def pool_size(settings: ServerSettings) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import trustme
 from hypothesis import settings
 from support import ServerProcess, start_server
 
@@ -23,3 +24,25 @@ def server() -> Iterator[ServerProcess]:
         if proc.returncode is None:
             proc.stop()
         assert "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate,
+    and a second CA nobody trusts; all made now, nothing committed."""
+    root = tmp_path_factory.mktemp("pki")
+    ca, stranger = trustme.CA(), trustme.CA()
+    paths = {"ca": root / "ca.pem", "stranger_ca": root / "stranger.pem"}
+    ca.cert_pem.write_to_path(paths["ca"])
+    stranger.cert_pem.write_to_path(paths["stranger_ca"])
+    for name, issuer, identities in [
+        ("server", ca, ["127.0.0.1", "localhost"]),
+        ("client", ca, ["client@example.org"]),
+        ("stranger", stranger, ["mallory@example.org"]),
+    ]:
+        cert = issuer.issue_cert(*identities)
+        paths[f"{name}_cert"] = root / f"{name}.pem"
+        paths[f"{name}_key"] = root / f"{name}.key"
+        cert.cert_chain_pems[0].write_to_path(paths[f"{name}_cert"])
+        cert.private_key_pem.write_to_path(paths[f"{name}_key"])
+    return {k: str(v) for k, v in paths.items()}

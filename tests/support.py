@@ -53,6 +53,41 @@ def connect(port: int, timeout: float = IO_TIMEOUT) -> socket.socket:
     return sock
 
 
+def connect_from(source: str, port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A connection whose source address is ``source`` (any 127.x works on Linux)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect((host, port))
+    return sock
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closed ``sock``; fails if it takes longer."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        raise AssertionError(f"still open after {seconds}s") from None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started
+
+
+def closed_without_reply(sock: socket.socket) -> bool:
+    """True once the server closed ``sock`` (FIN or RST) without a byte."""
+    try:
+        return recv_until_closed(sock) == b""
+    except ConnectionResetError:
+        return True
+
+
+# --- timeouts ---------------------------------------------------------------
+
+
 def frames(*increments: int) -> bytes:
     return b"".join(encode_request(n) for n in increments)
 

@@ -11,15 +11,16 @@ import threading
 import time
 
 import pytest
-import trustme
 from support import (
     CLIENT_SCRIPT,
+    closed_within,
+    closed_without_reply,
     connect,
+    connect_from,
     exchange,
     frames,
     read_counter,
     recv_replies,
-    recv_until_closed,
     run_client,
     run_server_command,
     stall_server,
@@ -28,41 +29,6 @@ from support import (
 
 from common.procinfo import rss_kib
 from protocol import REPLY_SIZE
-
-
-def connect_from(source: str, port: int, host: str = "127.0.0.1") -> socket.socket:
-    """A connection whose source address is ``source`` (any 127.x works on Linux)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.bind((source, 0))
-    sock.connect((host, port))
-    return sock
-
-
-def closed_within(sock: socket.socket, seconds: float) -> float:
-    """Seconds until the server closed ``sock``; fails if it takes longer."""
-    started = time.monotonic()
-    sock.settimeout(seconds)
-    try:
-        while sock.recv(4096):
-            pass
-    except TimeoutError:
-        raise AssertionError(f"still open after {seconds}s") from None
-    except ConnectionResetError:
-        pass
-    return time.monotonic() - started
-
-
-def closed_without_reply(sock: socket.socket) -> bool:
-    """True once the server closed ``sock`` (FIN or RST) without a byte."""
-    try:
-        return recv_until_closed(sock) == b""
-    except ConnectionResetError:
-        return True
-
-
-# --- timeouts ---------------------------------------------------------------
 
 
 def test_one_byte_then_silence_is_closed_by_the_frame_timeout():
@@ -269,28 +235,6 @@ def test_connections_per_ip_are_capped():
 
 
 # --- TLS ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate,
-    and a second CA nobody trusts; all made now, nothing committed."""
-    root = tmp_path_factory.mktemp("pki")
-    ca, stranger = trustme.CA(), trustme.CA()
-    paths = {"ca": root / "ca.pem", "stranger_ca": root / "stranger.pem"}
-    ca.cert_pem.write_to_path(paths["ca"])
-    stranger.cert_pem.write_to_path(paths["stranger_ca"])
-    for name, issuer, identities in [
-        ("server", ca, ["127.0.0.1", "localhost"]),
-        ("client", ca, ["client@example.org"]),
-        ("stranger", stranger, ["mallory@example.org"]),
-    ]:
-        cert = issuer.issue_cert(*identities)
-        paths[f"{name}_cert"] = root / f"{name}.pem"
-        paths[f"{name}_key"] = root / f"{name}.key"
-        cert.cert_chain_pems[0].write_to_path(paths[f"{name}_cert"])
-        cert.private_key_pem.write_to_path(paths[f"{name}_key"])
-    return {k: str(v) for k, v in paths.items()}
 
 
 def tls_server(pki, *extra: str):

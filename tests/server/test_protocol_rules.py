@@ -179,7 +179,7 @@ def test_120_concurrent_connections_get_exactly_every_value():
 
 
 def test_full_pool_makes_new_connections_wait_then_serves_them():
-    server = start_server("--multiplier", "1")
+    server = start_server("--multiplier", "1", "--evict-idle-after", "0")  # holders stay
     try:
         holders = [connect(server.port) for _ in range(server.pool_size)]
         for sock in holders:
