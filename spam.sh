@@ -24,10 +24,37 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 
+usage() {
+    cat <<'USAGE'
+Usage: ./spam.sh [-h | --help]
+
+Stress run: CLIENTS client processes against one server (started here on a
+free loopback port unless SERVER is set), then a check that the counter moved
+by exactly the acknowledged increments. Exit 0 only when everything matched.
+
+Settings come from the environment:
+  CLIENTS     client processes launched at once            (default 70)
+  DURATION    seconds each client sends for                (default 10)
+  MULTIPLIER  connections per client = NumCPU x MULTIPLIER (default 1)
+  PIPELINE    frames in flight per connection              (default 1)
+  SERVER      HOST:PORT of a running server (default: start one)
+  PYTHON      interpreter (default: the repo's .venv/bin/python, else python3)
+
+Example: CLIENTS=10 DURATION=5 ./spam.sh
+USAGE
+}
+case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+    "") ;;
+    *) echo "spam.sh: unknown argument '$1' (settings come from the environment)" >&2; usage >&2; exit 2 ;;
+esac
+
 die() { echo "spam.sh: $*" >&2; exit 2; }
 for name in CLIENTS DURATION MULTIPLIER PIPELINE; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || die "$name must be a positive integer, got '${!name}'"
 done
+
+(cd "$ROOT" && "$PYTHON" -m common.bootstrap spam.sh) || exit 1
 
 WORKDIR="$(mktemp -d "${TMPDIR:-/tmp}/spam.XXXXXX")"
 SERVER_PID=""
@@ -87,7 +114,8 @@ else
 fi
 
 BEFORE="$(client --get)" || { echo "spam.sh: cannot read the counter at $SERVER" >&2; exit 1; }
-echo "spam.sh: $CLIENTS clients x NumCPU*$MULTIPLIER connections, $PIPELINE in flight each," \
+plural() { if [[ "$1" == 1 ]]; then echo "$1 $2"; else echo "$1 ${2}s"; fi; }
+echo "spam.sh: $(plural "$CLIENTS" client) x NumCPU*$MULTIPLIER connections, $PIPELINE in flight each," \
      "${DURATION}s, against $SERVER ($WHERE)"
 
 # Each client runs for DURATION plus time to connect and collect owed replies;

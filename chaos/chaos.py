@@ -1,13 +1,20 @@
 """Entry point: ``python chaos/chaos.py [options]``; see ``--help``."""
 
-from gevent import monkey
+import os
+import sys
+
+if not __package__:
+    # Run as a script: import our packages from the repository root rather
+    # than from chaos/ (where this file would shadow the chaos package).
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from common.bootstrap import require_packages  # standard library only
+
+require_packages("chaos.py")
+
+from gevent import monkey  # noqa: E402
 
 monkey.patch_all()
-
-import os  # noqa: E402
-import sys  # noqa: E402
-
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from chaos.run import main  # noqa: E402
 

@@ -399,7 +399,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{kind:<22}{row['sent']:>6}  {row['expected']:<24}{saw}")
     lines.append("")
     for name, check in result["checks"].items():
-        lines.append(f"[{'ok' if check['ok'] else 'FAIL'}] {name}: {check['detail']}")
+        detail = f": {check['detail']}" if check["detail"] else ""
+        lines.append(f"[{'ok' if check['ok'] else 'FAIL'}] {name}{detail}")
     lines.append("RESULT: " + ("OK" if result["ok"] else "FAILED"))
     return "\n".join(lines)
 

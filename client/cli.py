@@ -11,6 +11,7 @@ import gevent
 
 from client.load import LoadRun, LoadSettings, read_counter
 from client.report import format_text, summarize
+from common import __version__
 from common.cli import (
     convert,
     cpu_count,
@@ -32,6 +33,7 @@ Usage:
   client.py [options]
   client.py --get [options]
   client.py -h | --help
+  client.py --version
 
 Options:
   --serverAddress HOST:PORT  Server to drive ([::1]:PORT for IPv6). [default: 127.0.0.1:8080]
@@ -49,6 +51,7 @@ Options:
   --json                     Print the report as one JSON object instead of text.
   --get                      Print the current counter value (sends a zero
                              increment) and exit.
+  --version                  Show the version.
   -h --help                  Show this help.
 
 SIGINT/SIGTERM stops sending early, collects the replies owed and reports; a
@@ -61,7 +64,7 @@ went wrong, 2 for a usage error, 130 when interrupted without errors.
 
 def main(argv: list[str] | None = None) -> int:
     """Run the client; returns the process exit status."""
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, version=f"counter {__version__}")
     host, port = convert(__doc__, "--serverAddress", args["--serverAddress"], host_port)
     timeout = convert(__doc__, "--timeout", args["--timeout"], positive_float)
     tls = _tls_context(args)

@@ -1,16 +1,20 @@
 """Entry point: ``python client/client.py [options]``; see ``--help``."""
 
-from gevent import monkey
-
-monkey.patch_all()
-
-import os  # noqa: E402
-import sys  # noqa: E402
+import os
+import sys
 
 if not __package__:
     # Run as a script: import our packages from the repository root rather
     # than from client/ (where this file would shadow the client package).
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from common.bootstrap import require_packages  # standard library only
+
+require_packages("client.py")
+
+from gevent import monkey  # noqa: E402
+
+monkey.patch_all()
 
 from client.cli import main  # noqa: E402
 

@@ -25,6 +25,7 @@ RECV_SIZE = 64 * 1024
 
 # Error kinds, as counted and reported.
 REFUSED = "refused"  # connection refused or unreachable
+TLS_ALERT = b"\x15\x03"  # the first bytes of a TLS alert record
 CLOSED = "closed"  # the server closed or reset the connection with replies owed
 SHORT_REPLY = "short_reply"  # the connection ended partway through a reply
 NOT_INCREASING = "not_increasing"  # a reply not above the previous one (value > 0)
@@ -138,9 +139,19 @@ class LoadRun:
             self._fail(result, TLS, f"TLS: {_tls_reason(exc)}", owed)
         except OSError as exc:
             owed = max(1, result.sent - result.acknowledged)
-            self._fail(result, CLOSED, f"connection lost: {exc.strerror or exc}", owed)
+            detail = f"connection lost: {exc.strerror or exc}{self._tls_hint(result)}"
+            self._fail(result, CLOSED, detail, owed)
         finally:
             sock.close()
+
+    def _tls_hint(self, result: ConnectionResult, received: bytes = b"") -> str:
+        """A hint to add --tls when a plain connection fails before its first
+        reply the way a TLS server makes it fail (a reset, or a TLS alert)."""
+        if self.settings.tls is not None or result.acknowledged:
+            return ""
+        if received.startswith(TLS_ALERT):
+            return " (the server answered with a TLS alert: add --tls)"
+        return " (if the server uses TLS, add --tls)"
 
     def _exchange(self, sock: socket.socket, result: ConnectionResult) -> None:
         settings = self.settings
@@ -161,9 +172,8 @@ class LoadRun:
             chunk = recv(RECV_SIZE)
             if not chunk:
                 kind = SHORT_REPLY if pending else CLOSED
-                self._fail(
-                    result, kind, f"server closed the connection with {owed} replies owed", owed
-                )
+                detail = f"server closed the connection with {owed} replies owed"
+                self._fail(result, kind, detail + self._tls_hint(result, pending), owed)
                 return
             now = time.perf_counter()
             data = pending + chunk if pending else chunk

@@ -7,6 +7,7 @@ from collections import Counter
 from hdrh.histogram import HdrHistogram
 
 from client.load import ERROR_KINDS, LoadRun
+from common.cli import plural
 
 HIGHEST_LATENCY_US = 3_600_000_000  # one hour
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99_9", 99.9))
@@ -58,7 +59,7 @@ def format_text(summary: dict) -> str:
     error_text = ", ".join(f"{k} {v:,}" for k, v in errors.items() if v) or "none"
     lines = [
         f"server                 {summary['server']}",
-        f"connections            {summary['connections']:,} "
+        f"connections            {plural(summary['connections'], 'connection')} "
         f"({summary['connections_failed']:,} with errors), "
         f"{summary['pipeline']} in flight each, increment {summary['increment']}",
         f"duration               {summary['duration_s']:.2f} s"

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.cli import convert, parse_args
+from common.cli import convert, parse_args, plural
 
 
 def load_reports(paths: list[str]) -> tuple[list[dict], list[str]]:
@@ -44,10 +44,12 @@ def verdict(before: int, after: int, clients: int, reports: list[dict], missing:
     moved = after - before
     problems = []
     if missing:
-        problems.append(f"{missing} of {clients} clients produced no report (crashed or killed)")
+        problems.append(
+            f"{missing} of {plural(clients, 'client')} produced no report (crashed or killed)"
+        )
     if failed:
         first = next((r["first_error"] for r in failed if r.get("first_error")), "see reports")
-        problems.append(f"{len(failed)} clients reported errors (first: {first})")
+        problems.append(f"{plural(len(failed), 'client')} reported errors (first: {first})")
     if moved != acknowledged:
         problems.append(
             f"the counter moved by {moved:,} but clients acknowledged {acknowledged:,} "

@@ -8,9 +8,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import NoReturn, TypeVar
 
-from docopt import DocoptExit, ParsedOptions, docopt
+from docopt import DocoptExit, ParsedOptions, docopt, parse_options
 from pythonjsonlogger.json import JsonFormatter
 
 T = TypeVar("T")
@@ -22,16 +23,43 @@ class UsageError(ValueError):
     """A command-line value that cannot be used; the message is one line."""
 
 
-def parse_args(doc: str, argv: list[str] | None = None) -> ParsedOptions:
-    """Parse ``argv`` against the docopt ``doc``; exit 2 with usage on a mistake."""
+def parse_args(
+    doc: str, argv: list[str] | None = None, version: str | None = None
+) -> ParsedOptions:
+    """Parse ``argv`` against the docopt ``doc``; exit 2 with usage on a
+    mistake (``unknown option --bogus``), 0 after ``--version`` if given."""
+    given = list(sys.argv[1:] if argv is None else argv)
     try:
-        return docopt(doc, argv)
+        return docopt(doc, given, version=version)
     except DocoptExit as exc:
+        unknown = unknown_option(doc, given)
+        if unknown is not None:
+            usage_exit(doc, f"unknown option {unknown}")
         detail = str(exc).split("\n", 1)[0].strip()
-        if not detail or detail.lower().startswith("usage:"):
-            given = argv if argv is not None else sys.argv[1:]
-            detail = "unrecognised arguments: " + " ".join(given)
+        if not detail or detail.lower().startswith("usage:") or "unmatched" in detail:
+            detail = "unexpected arguments: " + " ".join(given)
         usage_exit(doc, detail)
+
+
+def unknown_option(doc: str, argv: list[str]) -> str | None:
+    """The first option in ``argv`` that ``doc`` does not define, or None.
+    Values of options that take one are skipped (``--rate -5`` is a value)."""
+    known = {name: option.argcount for option in parse_options(doc)
+             for name in (option.short, option.longer) if name}  # fmt: skip
+    takes_value = False
+    for token in argv:
+        if takes_value:
+            takes_value = False
+            continue
+        if token == "--":
+            return None
+        if not token.startswith("-") or token == "-":
+            continue
+        name = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+        if name not in known:
+            return name
+        takes_value = bool(known[name]) and token == name  # not --name=VALUE nor -xVALUE
+    return None
 
 
 def usage_exit(doc: str, message: str) -> NoReturn:
@@ -58,23 +86,35 @@ def positive_int(raw: str) -> int:
     return value
 
 
-def non_negative_float(raw: str) -> float:
-    """A finite number >= 0."""
+def _number(raw: str, what: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise UsageError(f"must be a number of seconds, got {raw!r}") from None
-    if not 0 <= value < float("inf"):
-        raise UsageError(f"must be a number >= 0, got {raw!r}")
+        raise UsageError(f"must be {what}, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise UsageError(f"must be a finite number, got {raw!r}")
     return value
 
 
-def positive_float(raw: str) -> float:
-    """A finite number > 0."""
-    value = non_negative_float(raw)
-    if value == 0:
-        raise UsageError(f"must be a number > 0, got {raw!r}")
+def non_negative_float(raw: str) -> float:
+    """A finite number of seconds >= 0."""
+    value = _number(raw, "a number of seconds")
+    if value < 0:
+        raise UsageError(f"must be a number of seconds >= 0, got {raw!r}")
     return value
+
+
+def positive_float(raw: str, what: str = "a number of seconds") -> float:
+    """A finite number > 0 (of ``what``)."""
+    value = _number(raw, what)
+    if value <= 0:
+        raise UsageError(f"must be {what} > 0, got {raw!r}")
+    return value
+
+
+def positive_rate(raw: str) -> float:
+    """Frames per second, > 0."""
+    return positive_float(raw, "a number of frames per second")
 
 
 def port_number(raw: str) -> int:
@@ -88,9 +128,11 @@ def port_number(raw: str) -> int:
 
 def host_port(raw: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6; ``:PORT`` means 127.0.0.1)."""
+    if (raw.startswith("[") and raw.endswith("]")) or (raw.count(":") > 1 and "]" not in raw):
+        raise UsageError(f"the port is missing: expected [IPv6]:PORT, e.g. [::1]:8080, got {raw!r}")
     host, sep, port = raw.rpartition(":")
     if not sep:
-        raise UsageError(f"expected HOST:PORT, got {raw!r}")
+        raise UsageError(f"the port is missing: expected HOST:PORT, got {raw!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     number = port_number(port)
@@ -116,13 +158,22 @@ def log_format(raw: str) -> str:
     return raw
 
 
+class _UTCJsonFormatter(JsonFormatter):
+    """JSON lines whose ``time`` is ISO 8601 in UTC (2026-11-24T16:05:03.298Z)."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = datetime.fromtimestamp(record.created, tz=timezone.utc)
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def configure_logging(level: int, fmt: str = "text") -> None:
-    """One line per event on stderr, as SPEC §6 asks; ``fmt="json"`` writes one
-    JSON object per line (time, level, logger, message, exc_info) for shippers."""
+    """One line per event on stderr; ``fmt="json"`` writes one JSON object per
+    line for shippers: time (ISO 8601, UTC), level, logger, message, the
+    event's facts as fields of their own (peer, reason, counts...), exc_info."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(
-            JsonFormatter(
+            _UTCJsonFormatter(
                 "%(asctime)s %(levelname)s %(name)s %(message)s",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )
@@ -145,6 +196,11 @@ def _int(text: str, what: str = "an integer", raw: str | None = None) -> int:
         return int(text.strip(), 10)
     except ValueError:
         raise UsageError(f"must be {what}, got {raw if raw is not None else text!r}") from None
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 connection``, ``2 connections``, ``1,000 connections``."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def format_address(address: tuple) -> str:

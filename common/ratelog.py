@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
+
+_ALL: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()
+
+
+def flush_all() -> None:
+    """Log every pending "N suppressed" summary (at stop, so none is lost)."""
+    for events in list(_ALL):
+        events.flush()
 
 
 class RateLimitedLog:
@@ -26,6 +35,7 @@ class RateLimitedLog:
         self._burst = burst
         self._clock = clock
         self._windows: dict[str, list[float]] = {}  # key -> [start, logged, suppressed]
+        _ALL.add(self)
 
     def log(self, key: str, level: int, message: str, *args: object, **kwargs: object) -> bool:
         """Log ``message % args`` under ``key`` unless over the limit; True if logged.
@@ -46,3 +56,16 @@ class RateLimitedLog:
         window[1] += 1
         self._logger.log(level, message, *args, **kwargs)
         return True
+
+    def flush(self) -> None:
+        """Log how many messages each key suppressed since its last line."""
+        for key, window in self._windows.items():
+            if window[2]:
+                self._logger.log(
+                    logging.INFO,
+                    "%d similar messages suppressed (%s)",
+                    int(window[2]),
+                    key,
+                    extra={"event": key, "suppressed": int(window[2])},
+                )
+                window[2] = 0

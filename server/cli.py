@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common import __version__
 from common.cli import (
     convert,
     cpu_count,
@@ -17,8 +18,8 @@ from common.cli import (
     non_negative_float,
     parse_args,
     port_number,
-    positive_float,
     positive_int,
+    positive_rate,
     usage_exit,
 )
 from server.admission import Network, parse_network
@@ -32,6 +33,7 @@ once, over a 16-byte checksummed TCP protocol (byte-compatible with the Go origi
 Usage:
   server.py [options] [--allow CIDR]...
   server.py -h | --help
+  server.py --version
 
 Options:
   --port PORT              TCP port: 8080 or :8080 (0 picks a free one). [default: 8080]
@@ -82,6 +84,7 @@ Options:
   --log-format FORMAT      text, or json (one object per line). [default: text]
   --ready-file PATH        Once accepting connections, write the start-up facts
                            (address, pool, pids, metrics URL) to this file as JSON.
+  --version                Show the version.
   -h --help                Show this help.
 """
 
@@ -116,7 +119,7 @@ class ServerSettings:
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     """The settings for ``argv``; a usage error exits 2."""
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, version=f"counter {__version__}")
 
     def value(option: str, parser):
         return convert(__doc__, option, args[option], parser)
@@ -130,7 +133,7 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     processes = cpu_count() if args["--processes"] == "auto" else value("--processes", positive_int)
     if processes > 1 and args["--metrics-port"] is not None:
         usage_exit(__doc__, "--metrics-port: not supported with --processes above 1 yet")
-    rate = optional("--rate", positive_float)
+    rate = optional("--rate", positive_rate)
     burst = optional("--burst", positive_int)
     if burst is not None and rate is None:
         usage_exit(__doc__, "--burst: needs --rate")

@@ -177,6 +177,7 @@ class CounterServer:
             "cannot accept connections: %s (raise the open-file limit, ulimit -n, or lower "
             "--multiplier); retrying",
             os.strerror(exc.errno).lower(),
+            extra={"error": os.strerror(exc.errno).lower()},
         )
 
     def _handle(self, sock: socket.socket, address: tuple) -> None:
@@ -240,6 +241,11 @@ class CounterServer:
                 format_address(connection.address),
                 reason.words,
                 f" ({detail})" if detail else "",
+                extra={
+                    "peer": format_address(connection.address),
+                    "reason": reason.value,
+                    "detail": detail,
+                },
             )
         connection.conn.close()
         if connection.conn is not connection.sock:
@@ -272,6 +278,7 @@ class CounterServer:
             format_address(address),
             exc,
             exc_info=first,
+            extra={"peer": format_address(address), "error": repr(exc)},
         )
 
     def _refuse(self, sock: socket.socket, address: tuple, refusal: InvalidFrame) -> None:
@@ -286,6 +293,11 @@ class CounterServer:
             refusal.reason.value,
             refusal,
             "peer had closed" if truncated else "connection closed",
+            extra={
+                "peer": format_address(address),
+                "reason": refusal.reason.value,
+                "detail": str(refusal),
+            },
         )
         if not truncated:
             close_after_refusal(sock)

@@ -238,6 +238,7 @@ class Supervisor:
             cause,
             delay,
             self.restarts,
+            extra={"worker": worker.pid, "cause": cause, "delay": delay, "restart": self.restarts},
         )
         gevent.spawn_later(delay, self._fork_unless_stopping, worker.index)
 

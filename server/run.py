@@ -10,9 +10,11 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from common.cli import configure_logging, cpu_count
 from common.gevent_errors import log_gevent_errors
+from common.ratelog import flush_all
 from common.signals import StopSignals
 from server.banner import Ready, startup_line, totals_lines, write_ready_file
 from server.cli import ServerSettings, parse_settings
@@ -61,11 +63,21 @@ def main(argv: list[str] | None = None) -> int:
         ready.pool,
         ready.pid,
         f", metrics on {ready.metrics_url}" if ready.metrics_url else "",
+        extra={
+            "address": ready.address,
+            "pool_size": ready.pool,
+            "pid": ready.pid,
+            "workers": ready.workers,
+            "tls": ready.tls,
+            "metrics_url": ready.metrics_url,
+            "initial_value": ready.initial,
+        },
     )
     if settings.ready_file:
         write_ready_file(settings.ready_file, ready)
 
     stop_signals.wait()
+    stopping_at = time.monotonic()
     log.info("shutdown begun: no new connections or frames; sending owed replies")
     saved = instance.stop()
     print(totals_lines(instance.requests_applied, instance.value), flush=True)
@@ -73,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         "stopped: %d requests applied, final counter value %d",
         instance.requests_applied,
         instance.value,
+        extra={
+            "requests_applied": instance.requests_applied,
+            "value": instance.value,
+            "saved": saved,
+            "seconds": round(time.monotonic() - stopping_at, 3),
+        },
     )
+    flush_all()
     if not saved:  # the store logged why
         return 1
     return 0 if not instance.failed else 1
@@ -158,7 +177,9 @@ class Workers:
         ready()
         stop_signals.wait()
         server.stop(self.settings.shutdown_timeout)
-        return 0 if store.close() else 1
+        saved = store.close()
+        flush_all()
+        return 0 if saved else 1
 
     def _worker_died(self, index: int) -> None:
         if self.peers is not None:

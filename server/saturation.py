@@ -79,6 +79,7 @@ class SaturationWatch:
                 "connection pool full with %d waiting: closed %d idle connections",
                 waiting,
                 freed,
+                extra={"waiting": waiting, "evicted": freed},
             )
         if waiting and not self._saturated:
             self._stats.pool_saturation_events += 1
@@ -90,6 +91,7 @@ class SaturationWatch:
                 len(self._pool),
                 self._pool.size,
                 waiting,
+                extra={"in_use": len(self._pool), "pool_size": self._pool.size, "waiting": waiting},
             )
         self._saturated = bool(waiting)
 

@@ -122,6 +122,7 @@ class DurableCounterStore(LayeredStore):
                 "state file %s: %s; replies wait until it works",
                 self._state.path,
                 self._failure,
+                extra={"path": self._state.path, "error": self._failure},
             )
             self._waiting += waiting
             ok = False

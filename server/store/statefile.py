@@ -202,6 +202,7 @@ class StateFile:
             self.path,
             problem,
             value,
+            extra={"path": self.path, "problem": problem, "value": value},
         )
         # Numbered after everything seen, so other workers see it as newer.
         sequence = (self._last.sequence if self._last else 0) + 2

@@ -150,7 +150,7 @@ def test_server_killed_mid_run_gives_partial_results():
         (["--pipeline", "-3"], "--pipeline: must be a positive integer"),
         (["--value", "-1"], "--value: must be an integer from 0 to 2^64-1"),
         (["--value", str(2**64)], "--value: must be an integer from 0 to 2^64-1"),
-        (["--timeout", "0"], "--timeout: must be a number > 0"),
+        (["--timeout", "0"], "--timeout: must be a number of seconds > 0"),
         (["--frobnicate"], "error:"),
     ],
 )

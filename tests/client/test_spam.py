@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -135,3 +136,51 @@ def test_verdict_counts_failed_and_missing_clients():
     assert summary["clients_ok"] == 1 and summary["clients_failed"] == 2
     assert any("1 of 3 clients produced no report" in p for p in summary["problems"])
     assert any("first: boom" in p for p in summary["problems"])
+
+
+def test_spam_help_prints_usage_and_runs_nothing():
+    result = subprocess.run(
+        [str(SPAM), "--help"], capture_output=True, text=True, timeout=10, cwd="/"
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("Usage: ./spam.sh")
+    assert "CLIENTS" in result.stdout and not result.stderr
+
+
+def test_spam_refuses_unknown_arguments():
+    result = subprocess.run(
+        [str(SPAM), "--clients", "3"], capture_output=True, text=True, timeout=10, cwd="/"
+    )
+    assert result.returncode == 2
+    assert "unknown argument '--clients'" in result.stderr
+    assert "Usage: ./spam.sh" in result.stderr
+
+
+def test_spam_without_the_packages_says_how_to_install_them(tmp_path):
+    result = subprocess.run(
+        [str(SPAM)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+        env={**os.environ, "PYTHON": f"{tmp_path}/python", "CLIENTS": "1"},
+    )
+    assert result.returncode != 0
+    assert "cannot read the counter" not in result.stderr
+
+
+def test_spam_with_a_bare_python_names_the_missing_package(tmp_path):
+    bare = tmp_path / "python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S -E "$@"\n')
+    bare.chmod(0o755)
+    result = subprocess.run(
+        [str(SPAM)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+        env={**os.environ, "PYTHON": str(bare), "CLIENTS": "1"},
+    )
+    assert result.returncode == 1
+    assert "spam.sh: the Python package gevent is not installed" in result.stderr
+    assert "cannot read the counter" not in result.stderr

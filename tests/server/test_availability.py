@@ -44,7 +44,8 @@ def test_a_trickled_tls_handshake_is_cut_at_the_frame_timeout(pki):
     )  # fmt: skip
     try:
         sock = connect(server.port)
-        hello = bytes.fromhex("160301") + os.urandom(200)  # a ClientHello's start
+        # A TLS record header announcing 200 bytes, then the bytes, one at a time.
+        hello = bytes.fromhex("16030100c8") + os.urandom(200)
         stop = threading.Event()
 
         def trickle() -> None:

@@ -150,7 +150,7 @@ def test_go_style_port_and_default_host():
         (["--port", "70000"], "--port: port must be between 0 and 65535"),
         (["--multiplier", "0"], "--multiplier: must be a positive integer"),
         (["--multiplier", "many"], "--multiplier: must be"),
-        (["--shutdown-timeout", "-1"], "--shutdown-timeout: must be a number >= 0"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout: must be a number of seconds >= 0"),
         (["--log-level", "loud"], "--log-level: must be one of"),
         (["--bogus"], "error:"),
         (["extra-argument"], "error:"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import time
@@ -181,6 +182,28 @@ def test_json_log_format():
     assert any(m.startswith("started: listening on 127.0.0.1:") for m in messages)
     assert any("refused frame from 127.0.0.1:" in m and "(checksum)" in m for m in messages)
     assert any(m.startswith("stopped: 0 requests applied") for m in messages)
+    # ISO 8601 in UTC, and the event's facts as fields of their own.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", records[0]["time"])
+    started = next(r for r in records if r["message"].startswith("started"))
+    assert started["pool_size"] == server.pool_size and started["pid"] == server.pid
+    refused = next(r for r in records if "refused frame" in r["message"])
+    assert refused["reason"] == "checksum" and refused["peer"].startswith("127.0.0.1:")
+    stopped = next(r for r in records if r["message"].startswith("stopped"))
+    assert stopped["requests_applied"] == 0 and stopped["value"] == 0
+
+
+def test_suppressed_log_lines_are_counted_at_stop():
+    server = start_server("--log-format", "json")
+    for _ in range(8):  # five lines per reason per 10 s, then suppressed
+        with connect(server.port) as sock:
+            sock.sendall(b"x" * 16)
+            recv_until_closed(sock)
+    server.stop()
+    records = [json.loads(line) for line in server.stderr.splitlines()]
+    refused = [r for r in records if "refused frame" in r["message"]]
+    summary = [r for r in records if r.get("event") == "checksum"]
+    assert len(refused) == 5
+    assert summary and summary[0]["suppressed"] == 3, records
 
 
 def test_bad_log_format_is_a_usage_error():

@@ -108,9 +108,9 @@ def test_client_that_never_reads_is_closed_by_the_write_timeout_with_bounded_mem
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--idle-timeout", "-1"], "--idle-timeout: must be a number >= 0"),
+        (["--idle-timeout", "-1"], "--idle-timeout: must be a number of seconds >= 0"),
         (["--frame-timeout", "x"], "--frame-timeout: must be a number"),
-        (["--rate", "0"], "--rate: must be a number > 0"),
+        (["--rate", "0"], "--rate: must be a number of frames per second > 0"),
         (["--burst", "5"], "--burst: needs --rate"),
         (["--rate", "10", "--burst", "0"], "--burst: must be a positive integer"),
         (["--max-conns-per-ip", "0"], "--max-conns-per-ip: must be a positive integer"),
@@ -274,7 +274,10 @@ def test_plain_client_against_tls_server_fails_cleanly(pki):
             "--serverAddress", f"127.0.0.1:{server.port}", "--duration", "0.5", "--json"
         )
         assert result.returncode == 1
-        assert json.loads(result.stdout)["requests_acknowledged"] == 0
+        report = json.loads(result.stdout)
+        assert report["requests_acknowledged"] == 0
+        assert "add --tls" in report["first_error"], report["first_error"]
+        assert "add --tls" in result.stderr  # the one-line error a person reads
         assert tls_client(pki, server.port).returncode == 0  # TLS clients still served
     finally:
         server.stop()

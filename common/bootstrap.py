@@ -1,0 +1,48 @@
+"""The first thing every entry point runs (standard library only): if the
+third-party packages are missing (run with a bare ``python3`` before the
+virtualenv exists), say which one and how to install them, in one line,
+instead of a ModuleNotFoundError traceback.
+
+``python -m common.bootstrap PROGRAM`` does the same check for shell scripts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+# import name -> the requirements.txt name that provides it
+REQUIRED = {
+    "gevent": "gevent",
+    "xxhash": "xxhash",
+    "docopt": "docopt-ng",
+    "prometheus_client": "prometheus-client",
+    "pythonjsonlogger": "python-json-logger",
+    "redis": "redis",
+    "hdrh": "hdrhistogram",
+}
+INSTALL = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
+
+
+def missing_package() -> str | None:
+    """The first required package this interpreter cannot import, or None."""
+    for module, package in REQUIRED.items():
+        if importlib.util.find_spec(module) is None:
+            return package
+    return None
+
+
+def require_packages(program: str) -> None:
+    """Exit 1 with one line if a required package is missing."""
+    package = missing_package()
+    if package is not None:
+        print(
+            f"{program}: the Python package {package} is not installed for {sys.executable}; "
+            f"from the repository root run: {INSTALL} (then use .venv/bin/python)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    require_packages(sys.argv[1] if len(sys.argv) > 1 else "counter")

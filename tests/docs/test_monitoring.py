@@ -1,0 +1,101 @@
+"""The Grafana dashboard and the alerting rules only use series the server
+really exports: a server with a state file and one on Redis are scraped,
+and every counter_server_* name the files reference must be among them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from support import REPO_ROOT, exchange, http_get, start_server
+
+MONITORING = REPO_ROOT / "docs" / "monitoring"
+DASHBOARD = MONITORING / "grafana-dashboard.json"
+ALERTS = MONITORING / "alerts.yml"
+SERIES = re.compile(r"\bcounter_server_\w+")
+
+
+def exported(server) -> set[str]:
+    names = set()
+    for family in text_string_to_metric_families(http_get(server.metrics_url())[1]):
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def referenced() -> set[str]:
+    exprs = [
+        target["expr"]
+        for panel in json.loads(DASHBOARD.read_text())["panels"]
+        for target in panel["targets"]
+    ]
+    return set(SERIES.findall(" ".join(exprs))) | set(SERIES.findall(ALERTS.read_text()))
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0?key=counter"
+    proc.kill()
+    proc.wait()
+
+
+def test_every_series_the_dashboard_and_alerts_use_is_exported(tmp_path, redis_url):
+    names: set[str] = set()
+    for args in (
+        ["--state-file", str(tmp_path / "counter.state"), "--rate", "1000"],
+        ["--backend", redis_url],
+    ):
+        server = start_server("--metrics-port", "0", *args)
+        try:
+            exchange(server.port, 1, 2)
+            names |= exported(server)
+        finally:
+            server.stop()
+    wanted = referenced()
+    assert len(wanted) >= 15, wanted
+    assert not wanted - names, f"referenced but not exported: {sorted(wanted - names)}"
+
+
+def test_every_dashboard_panel_has_a_query_and_a_place():
+    dashboard = json.loads(DASHBOARD.read_text())
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert panel["title"] and panel["targets"] and panel["gridPos"]["w"] > 0
+
+
+def test_the_alerting_rules_pass_promtool():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool missing in CI (apt-get install prometheus)")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    result = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 8 rules found" in result.stdout
