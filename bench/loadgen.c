@@ -10,7 +10,7 @@
  * increasing per connection). Prints one JSON object: replies, replies/s,
  * errors, latency percentiles in microseconds (send to reply, per frame),
  * last value seen. The frame for increment 1 is a constant (its XXH64 of "1"
- * is in ../shared/protocol-vectors.json), so no hashing is needed here.
+ * is in docs/protocol-vectors.json), so no hashing is needed here.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>

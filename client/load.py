@@ -2,7 +2,7 @@
 frames in flight, every reply checked; per-connection results for the live
 progress line and the final report.
 
-Depends only on SPEC §2, so it drives any server that speaks the protocol
+Depends only on the protocol (docs/protocol.md), so it drives any server that speaks the protocol
 (the Go original included).
 """
 

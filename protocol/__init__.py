@@ -1,6 +1,6 @@
 """The counter protocol, version 1: bytes <-> values, with no I/O (sans-I/O).
 
-Everything a server or client needs to speak SPEC §2 lives here as pure
+Everything a server or client needs to speak the protocol (docs/protocol.md) lives here as pure
 functions plus one small incremental decoder, so it can be tested exhaustively
 without a network.
 """

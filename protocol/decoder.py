@@ -1,6 +1,6 @@
 """Incremental request decoder: byte chunks of any size in, valid increments out.
 
-Framing never depends on how TCP cut the stream (SPEC §2 rule 1): bytes are
+Framing never depends on how TCP cut the stream (docs/protocol.md, rule 1): bytes are
 buffered until a whole 16-byte frame is present. Decoding stops for good at
 the first frame whose checksum does not match; ``error`` then says why.
 

@@ -1,4 +1,4 @@
-"""Frame and reply codecs of SPEC §2: pure functions on bytes and integers.
+"""Frame and reply codecs of the protocol (docs/protocol.md): pure functions on bytes and integers.
 
 A request frame is 16 bytes: the increment ``n`` (unsigned 64-bit big-endian)
 followed by the XXH64 (seed 0) of ``str(n)`` (big-endian). A reply is the

@@ -22,7 +22,8 @@ from server.launcher import SERVER_SCRIPT, ServerProcess, start_server
 __all__ = ["SERVER_SCRIPT", "ServerProcess", "start_server"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-VECTORS = json.loads((REPO_ROOT.parent / "shared" / "protocol-vectors.json").read_text())
+# The test vectors, cross-checked against the Go library (docs/protocol.md).
+VECTORS = json.loads((REPO_ROOT / "docs" / "protocol-vectors.json").read_text())
 IO_TIMEOUT = 10.0
 
 

@@ -5,7 +5,7 @@ mapping created by the parent before it forks the workers. Each batch is
 applied under an exclusive ``flock`` on a lock file that every worker opens
 for itself: the kernel releases it if a worker dies holding it, so a crashed
 worker can never wedge the others. Replies stay exact and distinct across all
-processes (SPEC §2 rule 3).
+processes (docs/protocol.md, rule 3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Start-up, graceful shutdown and the command line (SPEC §3)."""
+"""Start-up, graceful shutdown and the command line (docs/protocol.md, "The server")."""
 
 from __future__ import annotations
 

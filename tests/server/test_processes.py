@@ -1,4 +1,4 @@
-"""--processes N: workers sharing one port and one counter (issue 8, part 1)."""
+"""--processes N: workers sharing one port and one counter."""
 
 from __future__ import annotations
 

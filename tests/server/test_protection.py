@@ -1,4 +1,4 @@
-"""Timeouts, rate limiting, per-IP limits, the allowlist and TLS (issue 5)."""
+"""Timeouts, rate limiting, per-IP limits, the allowlist and TLS."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §2 rules 1-7 against a real server process over loopback."""
+"""The protocol rules 1-7 of docs/protocol.md against a real server process over loopback."""
 
 from __future__ import annotations
 
