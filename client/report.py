@@ -59,7 +59,7 @@ def format_text(summary: dict) -> str:
     error_text = ", ".join(f"{k} {v:,}" for k, v in errors.items() if v) or "none"
     lines = [
         f"server                 {summary['server']}",
-        f"connections            {plural(summary['connections'], 'connection')} "
+        f"opened                 {plural(summary['connections'], 'connection')} "
         f"({summary['connections_failed']:,} with errors), "
         f"{summary['pipeline']} in flight each, increment {summary['increment']}",
         f"duration               {summary['duration_s']:.2f} s"

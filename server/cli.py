@@ -7,6 +7,7 @@ Parsing only; ``server.wiring`` turns settings into listeners and stores and
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from common import __version__
@@ -147,6 +148,9 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         usage_exit(__doc__, "--backend: run one instance per core instead of --processes")
     if args["--fsync"] != "everysec" and args["--state-file"] is None:
         usage_exit(__doc__, "--fsync: needs --state-file")
+    ready_dir = os.path.dirname(os.path.abspath(args["--ready-file"] or "."))
+    if args["--ready-file"] is not None and not os.path.isdir(ready_dir):
+        usage_exit(__doc__, f"--ready-file: no such directory {ready_dir}")
     if args["--tls-client-ca"] is not None and args["--tls-cert"] is None:
         usage_exit(__doc__, "--tls-client-ca: needs --tls-cert and --tls-key")
     return ServerSettings(

@@ -27,7 +27,9 @@ VECTORS = json.loads((REPO_ROOT / "docs" / "protocol-vectors.json").read_text())
 IO_TIMEOUT = 10.0
 
 
-def run_server_command(*args: str, cwd: Path | None = None, timeout: float = 30.0):
+def run_server_command(
+    *args: str, cwd: Path | None = None, timeout: float = 30.0, env: dict | None = None
+):
     """Run the server's command line to completion (for flag errors, --help)."""
     return subprocess.run(
         [sys.executable, str(SERVER_SCRIPT), *args],
@@ -36,6 +38,7 @@ def run_server_command(*args: str, cwd: Path | None = None, timeout: float = 30.
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env=env,
     )
 
 

@@ -144,7 +144,7 @@ def test_server_killed_mid_run_gives_partial_results():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--serverAddress", "nohostport"], "--serverAddress: expected HOST:PORT"),
+        (["--serverAddress", "nohostport"], "--serverAddress: the port is missing"),
         (["--multiplier", "0"], "--multiplier: must be a positive integer"),
         (["--duration", "soon"], "--duration: must be a number"),
         (["--pipeline", "-3"], "--pipeline: must be a positive integer"),

@@ -17,9 +17,11 @@ from client.spam_report import verdict
 SPAM = REPO_ROOT / "spam.sh"
 
 
-def run_spam(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+def run_spam(
+    env: dict[str, str], timeout: float = 120, args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(SPAM)],
+        [str(SPAM), *args],
         cwd="/",
         env={**os.environ, **env},
         capture_output=True,
@@ -139,32 +141,21 @@ def test_verdict_counts_failed_and_missing_clients():
 
 
 def test_spam_help_prints_usage_and_runs_nothing():
-    result = subprocess.run(
-        [str(SPAM), "--help"], capture_output=True, text=True, timeout=10, cwd="/"
-    )
+    result = run_spam({}, timeout=10, args=("--help",))
     assert result.returncode == 0
     assert result.stdout.startswith("Usage: ./spam.sh")
     assert "CLIENTS" in result.stdout and not result.stderr
 
 
 def test_spam_refuses_unknown_arguments():
-    result = subprocess.run(
-        [str(SPAM), "--clients", "3"], capture_output=True, text=True, timeout=10, cwd="/"
-    )
+    result = run_spam({}, timeout=10, args=("--clients", "3"))
     assert result.returncode == 2
     assert "unknown argument '--clients'" in result.stderr
     assert "Usage: ./spam.sh" in result.stderr
 
 
-def test_spam_without_the_packages_says_how_to_install_them(tmp_path):
-    result = subprocess.run(
-        [str(SPAM)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd="/",
-        env={**os.environ, "PYTHON": f"{tmp_path}/python", "CLIENTS": "1"},
-    )
+def test_spam_with_a_missing_interpreter_stops_at_once(tmp_path):
+    result = run_spam({"PYTHON": f"{tmp_path}/python", "CLIENTS": "1"}, timeout=30)
     assert result.returncode != 0
     assert "cannot read the counter" not in result.stderr
 
@@ -173,14 +164,7 @@ def test_spam_with_a_bare_python_names_the_missing_package(tmp_path):
     bare = tmp_path / "python"
     bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S -E "$@"\n')
     bare.chmod(0o755)
-    result = subprocess.run(
-        [str(SPAM)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd="/",
-        env={**os.environ, "PYTHON": str(bare), "CLIENTS": "1"},
-    )
+    result = run_spam({"PYTHON": str(bare), "CLIENTS": "1"}, timeout=30)
     assert result.returncode == 1
     assert "spam.sh: the Python package gevent is not installed" in result.stderr
     assert "cannot read the counter" not in result.stderr

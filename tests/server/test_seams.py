@@ -79,6 +79,26 @@ def test_a_second_instance_on_a_served_port_is_refused(first, second):
         owner.stop()
 
 
+def test_a_refused_start_leaves_no_file_behind(tmp_path):
+    owner = start_server()
+    try:
+        env = {**os.environ, "TMPDIR": str(tmp_path)}
+        result = run_server_command(
+            "--host", "127.0.0.1", "--port", str(owner.port), "--processes", "2",
+            "--max-conns-per-ip", "5", env=env,
+        )  # fmt: skip
+        assert result.returncode == 1, result
+        assert list(tmp_path.iterdir()) == []  # no lock file or table leaked
+    finally:
+        owner.stop()
+
+
+def test_a_ready_file_in_a_missing_directory_is_a_usage_error(tmp_path):
+    result = run_server_command("--ready-file", str(tmp_path / "missing" / "ready.json"))
+    assert result.returncode == 2
+    assert f"--ready-file: no such directory {tmp_path / 'missing'}" in result.stderr
+
+
 # --- one owner per state file -----------------------------------------------------
 
 
