@@ -1,7 +1,9 @@
 """Instances sharing a counter in Redis: one instance against two, each driven
-by bench/loadgen.c (40 connections in all), ping-pong and 64 in flight; all
+by bench/loadgen.c (40 connections in all), ping-pong and 64 in flight, and one
+instance with the memory store as the reference of the same run; all
 unpinned on this machine's cores, with redis-server (no persistence) beside
-them. Median of --runs.
+them. Runs alternate; median of --runs. Prints the ratios: Redis backend /
+memory store, and two instances / one.
 
 Usage:
   redis_backend.py [--duration SECS] [--runs N]
@@ -30,8 +32,17 @@ from bench.base import OurServer, build_loadgen, options, raise_file_limit
 from bench.run import free_port
 
 
-def run_instances(loadgen: str, workdir: str, url: str, count: int, depth: int, secs: int) -> float:
-    servers = [OurServer(loadgen, ("--backend", url), pin=False) for _ in range(count)]
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of every CPU so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def run_instances(loadgen: str, url: str | None, count: int, depth: int, secs: int) -> float:
+    """Replies/s of ``count`` instances (on Redis ``url``, or in memory if None)."""
+    extra = ("--backend", url) if url else ()
+    servers = [OurServer(loadgen, extra, pin=False) for _ in range(count)]
     for server in servers:
         server.start()
     try:
@@ -66,16 +77,28 @@ def main() -> int:
     time.sleep(0.5)
     try:
         print(f"unpinned, 40 connections in all, {duration}s per run, median of {runs}")
+        url = f"redis://127.0.0.1:{port}/0?key=bench"
+        settings = {"memory, 1 instance": (None, 1), "Redis, 1 instance": (url, 1),
+                    "Redis, 2 instances": (url, 2)}  # fmt: skip
         for name, depth in (("ping-pong", 1), ("64 in flight", 64)):
-            for count in (1, 2):
-                rates = [
-                    run_instances(loadgen, workdir, f"redis://127.0.0.1:{port}/0?key=bench",
-                                  count, depth, duration)
-                    for _ in range(runs)
-                ]  # fmt: skip
-                print(
-                    f"{name:<14} {count} instance(s): {statistics.median(rates):>11,.0f} replies/s"
-                )
+            rates: dict[str, list[float]] = {label: [] for label in settings}
+            busy: dict[str, list[float]] = {label: [] for label in settings}
+            for _ in range(runs):  # alternate, so drift hits every setting alike
+                for label, (backend, count) in settings.items():
+                    before = machine_busy()
+                    rates[label].append(run_instances(loadgen, backend, count, depth, duration))
+                    after = machine_busy()
+                    busy[label].append((after[0] - before[0]) / max(1, after[1] - before[1]))
+            medians = {label: statistics.median(values) for label, values in rates.items()}
+            for label, rate in medians.items():
+                load = statistics.median(busy[label])
+                print(f"{name:<14} {label:<20} {rate:>11,.0f} replies/s, machine {load:.0%} busy")
+            redis_one, redis_two = medians["Redis, 1 instance"], medians["Redis, 2 instances"]
+            print(
+                f"{name:<14} Redis / memory {redis_one / medians['memory, 1 instance']:.2f}x, "
+                f"2 instances / 1 {redis_two / redis_one:.2f}x",
+                flush=True,
+            )
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)

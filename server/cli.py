@@ -25,7 +25,7 @@ from common.cli import (
 )
 from server.admission import Network, parse_network
 from server.store.durable import FSYNC_MODES
-from server.store.redis_backend import parse_backend
+from server.store.redis_backend import Backend, parse_backend
 from server.timeouts import Timeouts
 
 __doc__ = """Counter server: one shared 64-bit counter that many clients add to at
@@ -71,8 +71,12 @@ Options:
   --tls-client-ca FILE     Require client certificates signed by this CA
                            (mutual TLS).
   --backend URL            Keep the counter in Redis, shared by every instance
-                           using it: redis://HOST:PORT/DB?key=NAME (default:
-                           this process's memory).
+                           using it: redis://[USER:PASSWORD@]HOST:PORT/DB?key=NAME,
+                           rediss://... for TLS (&ca=FILE), or
+                           redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB?key=NAME
+                           to follow failovers; &replicas=N replies only once N
+                           replicas have the increment (default: this process's
+                           memory).
   --state-file PATH        Keep the counter in this file so it survives restarts
                            and crashes (memory only when not given).
   --fsync MODE             With --state-file: always (a reply only once its
@@ -114,7 +118,7 @@ class ServerSettings:
     state_file: str | None
     fsync: str
     processes: int
-    backend: tuple[str, str] | None
+    backend: Backend | None
     ready_file: str | None = None
 
 
@@ -132,8 +136,6 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         return value(option, non_negative_float) or None
 
     processes = cpu_count() if args["--processes"] == "auto" else value("--processes", positive_int)
-    if processes > 1 and args["--metrics-port"] is not None:
-        usage_exit(__doc__, "--metrics-port: not supported with --processes above 1 yet")
     rate = optional("--rate", positive_rate)
     burst = optional("--burst", positive_int)
     if burst is not None and rate is None:
@@ -144,8 +146,6 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         usage_exit(__doc__, "--tls-cert and --tls-key go together")
     if args["--backend"] is not None and args["--state-file"] is not None:
         usage_exit(__doc__, "--backend and --state-file: Redis keeps the counter, choose one")
-    if args["--backend"] is not None and processes > 1:
-        usage_exit(__doc__, "--backend: run one instance per core instead of --processes")
     if args["--fsync"] != "everysec" and args["--state-file"] is None:
         usage_exit(__doc__, "--fsync: needs --state-file")
     ready_dir = os.path.dirname(os.path.abspath(args["--ready-file"] or "."))

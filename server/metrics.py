@@ -138,11 +138,11 @@ def _replies_per_write(slots: list[int], total_replies: int) -> HistogramMetricF
     )
 
 
-def build_registry(server: CounterServer) -> CollectorRegistry:
-    """A registry with the server's figures and prometheus_client's process,
-    platform and garbage-collector collectors."""
+def build_registry(collector: Collector) -> CollectorRegistry:
+    """A registry with ``collector`` (the server's figures) and
+    prometheus_client's process, platform and garbage-collector collectors."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(ServerCollector(server))
+    registry.register(collector)
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(collector)
     return registry
@@ -158,8 +158,9 @@ def health(server: CounterServer) -> str | None:
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 
-def make_app(server: CounterServer, registry: CollectorRegistry) -> WSGIApp:
-    """WSGI app: ``/metrics`` (Prometheus text format) and ``/healthz``."""
+def make_app(registry: CollectorRegistry, health: Callable[[], str | None]) -> WSGIApp:
+    """WSGI app: ``/metrics`` (Prometheus text format) and ``/healthz`` (200
+    while ``health()`` is None, else 503 with its reason)."""
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -167,7 +168,7 @@ def make_app(server: CounterServer, registry: CollectorRegistry) -> WSGIApp:
         if path == "/metrics":
             return metrics(environ, start_response)
         if path == "/healthz":
-            problem = health(server)
+            problem = health()
             status = "200 OK" if problem is None else "503 Service Unavailable"
             start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
             return [f"{problem or 'ok'}\n".encode()]
@@ -187,13 +188,23 @@ class _BoundedWSGIServer(WSGIServer):
         sock.close()
 
 
+def serve_metrics(listener: socket.socket, server: CounterServer) -> MetricsServer:
+    """The endpoint of one server process."""
+    return MetricsServer(listener, ServerCollector(server), lambda: health(server))
+
+
 class MetricsServer:
     """The HTTP endpoint, on its own listener (loopback by default), with a
     pool of its own so that scrapers, or anyone else reaching the port, can
     never hold more than ``CONNECTIONS`` descriptors of the server's."""
 
-    def __init__(self, listener: socket.socket, server: CounterServer) -> None:
-        app = make_app(server, build_registry(server))
+    def __init__(
+        self,
+        listener: socket.socket,
+        collector: Collector,
+        health: Callable[[], str | None],
+    ) -> None:
+        app = make_app(build_registry(collector), health)
         self._http = _BoundedWSGIServer(
             listener, app, spawn=Pool(CONNECTIONS), log=None, error_log=log
         )

@@ -12,14 +12,17 @@ import signal
 import sys
 import time
 
+import gevent
+
 from common.cli import configure_logging, cpu_count
 from common.gevent_errors import log_gevent_errors
 from common.ratelog import flush_all
 from common.signals import StopSignals
 from server.banner import Ready, startup_line, totals_lines, write_ready_file
+from server.board import Board, BoardCollector
 from server.cli import ServerSettings, parse_settings
 from server.lifecycle import CounterServer
-from server.metrics import MetricsServer
+from server.metrics import MetricsServer, ServerCollector, health, serve_metrics
 from server.processes import Supervisor, WorkersFailed
 from server.store import CounterStore
 from server.store.shared import SharedCounter
@@ -36,6 +39,8 @@ from server.wiring import (
 )
 
 log = logging.getLogger("counter.server")
+
+PUBLISH_SECONDS = 0.5  # how often a --processes worker publishes its figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +116,7 @@ class Single:
         )
         self.metrics: MetricsServer | None = None
         if claimed.metrics_listener is not None:
-            self.metrics = MetricsServer(claimed.metrics_listener, self.server)
+            self.metrics = serve_metrics(claimed.metrics_listener, self.server)
 
     def start(self, stop_signals: StopSignals) -> Ready:
         self.server.start()
@@ -147,22 +152,45 @@ class Workers:
         self.failed = False
         self.shared = SharedCounter(claimed.initial)
         self.peers = shared_peer_table(settings)
+        self.board = Board(settings.processes)
+        self.stopping = False
         self._signals: StopSignals | None = None
         self.supervisor = Supervisor(
             settings.processes, self._worker, self._give_up, on_death=self._worker_died
         )
+        self.metrics: MetricsServer | None = None
+        if claimed.metrics_listener is not None:
+            self.metrics = MetricsServer(
+                claimed.metrics_listener, BoardCollector(self.board), self._health
+            )
 
     def start(self, stop_signals: StopSignals) -> Ready:
         self._signals = stop_signals
         try:
-            self.supervisor.start(in_child=stop_signals.cancel)
+            self.supervisor.start(in_child=self._in_worker)
         except WorkersFailed:
             self._release()
             raise
-        origin = describe_origin(self.settings, self.claimed, None)
-        return _ready(
-            self.settings, self.claimed, None, os.getpid(), self.supervisor.pids, None, origin
-        )
+        if self.metrics is not None:
+            self.metrics.start()
+        store = open_store(self.settings, self.claimed) if self.settings.backend else None
+        origin = describe_origin(self.settings, self.claimed, store)  # asks Redis
+        ready = _ready(
+            self.settings, self.claimed, store, os.getpid(), self.supervisor.pids, self.metrics,
+            origin,
+        )  # fmt: skip
+        if store is not None:
+            store.close()
+        return ready
+
+    def _in_worker(self) -> None:
+        """First thing in a new worker: drop what only the parent uses."""
+        self._signals.cancel()
+        if self.claimed.metrics_listener is not None:
+            self.claimed.metrics_listener.close()
+
+    def _health(self) -> str | None:
+        return "stopping" if self.stopping else self.board.health()
 
     def _worker(self, index: int, ready) -> int:
         """One worker process: serve on the inherited listener until SIGTERM."""
@@ -174,14 +202,26 @@ class Workers:
         )
         stop_signals = StopSignals()
         server.start()
+        publisher = gevent.spawn(self._publish_every, PUBLISH_SECONDS, index, server)
         ready()
         stop_signals.wait()
         server.stop(self.settings.shutdown_timeout)
         saved = store.close()
+        publisher.kill()
+        self._publish(index, server)  # the final figures, for the parent's totals
         flush_all()
         return 0 if saved else 1
 
+    def _publish_every(self, seconds: float, index: int, server: CounterServer) -> None:
+        while True:
+            self._publish(index, server)
+            gevent.sleep(seconds)
+
+    def _publish(self, index: int, server: CounterServer) -> None:
+        self.board.publish(index, ServerCollector(server).collect(), health(server))
+
     def _worker_died(self, index: int) -> None:
+        self.board.retire(index)
         if self.peers is not None:
             self.peers.forget_worker(index)
 
@@ -191,7 +231,10 @@ class Workers:
             self._signals.request()
 
     def stop(self) -> bool:
+        self.stopping = True
         killed = self.supervisor.stop(self.settings.shutdown_timeout + 5)
+        if self.metrics is not None:
+            self.metrics.stop()
         if killed:
             log.warning("%d workers did not stop in time and were killed", killed)
         saved = True
@@ -218,11 +261,17 @@ class Workers:
 
     @property
     def requests_applied(self) -> int:
-        return self.shared.requests_applied
+        """Every worker's, dead ones' included (as they last published)."""
+        if self.settings.backend is None:
+            return self.shared.requests_applied
+        return int(self.board.total("counter_server_requests_applied"))
 
     @property
     def value(self) -> int:
-        return self.shared.value
+        if self.settings.backend is None:
+            return self.shared.value
+        family = self.board.merged().get("counter_server_value")
+        return int(max(family[2].values())) if family else 0
 
 
 def _ready(

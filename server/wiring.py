@@ -22,7 +22,7 @@ from server.peers import PeerTable, SharedAdmission, SharedRateLimiter
 from server.ratelimit import RateLimiter
 from server.store import CounterStore, MemoryCounterStore
 from server.store.durable import DurableCounterStore
-from server.store.redis_backend import RedisCounterStore
+from server.store.redis_backend import BackendError, RedisCounterStore, check_backend
 from server.store.shared import SharedCounter
 from server.store.statefile import StateFile, StateFileError
 
@@ -34,7 +34,7 @@ class ListenError(OSError):
 
 
 # What can stop an instance from starting: each prints as one line, exit 1.
-SETUP_ERRORS = (ListenError, TLSSetupError, StateFileError)
+SETUP_ERRORS = (ListenError, TLSSetupError, StateFileError, BackendError)
 
 
 @dataclass
@@ -65,6 +65,8 @@ def claim(settings: ServerSettings) -> Claimed:
         if settings.metrics_port is not None:
             metrics_listener = open_listener(settings.metrics_host, settings.metrics_port)
             opened.append(metrics_listener)
+        if settings.backend is not None:
+            check_backend(settings.backend)
         state, initial, existed = None, 0, False
         if settings.state_file is not None:
             state = StateFile(settings.state_file)
@@ -83,8 +85,7 @@ def open_store(
     """The store stack the settings ask for: Redis; or memory (this
     process's, or ``shared`` by the workers), made durable by the state file."""
     if settings.backend is not None:
-        url, key = settings.backend
-        return RedisCounterStore(url, key)
+        return RedisCounterStore(settings.backend)
     if shared is None:
         core: CounterStore = MemoryCounterStore(claimed.initial)
         on_disk = claimed.initial
@@ -99,8 +100,8 @@ def open_store(
 def describe_origin(settings: ServerSettings, claimed: Claimed, store: CounterStore | None) -> str:
     """Where the counter came from, for the start-up line ("" for memory)."""
     if isinstance(store, RedisCounterStore):
-        url, key = settings.backend
-        return f"counter {store.current_value()} in Redis {url} key {key}"
+        backend = settings.backend
+        return f"counter {store.current_value()} in Redis {backend.url} key {backend.key}"
     if claimed.state is None:
         return ""
     how = (

@@ -7,6 +7,7 @@ wrong fails with a message instead of hanging.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,6 +50,17 @@ def http_get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics (``url``), by full sample name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(http_get(url)[1]):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"no sample {name}{labels or ''} at {url}")
 
 
 def connect(port: int, timeout: float = IO_TIMEOUT) -> socket.socket:
@@ -176,3 +188,48 @@ def run_client(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+class RedisServer:
+    """A redis-server on a free loopback port, persisting every write (AOF,
+    fsync always) in ``directory`` so a restart keeps the counter. ``extra``
+    arguments go to redis-server (a password, a replica, TLS...)."""
+
+    def __init__(self, directory, *extra: str, password: str | None = None) -> None:
+        self.directory = str(directory)
+        self.extra = list(extra)
+        self.password = password
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            self.port = probe.getsockname()[1]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             self.directory, "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+             *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.cli("ping") == "PONG":
+                return
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def cli(self, *args: str) -> str:
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        result = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *auth, *args], capture_output=True, text=True
+        )
+        return result.stdout.strip()
+
+    def url(self, key: str = "counter") -> str:
+        return f"redis://127.0.0.1:{self.port}/0?key={key}"

@@ -1,24 +1,30 @@
 """The counter in Redis, so any number of server instances on any machines
-share it (``--backend redis://HOST:PORT/DB?key=NAME``).
+share it (``--backend redis://...``, or ``redis+sentinel://...`` to follow a
+primary through failovers; see ``parse_backend``).
 
 Batching: ``apply`` queues its increments and waits; one flusher greenlet
-sends everything queued since the last round trip as one MULTI/EXEC of INCRBY
-commands (one per connection read, so each read's total comes back), and
-derives every frame's reply from its read's returned total. INCRBY is atomic
-and exact, so replies stay exact and distinct across instances.
+sends everything queued since the last round trip as one ``INCRBY`` of their
+sum. Redis returns the total after it; the reads of a flush are in the
+flusher's order, so every frame's reply follows from that total. INCRBY is
+atomic and exact, so replies stay exact and distinct across instances.
 
 Range: Redis integers are signed 64-bit, so this backend counts from 0 to
-2^63 - 1; an increment past that is refused like any overflow (Redis itself
-refuses the INCRBY, and the frames of the read that still fit are applied with
-a second INCRBY).
+2^63 - 1. If the flush's INCRBY would pass it, Redis refuses it and the flush
+falls back to one MULTI/EXEC of an INCRBY per read: the reads that fit are
+applied, the read that would pass the limit applies the frames that still fit
+(a second INCRBY) and is refused from there, like any overflow.
+
+Replicas (``replicas=N``): the INCRBY is followed by ``WAIT N`` in the same
+round trip, and no reply is sent unless N replicas have the increment; a
+failover to one of them then cannot lose an acknowledged increment.
 
 Outages: a reply is only sent for an increment Redis confirmed. If Redis cannot
 be reached, queued reads wait while the flusher retries (bounded), then fail:
 their connections are closed without replies, the server keeps running and
-recovers when Redis returns. A transaction whose outcome is unknown (the
-connection broke after it was sent) is never retried, so nothing is applied
-twice by us; its increments may or may not have been applied, and are not
-acknowledged.
+recovers when Redis returns. A command whose outcome is unknown (the
+connection broke after it was sent, or WAIT fell short) is never retried, so
+nothing is applied twice by us; its increments may or may not have been
+applied, and are not acknowledged.
 """
 
 from __future__ import annotations
@@ -26,49 +32,164 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from urllib.parse import parse_qs, urlsplit
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import gevent
 import redis
 from gevent.event import Event
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
+from common.ratelog import RateLimitedLog
 from server.store.base import Figure, StoreUnavailable, advance
 
 log = logging.getLogger("counter.redis")
 
 REDIS_MAX = 2**63 - 1
-CONNECT_RETRIES = 10
-RETRY_SECONDS = 0.5
-SOCKET_TIMEOUT = 5.0
+CONNECT_RETRIES = 10  # PINGs before the queued reads are failed
+RETRY_SECONDS = 0.5  # between those PINGs
+SOCKET_TIMEOUT = 5.0  # connect and command timeout
+WAIT_TIMEOUT_MS = 1000  # default longest WAIT for replicas
+FLUSHERS = 2  # round trips to Redis in flight at once
+SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
+USAGE = (
+    "redis://[USER:PASSWORD@]HOST:PORT/DB?key=NAME (rediss:// for TLS) or "
+    "redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE/DB?key=NAME"
+)
 
 
-def parse_backend(url: str) -> tuple[str, str]:
-    """``redis://HOST:PORT/DB?key=NAME`` -> (connection URL, key); ValueError if not."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ValueError(f"expected redis://HOST:PORT/DB?key=NAME, got {url!r}")
-    try:
-        parts.port  # noqa: B018 - validates the port
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
-    database = parts.path.lstrip("/") or "0"
-    if not database.isdigit():
-        raise ValueError(f"the database must be a number, got {database!r}")
-    key = parse_qs(parts.query).get("key", ["counter"])[0]
+class BackendError(Exception):
+    """The backend cannot be used at start (bad password, no sentinel answers); one line."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A parsed ``--backend`` URL."""
+
+    url: str  # as given, password hidden, for logs
+    key: str
+    database: int
+    hosts: tuple[tuple[str, int], ...]  # the server, or the sentinels
+    service: str | None  # the Sentinel service (primary) name
+    username: str | None
+    password: str | None
+    tls: bool
+    ca: str | None  # CA file for TLS
+    replicas: int  # WAIT for this many replicas before replying
+    replica_timeout_ms: int
+
+    def client(self) -> redis.Redis:
+        """A redis-py client for the primary (found through the sentinels)."""
+        options = {
+            "db": self.database,
+            "username": self.username,
+            "password": self.password,
+            "socket_timeout": SOCKET_TIMEOUT,
+            "socket_connect_timeout": SOCKET_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),  # we decide what may be retried
+        }
+        if self.tls:
+            options.update(ssl=True, ssl_ca_certs=self.ca)
+        if self.service is None:
+            host, port = self.hosts[0]
+            return redis.Redis(host=host, port=port, **options)
+        sentinel = Sentinel(
+            list(self.hosts),
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+            sentinel_kwargs={"socket_timeout": SOCKET_TIMEOUT},
+        )
+        return sentinel.master_for(self.service, **options)
+
+
+def parse_backend(raw: str) -> Backend:
+    """The ``--backend`` URL; ValueError (one line) if it is not usable."""
+    parts = urlsplit(raw)
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {parts.scheme + '://' if parts.scheme else ''!r}: "
+                         f"expected {USAGE}")  # fmt: skip
+    sentinel = parts.scheme.endswith("+sentinel")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    hosts = []
+    for item in hostlist.split(","):
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]") if sep else item
+        if not host:
+            raise ValueError(f"a host is missing in {raw!r}: expected {USAGE}")
+        if sep and not port.isdigit():
+            raise ValueError(f"bad port {port!r} in {raw!r}")
+        hosts.append((host, int(port) if sep else 26379 if sentinel else 6379))
+    if not sentinel and len(hosts) != 1:
+        raise ValueError("several hosts need redis+sentinel://")
+    path = parts.path.split("/")[1:]  # "/SERVICE/DB" or "/DB"
+    if path and not path[-1]:
+        path.pop()  # a trailing slash
+    service = None
+    if sentinel:
+        if not path or not path[0]:
+            raise ValueError(f"the Sentinel service name is missing: expected {USAGE}")
+        service, path = path[0], path[1:]
+    database = path[0] if path else "0"
+    if len(path) > 1 or not database.isdigit():
+        raise ValueError(f"the database must be a number, got {'/'.join(path)!r}")
+    query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    unknown = set(query) - {"key", "ca", "replicas", "replica_timeout_ms"}
+    if unknown:
+        raise ValueError(f"unknown option {sorted(unknown)[0]}= in {USAGE}")
+    key = query.get("key", "counter")
     if not key:
         raise ValueError("key= must not be empty")
-    connection = f"{parts.scheme}://{parts.netloc}/{database}"
-    return connection, key
+    replicas = query.get("replicas", "0")
+    timeout = query.get("replica_timeout_ms", str(WAIT_TIMEOUT_MS))
+    if not replicas.isdigit() or not timeout.isdigit() or int(timeout) < 1:
+        raise ValueError("replicas= and replica_timeout_ms= must be whole numbers")
+    tls = parts.scheme.startswith("rediss")
+    if "ca" in query and not tls:
+        raise ValueError("ca= needs rediss:// (or rediss+sentinel://)")
+    shown = raw.replace(f":{password}@", ":***@") if password else raw
+    return Backend(
+        url=shown, key=key, database=int(database), hosts=tuple(hosts), service=service,
+        username=unquote(username) or None, password=unquote(password) or None, tls=tls,
+        ca=query.get("ca"), replicas=int(replicas), replica_timeout_ms=int(timeout),
+    )  # fmt: skip
 
 
-class _Pending:
-    __slots__ = ("done", "error", "increments", "replies")
+def check_backend(backend: Backend) -> None:
+    """At start: BackendError (one line) if the password is refused or no
+    sentinel knows the primary. A plain Redis that is merely down is not an
+    error: the server starts and serves once it comes back."""
+    client = backend.client()
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise BackendError(f"Redis {backend.url}: authentication failed: {exc}") from None
+    except redis.sentinel.MasterNotFoundError as exc:
+        raise BackendError(
+            f"Redis {backend.url}: no sentinel knows the primary {backend.service!r}: {exc}"
+        ) from None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            raise BackendError(f"Redis {backend.url}: authentication failed: {exc}") from None
+        raise BackendError(f"Redis {backend.url}: {exc}") from None
+    except redis.ConnectionError as exc:
+        if backend.tls and "SSL" in str(exc).upper():
+            raise BackendError(f"Redis {backend.url}: TLS failed: {exc}") from None
+        log.warning("Redis %s is not reachable yet (%s); serving once it is", backend.url, exc)
+    finally:
+        client.close()
 
-    def __init__(self, increments: Sequence[int]) -> None:
-        self.increments = increments
-        self.replies: list[int] = []
+
+class _Batch:
+    """The reads queued for one round trip; everyone waits on one event."""
+
+    __slots__ = ("done", "error", "reads", "replies")
+
+    def __init__(self) -> None:
+        self.reads: list[Sequence[int]] = []
+        self.replies: list[list[int]] = []  # per read, once done
         self.error: str | None = None
         self.done = Event()
 
@@ -76,16 +197,13 @@ class _Pending:
 class RedisCounterStore:
     """``CounterStore`` whose counter is one Redis key."""
 
-    def __init__(self, url: str, key: str) -> None:
-        self.key = key
-        self._redis = redis.Redis.from_url(
-            url,
-            retry=Retry(NoBackoff(), 0),  # we decide what may be retried
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-        )
-        self._queue: list[_Pending] = []
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.key = backend.key
+        self._redis = backend.client()
+        self._open = _Batch()  # the reads waiting for the next round trip
         self._wake = Event()
+        self._in_flight = 0
         self._suspect = True  # check the connection before the next transaction
         self._unhealthy: str | None = None  # why increments cannot be confirmed now
         self._last_value = 0
@@ -93,7 +211,11 @@ class RedisCounterStore:
         self.round_trips = 0
         self.reads_batched = 0
         self.errors = 0
-        self._flusher = gevent.spawn(self._run)
+        self.replica_shortfalls = 0
+        self._events = RateLimitedLog(log)  # an outage fails every batch
+        # Two flushers: while one waits for Redis, the other can send the
+        # reads queued meanwhile (each INCRBY is atomic, so replies stay exact).
+        self._flushers = [gevent.spawn(self._run) for _ in range(FLUSHERS)]
 
     @property
     def value(self) -> int:
@@ -113,13 +235,14 @@ class RedisCounterStore:
         return self._last_value
 
     def apply(self, increments: Sequence[int]) -> Sequence[int]:
-        pending = _Pending(increments)
-        self._queue.append(pending)
+        batch = self._open
+        index = len(batch.reads)
+        batch.reads.append(increments)
         self._wake.set()
-        pending.done.wait()
-        if pending.error is not None:
-            raise StoreUnavailable(pending.error)
-        return pending.replies
+        batch.done.wait()
+        if batch.error is not None:
+            raise StoreUnavailable(batch.error)
+        return batch.replies[index]
 
     def _run(self) -> None:
         while True:
@@ -127,53 +250,129 @@ class RedisCounterStore:
             # so /healthz recovers by itself.
             self._wake.wait(timeout=None if self._unhealthy is None else RETRY_SECONDS)
             self._wake.clear()
-            batch, self._queue = self._queue, []
-            if not batch and self._unhealthy is not None:
-                self._reachable(attempts=1)
-            elif batch:
-                try:
-                    self._flush(batch)
-                except Exception:  # never let the flusher die: fail this batch
-                    log.exception("Redis: unexpected error; %d reads not acknowledged", len(batch))
-                    for pending in batch:
-                        if not pending.done.is_set():
-                            pending.error = "internal error"
-                            pending.done.set()
+            batch = self._open
+            if not batch.reads:
+                if self._unhealthy is not None:
+                    self._reachable(attempts=1)
+                continue
+            self._open = _Batch()
+            self._in_flight += 1
+            try:
+                self._flush(batch)
+            except Exception:  # never let a flusher die: fail this batch
+                log.exception(
+                    "Redis: unexpected error; %d reads not acknowledged", len(batch.reads)
+                )
+                self._finish(batch, error="internal error")
+            finally:
+                self._in_flight -= 1
 
-    def _flush(self, batch: list[_Pending]) -> None:
+    def _flush(self, batch: _Batch) -> None:
+        """One round trip for the whole batch: INCRBY of the sum (and WAIT)."""
+        sums = [sum(increments) for increments in batch.reads]
         try:
             if not self._reachable():
                 raise StoreUnavailable("Redis unreachable")
-            sums = [sum(p.increments) for p in batch]
-            pipe = self._redis.pipeline(transaction=True)
-            for total in sums:
-                pipe.incrby(self.key, total)
-            results = pipe.execute(raise_on_error=False)
+            results = self._incrby(sum(sums))
+            self.round_trips += 1
+            self.reads_batched += len(sums)
+            after = results[0]
+            if isinstance(after, redis.ResponseError) and "overflow" in str(after):
+                self._flush_per_read(batch, sums)
+                return
+            if isinstance(after, Exception):
+                raise after
+            self._check_wait(results[1:])
         except (redis.RedisError, StoreUnavailable) as exc:
-            self._suspect = True
-            self._unhealthy = f"Redis: {exc}"
-            self.errors += 1
-            log.error("Redis: %s; %d reads not acknowledged", exc, len(batch))
-            for pending in batch:
-                pending.error = f"Redis: {exc}"
-                pending.done.set()
+            self._fail(batch, exc)
             return
+        self._healthy()
+        value = after - sum(sums)
+        for increments, total in zip(batch.reads, sums, strict=True):
+            batch.replies.append(advance(value, increments, REDIS_MAX))
+            value += total
+        self._last_value = max(self._last_value, after)
+        self._finish(batch)
+
+    def _flush_per_read(self, batch: _Batch, sums: list[int]) -> None:
+        """The batch's sum would pass 2^63 - 1: one MULTI/EXEC of an INCRBY per
+        read, so the reads that fit are applied and the one that would pass the
+        limit applies the frames that still fit."""
+        pipe = self._redis.pipeline(transaction=True)
+        for total in sums:
+            pipe.incrby(self.key, total)
+        results = pipe.execute(raise_on_error=False)
         self.round_trips += 1
-        self.reads_batched += len(batch)
-        for pending, total, result in zip(batch, sums, results, strict=True):
+        for increments, total, result in zip(batch.reads, sums, results, strict=True):
             if isinstance(result, Exception):
-                try:
-                    pending.replies = self._apply_prefix(pending.increments)
-                except redis.RedisError as exc:
-                    self._suspect = True
-                    pending.error = f"Redis: {exc}"
-                    pending.done.set()
-                    continue
+                batch.replies.append(self._apply_prefix(increments))
             else:
-                pending.replies = advance(result - total, pending.increments, REDIS_MAX)
+                batch.replies.append(advance(result - total, increments, REDIS_MAX))
                 self._last_value = max(self._last_value, result)
-            self._applied += len(pending.replies)
-            pending.done.set()
+        if self.backend.replicas:
+            self._check_wait([self._redis.execute_command("WAIT", *self._wait_args())])
+        self._finish(batch)
+
+    def _finish(self, batch: _Batch, error: str | None = None) -> None:
+        """Wake the batch's readers with their replies, or the error for all."""
+        if error is not None:
+            batch.error = error
+        else:
+            self._applied += sum(len(replies) for replies in batch.replies)
+        batch.done.set()
+
+    def _incrby(self, total: int) -> list:
+        """[the total after INCRBY (or the error Redis answered), WAIT's count]."""
+        if not self.backend.replicas:  # a bare command: less client work than a pipeline
+            try:
+                return [self._redis.execute_command("INCRBY", self.key, total)]
+            except redis.ResponseError as exc:
+                return [exc]
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.incrby(self.key, total)
+        self._queue_wait(pipe)
+        return pipe.execute(raise_on_error=False)
+
+    def _wait_args(self) -> tuple[int, int]:
+        return self.backend.replicas, self.backend.replica_timeout_ms
+
+    def _queue_wait(self, pipe) -> None:
+        if self.backend.replicas:
+            pipe.execute_command("WAIT", *self._wait_args())
+
+    def _check_wait(self, results: list) -> None:
+        """StoreUnavailable unless WAIT saw enough replicas (the increment is
+        applied on the primary, but not acknowledged: a failover could lose it)."""
+        if not self.backend.replicas:
+            return
+        copies = results[0]
+        if isinstance(copies, Exception):
+            raise copies
+        if copies < self.backend.replicas:
+            self.replica_shortfalls += 1
+            raise StoreUnavailable(
+                f"only {copies} of {self.backend.replicas} replicas confirmed within "
+                f"{self.backend.replica_timeout_ms} ms"
+            )
+
+    def _fail(self, batch: _Batch, exc: Exception) -> None:
+        self._suspect = True
+        self._unhealthy = f"Redis: {exc}"
+        self.errors += 1
+        self._events.log(
+            "failed",
+            logging.ERROR,
+            "Redis: %s; %d reads not acknowledged",
+            exc,
+            len(batch.reads),
+            extra={"error": str(exc), "reads": len(batch.reads)},
+        )
+        self._finish(batch, error=f"Redis: {exc}")
+
+    def _healthy(self) -> None:
+        if self._unhealthy is not None:
+            log.warning("Redis: confirming increments again")
+        self._unhealthy = None
 
     def _reachable(self, attempts: int = CONNECT_RETRIES) -> bool:
         """After a failure, wait (bounded) until Redis answers PING."""
@@ -215,18 +414,24 @@ class RedisCounterStore:
 
     def figures(self) -> list[Figure]:
         return [
-            Figure("backend_round_trips", "Transactions sent to Redis.", self.round_trips),
+            Figure("backend_round_trips", "Round trips to Redis (one INCRBY each).",
+                   self.round_trips),
             Figure("backend_reads_batched",
                    "Connection reads carried by those transactions (÷ round trips = batch).",
                    self.reads_batched),
             Figure("backend_errors", "Failed Redis round trips.", self.errors),
+            Figure("backend_replica_shortfalls",
+                   "Round trips whose WAIT saw fewer replicas than replicas= asks.",
+                   self.replica_shortfalls),
         ]  # fmt: skip
 
     def close(self) -> bool:
         started = time.monotonic()
-        while self._queue and time.monotonic() - started < SOCKET_TIMEOUT:
+        while (self._open.reads or self._in_flight) and (
+            time.monotonic() - started < SOCKET_TIMEOUT
+        ):
             gevent.sleep(0.01)
-        self._flusher.kill()
+        gevent.killall(self._flushers)
         self.current_value()
         self._redis.close()
         return True

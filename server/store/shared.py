@@ -57,6 +57,7 @@ class SharedCounterStore(PlainStore):
         self._shared = shared
         self._memory = shared.memory
         self._lock = os.open(shared.lock_path, os.O_RDWR)
+        self._applied = 0  # by this worker (the shared count holds every worker's)
 
     @property
     def value(self) -> int:
@@ -64,7 +65,8 @@ class SharedCounterStore(PlainStore):
 
     @property
     def requests_applied(self) -> int:
-        return self._shared.requests_applied
+        """Frames this worker applied (metrics sum the workers)."""
+        return self._applied
 
     def apply(self, increments: Sequence[int]) -> Sequence[int]:
         memory = self._memory
@@ -76,6 +78,7 @@ class SharedCounterStore(PlainStore):
                 _LAYOUT.pack_into(memory, 0, replies[-1], applied + len(replies))
         finally:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
+        self._applied += len(replies)
         return replies
 
     def close(self) -> bool:

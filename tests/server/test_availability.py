@@ -19,6 +19,7 @@ from support import (
     exchange,
     frames,
     http_get,
+    metric,
     recv_replies,
     run_client,
     start_server,
@@ -29,9 +30,7 @@ from protocol import encode_request
 
 
 def closed_count(server, reason: str) -> float:
-    text = http_get(server.metrics_url())[1]
-    line = f'counter_server_connections_closed_total{{reason="{reason}"}} '
-    return float(next(row for row in text.splitlines() if row.startswith(line)).split()[1])
+    return metric(server.metrics_url(), "counter_server_connections_closed_total", reason=reason)
 
 
 # --- TLS handshake ------------------------------------------------------------------

@@ -4,13 +4,12 @@ that each test starts on loopback (.ci/run installs redis-server)."""
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import threading
 import time
 
 import pytest
 from support import (
+    RedisServer,
     connect,
     exchange,
     frames,
@@ -23,48 +22,11 @@ from support import (
 
 from protocol import decode_replies
 
-REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(
-    REDIS is None, reason="redis-server is not installed (apt-get install redis-server)"
+    shutil.which("redis-server") is None,
+    reason="redis-server is not installed (apt-get install redis-server)",
 )
 REDIS_MAX = 2**63 - 1
-
-
-class RedisServer:
-    """A redis-server on a free loopback port, persisting every write (AOF,
-    fsync always) in ``directory`` so a restart keeps the counter."""
-
-    def __init__(self, directory) -> None:
-        self.directory = str(directory)
-        with socket.create_server(("127.0.0.1", 0)) as probe:
-            self.port = probe.getsockname()[1]
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.cli("ping") == "PONG":
-                return
-            time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def cli(self, *args: str) -> str:
-        result = subprocess.run(
-            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True
-        )
-        return result.stdout.strip()
-
-    def url(self, key: str = "counter") -> str:
-        return f"redis://127.0.0.1:{self.port}/0?key={key}"
 
 
 @pytest.fixture
@@ -198,8 +160,14 @@ def test_overflow_at_the_redis_limit_applies_the_frames_that_fit(redis_server):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--backend", "http://x"], "--backend: expected redis://HOST:PORT/DB?key=NAME"),
+        (["--backend", "http://x"], "--backend: unknown scheme 'http://': expected redis://"),
         (["--backend", "redis://h:1/db"], "--backend: the database must be a number"),
+        (["--backend", "redis+sentinel://h:1"], "--backend: the Sentinel service name is missing"),
+        (["--backend", "redis+sentinel://h:1,h:2//0"], "--backend: the Sentinel service name"),
+        (["--backend", "redis://h:1,h:2/0"], "--backend: several hosts need redis+sentinel://"),
+        (["--backend", "redis://h:1/0?ca=x"], "--backend: ca= needs rediss://"),
+        (["--backend", "redis://h:1/0?replicas=x"], "--backend: replicas= and"),
+        (["--backend", "redis://h:1/0?color=red"], "--backend: unknown option color="),
         (["--backend", "redis://h:1/0", "--state-file", "s"], "choose one"),
     ],
 )

@@ -1,0 +1,302 @@
+"""The Redis backend beyond one plain server: passwords and ACL users, TLS,
+Sentinel failover with replica acknowledgement, --processes, and one INCRBY
+per flush. Every Redis here is a real redis-server (or redis-sentinel) on
+loopback, started and stopped by the test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from support import (
+    RedisServer,
+    exchange,
+    frames,
+    http_get,
+    metric,
+    recv_replies,
+    run_server_command,
+    start_server,
+)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None or shutil.which("redis-sentinel") is None,
+    reason="redis-server and redis-sentinel are not installed (apt-get install redis-server "
+    "redis-sentinel)",
+)
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {seconds}s"
+        time.sleep(0.1)
+
+
+# --- passwords, ACL users, TLS ---------------------------------------------------------
+
+
+def test_a_password_and_an_acl_user(tmp_path):
+    redis = RedisServer(
+        tmp_path, "--requirepass", "s3cret", "--user", "counter", "on", ">pw", "~*", "&*",
+        "+@all", password="s3cret",
+    )  # fmt: skip
+    redis.start()
+    try:
+        for userinfo in (":s3cret", "counter:pw"):
+            server = start_server("--backend", f"redis://{userinfo}@127.0.0.1:{redis.port}/0")
+            try:
+                assert exchange(server.port, 2)[0] >= 2
+            finally:
+                server.stop()
+            assert "s3cret" not in server.stdout + server.stderr  # never printed
+        wrong = run_server_command("--backend", f"redis://counter:nope@127.0.0.1:{redis.port}/0")
+        assert wrong.returncode == 1
+        assert wrong.stderr.count("\n") == 1, wrong.stderr
+        assert "authentication failed" in wrong.stderr and "nope" not in wrong.stderr
+        assert "Traceback" not in wrong.stderr
+        assert redis.cli("get", "counter") == "4"
+    finally:
+        redis.kill()
+
+
+def test_tls_to_redis_with_a_ca(tmp_path, pki):
+    tls_port = free_port()
+    redis = RedisServer(
+        tmp_path, "--tls-port", str(tls_port), "--tls-cert-file", pki["server_cert"],
+        "--tls-key-file", pki["server_key"], "--tls-ca-cert-file", pki["ca"],
+        "--tls-auth-clients", "no",
+    )  # fmt: skip
+    redis.start()
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0?key=tls&ca={pki['ca']}"
+        server = start_server("--backend", url)
+        try:
+            assert exchange(server.port, 5) == (5,)
+        finally:
+            server.stop()
+        assert redis.cli("get", "tls") == "5"
+        untrusted = run_server_command(
+            "--backend", f"rediss://127.0.0.1:{tls_port}/0?ca={pki['stranger_ca']}"
+        )
+        assert untrusted.returncode == 1
+        assert "TLS failed" in untrusted.stderr and untrusted.stderr.count("\n") == 1
+    finally:
+        redis.kill()
+
+
+# --- one INCRBY per flush ------------------------------------------------------------------
+
+
+def test_a_flush_is_one_incrby_whatever_the_reads(tmp_path):
+    redis = RedisServer(tmp_path)
+    redis.start()
+    server = start_server("--backend", redis.url(), "--metrics-port", "0", "--multiplier", "20")
+    try:
+        redis.cli("config", "resetstat")
+        threads = [
+            threading.Thread(target=lambda: [exchange(server.port, 1, 1, 1) for _ in range(50)])
+            for _ in range(10)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert redis.cli("get", "counter") == str(10 * 50 * 3)
+        stats = redis.cli("info", "commandstats")
+        incrby = int(stats.split("cmdstat_incrby:calls=")[1].split(",")[0])
+        trips = metric(server.metrics_url(), "counter_server_backend_round_trips_total")
+        reads = metric(server.metrics_url(), "counter_server_backend_reads_batched_total")
+        assert "cmdstat_multi" not in stats  # no transaction per read any more
+        assert incrby == trips  # one INCRBY per round trip
+        assert reads == 500 and trips <= reads
+    finally:
+        server.stop()
+        redis.kill()
+
+
+# --- --processes with the backend and one metrics endpoint ---------------------------------
+
+
+def test_processes_share_redis_and_serve_one_metrics_endpoint(tmp_path):
+    redis = RedisServer(tmp_path)
+    redis.start()
+    server = start_server(
+        "--processes", "2", "--backend", redis.url(), "--metrics-port", "0", "--multiplier", "10"
+    )
+    try:
+        replies = [exchange(server.port, 1)[0] for _ in range(40)]
+        assert sorted(replies) == list(range(1, 41))
+        time.sleep(1.2)  # the workers publish their figures twice a second
+
+        def applied() -> float:
+            return metric(server.metrics_url(), "counter_server_requests_applied_total")
+
+        assert applied() == 40
+        os.kill(server.ready.workers[0], signal.SIGKILL)  # its counts must not vanish
+        time.sleep(1.0)
+        assert applied() >= 40
+        assert http_get(server.metrics_url("/healthz")) == (200, "ok\n")
+        wait_until(lambda: exchange(server.port, 1)[0] > 40, 10, "served after the restart")
+    finally:
+        assert server.stop() == 0
+    applied_total, final = server.totals
+    assert final == int(redis.cli("get", "counter")) >= 41
+    assert applied_total >= 41
+    redis.kill()
+
+
+# --- Sentinel failover --------------------------------------------------------------------
+
+
+class Sentinel:
+    def __init__(self, directory: Path, primary_port: int) -> None:
+        self.port = free_port()
+        config = directory / f"sentinel-{self.port}.conf"
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {directory}\n"
+            f"sentinel monitor primary 127.0.0.1 {primary_port} 2\n"
+            "sentinel down-after-milliseconds primary 1000\n"
+            "sentinel failover-timeout primary 4000\n"
+            "sentinel parallel-syncs primary 2\n"
+        )
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-sentinel"), str(config)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def primary(self) -> str:
+        result = subprocess.run(
+            ["redis-cli", "-p", str(self.port), "sentinel", "get-master-addr-by-name", "primary"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        return result.stdout.split()[-1] if result.stdout.split() else ""
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Counting:
+    """Connections incrementing by 1 through a server, reconnecting when it
+    closes them; every acknowledged reply is kept with its time."""
+
+    def __init__(self, port: int, connections: int) -> None:
+        self.port = port
+        self.replies: list[tuple[float, int]] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(connections)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                    while not self.stop.is_set():
+                        sock.sendall(frames(1))
+                        value = recv_replies(sock, 1)[0]
+                        with self.lock:
+                            self.replies.append((time.monotonic(), value))
+            except (OSError, AssertionError):
+                self.stop.wait(0.05)  # not acknowledged: try again on a new connection
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def test_sentinel_failover_keeps_every_acknowledged_increment(tmp_path):
+    # No delay before a replica's first sync (Redis 7 waits 5 s by default).
+    fast_sync = ("--repl-diskless-sync-delay", "0")
+    primary = RedisServer(tmp_path / "primary", *fast_sync)
+    (tmp_path / "primary").mkdir()
+    primary.start()
+    replicas = []
+    for name in ("replica-1", "replica-2"):
+        (tmp_path / name).mkdir()
+        replica = RedisServer(
+            tmp_path / name, "--replicaof", "127.0.0.1", str(primary.port), *fast_sync
+        )
+        replica.start()
+        replicas.append(replica)
+    sentinels, servers, load = [], [], []
+    try:
+        wait_until(
+            lambda: primary.cli("info", "replication").count("state=online") == 2,
+            15,
+            "both replicas in sync",
+        )
+        sentinels = [Sentinel(tmp_path, primary.port) for _ in range(3)]
+        wait_until(lambda: all(s.primary() == str(primary.port) for s in sentinels), 15,
+                   "sentinels watching")  # fmt: skip
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
+        url = f"redis+sentinel://{hosts}/primary/0?key=counter&replicas=1"
+        servers = [start_server("--backend", url, "--multiplier", "10") for _ in range(2)]
+        load = [Counting(server.port, 4) for server in servers]
+        time.sleep(2)
+        killed_at = time.monotonic()
+        primary.kill()
+        wait_until(
+            lambda: any(s.primary() not in ("", str(primary.port)) for s in sentinels),
+            30,
+            "a replica promoted",
+        )
+        wait_until(
+            lambda: (
+                any(t > time.monotonic() - 0.5 for c in load for t, _ in c.replies[-5:])
+                and max(t for c in load for t, _ in c.replies) > killed_at + 0.5
+            ),
+            40,
+            "the servers acknowledging again (without a restart)",
+        )
+        time.sleep(1)
+    finally:
+        for counting in load:
+            counting.finish()
+        for server in servers:
+            server.stop()
+        for sentinel in sentinels:
+            sentinel.kill()
+    try:
+        values = [v for counting in load for _, v in counting.replies]
+        assert len(values) == len(set(values)), "a reply value was given twice"
+        new_primary = next(r for r in replicas if "role:master" in r.cli("info", "replication"))
+        final = int(new_primary.cli("get", "counter"))
+        assert final >= max(values), f"acknowledged {max(values)} but Redis holds {final}"
+        times = sorted(t for counting in load for t, _ in counting.replies)
+        before = [t for t in times if t < killed_at]
+        after = [t for t in times if t >= killed_at]
+        assert before and after
+        gap = max(b - a for a, b in itertools.pairwise([before[-1], *after]))
+        print(
+            f"\nfailover: {len(values)} replies acknowledged ({len(after)} after the kill), "
+            f"none twice; final {final} >= largest reply {max(values)}; "
+            f"service interrupted for {gap:.1f}s"
+        )
+    finally:
+        for replica in replicas:
+            replica.kill()
+
+
+def test_an_unreachable_sentinel_set_is_one_line_exit_1():
+    ports = ",".join(f"127.0.0.1:{free_port()}" for _ in range(2))
+    result = run_server_command("--backend", f"redis+sentinel://{ports}/primary/0")
+    assert result.returncode == 1, result
+    assert result.stderr.count("\n") == 1 and "no sentinel knows the primary" in result.stderr
+    assert "Traceback" not in result.stderr
