@@ -160,17 +160,23 @@ def read_counter(port: int) -> int:
 
 def stall_server(port: int, limit_seconds: float = 30.0) -> socket.socket:
     """A connection that floods frames and never reads replies, returned once
-    sending has blocked for a second: the server is stuck writing to it."""
+    the server has stopped reading from it for two seconds in a row: it is
+    then stuck writing replies the client does not read."""
     sock = connect(port)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    chunk = encode_request(1) * 65536  # 1 MiB of frames
+    flood = memoryview(encode_request(1) * 65536)  # 1 MiB of frames
+    offset = 0  # where the stream is in the flood, so frames stay whole
     sock.settimeout(1.0)
+    stalled = 0
     deadline = time.monotonic() + limit_seconds
     while time.monotonic() < deadline:
         try:
-            sock.sendall(chunk)
+            offset = (offset + sock.send(flood[offset:])) % len(flood)
+            stalled = 0
         except TimeoutError:
-            return sock
+            stalled += 1
+            if stalled == 2:
+                return sock
     sock.close()
     raise AssertionError(f"the server kept reading for {limit_seconds}s without stalling")
 

@@ -99,7 +99,11 @@ class Backend:
             list(self.hosts),
             socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=SOCKET_TIMEOUT,
-            sentinel_kwargs={"socket_timeout": SOCKET_TIMEOUT},
+            sentinel_kwargs={
+                "socket_timeout": SOCKET_TIMEOUT,
+                "socket_connect_timeout": SOCKET_TIMEOUT,
+                "retry": Retry(NoBackoff(), 0),  # ask the next sentinel instead
+            },
         )
         return sentinel.master_for(self.service, **options)
 

@@ -116,10 +116,6 @@ def test_auto_starts_one_worker_per_cpu():
     [
         (["--processes", "0"], "--processes: must be a positive integer"),
         (["--processes", "many"], "--processes: must be"),
-        (
-            ["--processes", "2", "--metrics-port", "0"],
-            "--metrics-port: not supported with --processes",
-        ),
     ],
 )
 def test_bad_process_flags(args, message):
