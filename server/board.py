@@ -28,6 +28,7 @@ _HEADER = struct.Struct("=QI")  # sequence number, length of the JSON that follo
 # Gauges that are not summed across workers: name -> how they merge.
 _GAUGE_MERGE = {"counter_server_value": max, "counter_server_healthy": min}
 _PER_PROCESS = ("process_", "python_")  # each worker's own; the parent exports its own
+_EMPTY = {"health": None, "families": []}
 
 
 def _snapshot(families: Iterable[Metric], health: str | None) -> bytes:
@@ -66,8 +67,11 @@ class Board:
                 continue
             data = bytes(self.memory[base + _HEADER.size : base + _HEADER.size + length])
             if _HEADER.unpack_from(self.memory, base)[0] == before:
-                return json.loads(data) if data else {"health": None, "families": []}
-        return {"health": None, "families": []}
+                try:
+                    return json.loads(data) if data else _EMPTY
+                except ValueError:  # larger than a slot (cut short): skip it
+                    return _EMPTY
+        return _EMPTY
 
     def retire(self, index: int) -> None:
         """In the parent, when worker ``index`` has died: keep its counters."""
