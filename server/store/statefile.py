@@ -184,7 +184,7 @@ class StateFile:
             return "was deleted"
         held = os.fstat(self._fd)
         if (at_path.st_dev, at_path.st_ino) != (held.st_dev, held.st_ino):
-            return "was replaced by another file"
+            return self._follow_replacement()
         try:
             newest = decode_file(self.path, os.pread(self._fd, FILE_SIZE + 1, 0))
         except StateFileError as exc:
@@ -192,6 +192,27 @@ class StateFile:
         if self._last is not None and newest.sequence < self._last.sequence:
             return "was overwritten with older contents"
         self._last = newest
+        return None
+
+    def _follow_replacement(self) -> str | None:
+        """The path holds another file. If it is a valid state file that
+        another worker of this instance restored (numbered after everything
+        this process saw), continue in it; otherwise it must be restored."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return "was deleted"
+        try:
+            newest = decode_file(self.path, os.pread(fd, FILE_SIZE + 1, 0))
+        except StateFileError:
+            os.close(fd)
+            return "was replaced by another file"
+        if self._last is not None and newest.sequence <= self._last.sequence:
+            os.close(fd)
+            return "was replaced by another file"
+        if self._fd != self._owner_fd:
+            os.close(self._fd)
+        self._fd, self._last = fd, newest
         return None
 
     def _restore(self, value: int, problem: str) -> None:

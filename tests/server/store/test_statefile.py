@@ -174,3 +174,25 @@ def test_a_deleted_or_damaged_file_is_restored_from_the_live_value(
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(StateFileError, match="cannot create it: no such file or directory"):
         StateFile(str(tmp_path / "missing" / "c.state")).claim()
+
+
+def test_a_file_restored_by_another_worker_is_followed_not_restored_again(tmp_path, caplog):
+    path = str(tmp_path / "counter.state")
+    parent = StateFile(path)
+    parent.claim()
+    parent.commit(lambda: 10, sync=True)
+    pid = os.fork()
+    if pid == 0:  # a worker finds the file deleted and restores it
+        status = 1
+        try:
+            os.unlink(path)
+            parent.commit(lambda: 20, sync=True)
+            status = 0
+        finally:
+            os._exit(status)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    caplog.clear()
+    assert parent.commit(lambda: 30, sync=True) == 30
+    assert "restoring" not in caplog.text and parent.restored == 0
+    assert on_disk(path).value == 30
+    parent.close()
