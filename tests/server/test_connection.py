@@ -122,3 +122,36 @@ def test_shutdown_stops_reading_quietly(pair):
     client_side.sendall(encode_request(1))
     reaper = TimeoutReaper(Timeouts())
     assert serve(server_side, MemoryCounterStore(), ServerStats(), state, reaper) is None
+
+
+def test_the_gevent_read_path_keeps_framing_across_short_and_full_reads():
+    """On gevent sockets serve() reads through _reader (wait after a short
+    read, read on after a full one): a trickle, then more than one read's
+    worth at once, then the peer's close, all answered exactly."""
+    import gevent
+    from gevent import socket as gsocket
+
+    from server.connection import RECV_SIZE
+
+    server_side, client_side = gsocket.socketpair()
+    store = MemoryCounterStore()
+    stats = ServerStats()
+    reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None))
+    serving = gevent.spawn(serve, server_side, store, stats, State(), reaper)
+    received = bytearray()
+    reader = gevent.spawn(
+        lambda: [received.extend(c) for c in iter(lambda: client_side.recv(65536), b"")]
+    )
+    for byte in encode_request(1) * 2:  # byte by byte: every read is short
+        client_side.sendall(bytes([byte]))
+        gevent.sleep(0.001)
+    burst = RECV_SIZE // 16 * 3 + 5  # full reads, then a short one
+    client_side.sendall(encode_request(1) * burst)
+    client_side.shutdown(socket.SHUT_WR)
+    assert serving.get(timeout=10) is None
+    server_side.shutdown(socket.SHUT_WR)
+    reader.join(timeout=10)
+    assert decode_replies(bytes(received)) == tuple(range(1, burst + 3))
+    assert stats.bytes_in == (burst + 2) * 16
+    server_side.close()
+    client_side.close()
