@@ -170,7 +170,8 @@ def write_results(rows: list, machine: str, duration: int, runs: int) -> None:
     lines = [
         "# Benchmark: our server vs Redis INCR",
         "",
-        f"`.venv/bin/python bench/run.py --duration {duration} --runs {runs}`; {machine}.",
+        f"`.venv/bin/python bench/run.py --duration {duration} --runs {runs}`, "
+        f"{time.strftime('%Y-%m-%d')}; {machine}.",
         "Load: bench/loadgen.c for ours, redis-benchmark for Redis. Median of the runs.",
         "",
         "| scenario | server | replies/s | server CPU µs/request | load-generator CPU µs/request "
