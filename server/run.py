@@ -198,7 +198,7 @@ class Workers:
         if self.peers is not None:
             self.peers.open()
         server = build_server(
-            self.claimed.listener, store, self.settings, self.claimed.tls, (self.peers, index)
+            self.claimed.listener, store, self.settings, self.claimed.tls, self.peers, index
         )
         stop_signals = StopSignals()
         server.start()

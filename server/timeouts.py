@@ -45,10 +45,6 @@ class Timeouts:
     evict_idle: float | None = 1.0
 
     @property
-    def enabled(self) -> bool:
-        return any(t is not None for t in (self.idle, self.frame, self.write))
-
-    @property
     def check_interval(self) -> float:
         limits = [t for t in (self.idle, self.frame, self.write) if t is not None]
         if not limits:

@@ -117,17 +117,17 @@ def build_server(
     store: CounterStore,
     settings: ServerSettings,
     tls: ssl.SSLContext | None,
-    peers: tuple[PeerTable, int] | None = None,
+    peers: PeerTable | None = None,
+    worker: int = 0,
 ) -> CounterServer:
     """A CounterServer with everything the settings ask for. ``peers``: in
-    a ``--processes`` worker, the shared per-peer table and the worker's
-    index, so per-IP limits hold across the workers."""
+    ``--processes`` worker number ``worker``, the per-peer table the workers
+    share, so per-IP limits hold across them."""
     admission: Admission = Admission(settings.allow, settings.max_conns_per_ip)
     rate_limiter = RateLimiter(settings.rate, settings.burst) if settings.rate else None
-    if peers is not None and peers[0] is not None:
-        table, index = peers
-        admission = SharedAdmission(table, index, settings.allow, settings.max_conns_per_ip)
-        rate_limiter = SharedRateLimiter(table) if settings.rate else None
+    if peers is not None:
+        admission = SharedAdmission(peers, worker, settings.allow, settings.max_conns_per_ip)
+        rate_limiter = SharedRateLimiter(peers) if settings.rate else None
     return CounterServer(
         listener,
         store,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from protocol import REPLY_SIZE, decode_replies, encode_request
 from server.launcher import SERVER_SCRIPT, ServerProcess, start_server
+from server.store.statefile import Slot, decode_file
 
 __all__ = ["SERVER_SCRIPT", "ServerProcess", "start_server"]
 
@@ -61,6 +62,26 @@ def metric(url: str, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return sample.value
     raise AssertionError(f"no sample {name}{labels or ''} at {url}")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for a server that must be told one)."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    """Poll ``condition`` until true; AssertionError naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {seconds}s"
+        time.sleep(0.05)
+
+
+def state_on_disk(path) -> Slot:
+    """The newest slot of the state file at ``path``."""
+    with open(path, "rb") as f:
+        return decode_file(str(path), f.read())
 
 
 def connect(port: int, timeout: float = IO_TIMEOUT) -> socket.socket:
@@ -213,8 +234,7 @@ class RedisServer:
         self.directory = str(directory)
         self.extra = list(extra)
         self.password = password
-        with socket.create_server(("127.0.0.1", 0)) as probe:
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:

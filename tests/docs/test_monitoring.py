@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import REPO_ROOT, exchange, http_get, start_server
+from support import REPO_ROOT, RedisServer, exchange, http_get, start_server
 
 MONITORING = REPO_ROOT / "docs" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
@@ -38,29 +38,12 @@ def referenced() -> set[str]:
 
 @pytest.fixture
 def redis_url(tmp_path):
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    import socket
-    import time
-
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0?key=counter"
-    proc.kill()
-    proc.wait()
+    redis = RedisServer(tmp_path)
+    redis.start()
+    yield redis.url()
+    redis.kill()
 
 
 def test_every_series_the_dashboard_and_alerts_use_is_exported(tmp_path, redis_url):

@@ -16,6 +16,7 @@ from support import (
     connect,
     exchange,
     frames,
+    free_port,
     read_counter,
     recv_some_replies,
     run_server_command,
@@ -126,11 +127,6 @@ def test_port_already_in_use_is_one_line_and_exit_1():
         result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: address already in use"
     )
     assert result.stdout == ""
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return sock.getsockname()[1]
 
 
 def test_go_style_port_and_default_host():

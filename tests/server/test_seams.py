@@ -21,17 +21,19 @@ from support import (
     run_server_command,
     stall_server,
     start_server,
+    state_on_disk,
+    wait_until,
 )
 
 from common.procinfo import children_of
 from server.cli import parse_settings
 from server.store.shared import SharedCounter
-from server.store.statefile import FILE_SIZE, StateFile, StateFileError, decode_file
+from server.store.statefile import FILE_SIZE, StateFile, StateFileError
 from server.wiring import claim, open_store
 
 
 def on_disk(path: Path) -> int:
-    return decode_file(str(path), path.read_bytes()).value
+    return state_on_disk(path).value
 
 
 def on_disk_or_none(path: Path) -> int | None:
@@ -39,13 +41,6 @@ def on_disk_or_none(path: Path) -> int | None:
         return on_disk(path)
     except (OSError, StateFileError):
         return None
-
-
-def wait_until(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {seconds}s"
-        time.sleep(0.05)
 
 
 # --- one server per port ----------------------------------------------------------

@@ -20,11 +20,13 @@ from support import (
     RedisServer,
     exchange,
     frames,
+    free_port,
     http_get,
     metric,
     recv_replies,
     run_server_command,
     start_server,
+    wait_until,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -32,18 +34,6 @@ pytestmark = pytest.mark.skipif(
     reason="redis-server and redis-sentinel are not installed (apt-get install redis-server "
     "redis-sentinel)",
 )
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        return probe.getsockname()[1]
-
-
-def wait_until(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {seconds}s"
-        time.sleep(0.1)
 
 
 # --- passwords, ACL users, TLS ---------------------------------------------------------

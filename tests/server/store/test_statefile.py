@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import state_on_disk
 
 from protocol import MAX_COUNTER
 from server.store.statefile import (
@@ -88,11 +89,6 @@ def test_create_write_sync_reload(tmp_path):
     again.close()
 
 
-def on_disk(path: str) -> Slot:
-    with open(path, "rb") as f:
-        return decode_file(path, f.read())
-
-
 def test_a_second_instance_cannot_claim_a_claimed_file(tmp_path):
     path = str(tmp_path / "counter.state")
     first = StateFile(path)
@@ -120,7 +116,7 @@ def test_worker_processes_share_the_claim_and_take_turns(tmp_path):
         os._exit(status)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     assert parent.commit(lambda: 60, sync=True) == 60
-    assert on_disk(path) == Slot(7, 60)
+    assert state_on_disk(path) == Slot(7, 60)
     with pytest.raises(StateFileError, match="in use"):
         StateFile(path).claim()
     parent.close()
@@ -136,7 +132,7 @@ def test_a_commit_never_writes_below_the_newest_value_on_disk(tmp_path):
         f.write(encode_slot(3, 600))
     with pytest.raises(StateFileError, match="holds 600, above this server's 500"):
         state.commit(lambda: 500, sync=True)
-    assert on_disk(path) == Slot(3, 600)
+    assert state_on_disk(path) == Slot(3, 600)
     state.close()
 
 
@@ -161,10 +157,10 @@ def test_a_deleted_or_damaged_file_is_restored_from_the_live_value(
     assert state.commit(lambda: 1234, sync=True) == 1234
     assert problem in caplog.text
     assert "restoring it from the live value 1234" in caplog.text
-    assert on_disk(path).value == 1234
+    assert state_on_disk(path).value == 1234
     assert state.restored == 1
     assert state.commit(lambda: 1300, sync=True) == 1300  # and it goes on normally
-    assert on_disk(path).value == 1300
+    assert state_on_disk(path).value == 1300
     state.close()
     again = StateFile(path)
     assert again.claim()[0].value == 1300
@@ -194,5 +190,5 @@ def test_a_file_restored_by_another_worker_is_followed_not_restored_again(tmp_pa
     caplog.clear()
     assert parent.commit(lambda: 30, sync=True) == 30
     assert "restoring" not in caplog.text and parent.restored == 0
-    assert on_disk(path).value == 30
+    assert state_on_disk(path).value == 30
     parent.close()
