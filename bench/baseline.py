@@ -1,15 +1,18 @@
 """How much of a ping-pong request is gevent and how much is our protocol:
 bench/echo.py (a bare gevent loop) beside our server, each pinned to CPU 0 and
 driven by bench/loadgen.c on CPU 1, 40 connections, one frame in flight;
-alternating runs, median of --runs.
+alternating runs, median of --runs. With --against, also the server of
+another checkout (say the commit before a change, from `git worktree add`),
+so a change is measured against its parent in the same run.
 
 Usage:
-  baseline.py [--duration SECS] [--runs N]
+  baseline.py [--duration SECS] [--runs N] [--against DIR]
   baseline.py -h | --help
 
 Options:
   --duration SECS  Seconds per run. [default: 8]
   --runs N         Runs per server; the median is kept. [default: 3]
+  --against DIR    Another checkout of this repository (it must know --ready-file).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from bench.base import ROOT, OurServer, build_loadgen, measure, options, raise_f
 
 
 def main() -> int:
-    _, duration, runs = options(__doc__)
+    args, duration, runs = options(__doc__)
     raise_file_limit()
     workdir = tempfile.mkdtemp(prefix="bench-baseline-")
     loadgen = build_loadgen(workdir)
@@ -33,6 +36,11 @@ def main() -> int:
         "bare gevent loop (bench/echo.py)": OurServer(loadgen, script=ROOT / "bench" / "echo.py"),
         "our server": OurServer(loadgen),
     }
+    if args["--against"]:
+        other = Path(args["--against"]).resolve() / "server" / "server.py"
+        if not other.is_file():
+            raise SystemExit(f"bench: no server/server.py in {args['--against']}")
+        servers[f"server in {args['--against']}"] = OurServer(loadgen, script=other)
     results: dict[str, list[dict]] = {name: [] for name in servers}
     for _ in range(runs):
         for name, server in servers.items():

@@ -118,6 +118,7 @@ def test_idle_connections_give_their_slots_to_waiting_ones():
         started = time.monotonic()
         assert exchange(server.port, 0)[0] >= server.pool_size
         waited = time.monotonic() - started
+        print(f"\na new client waited {waited:.2f}s with {server.pool_size} slow senders")
         assert waited < 2.0, f"a new client waited {waited:.1f}s"
         assert closed_count(server, "idle_evicted") >= 1
     finally:
