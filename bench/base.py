@@ -103,36 +103,32 @@ def median_of(runs: Iterable[dict]) -> dict:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
-class OurServer:
-    """Our server (or a stand-in script speaking its ready file) driven by
-    the C load generator."""
+def build_floor(workdir: str) -> str:
+    """Compile bench/floor.c (the minimal C server, the physical floor) into
+    ``workdir`` and check its checksums against the xxhash package."""
+    import xxhash
 
-    name = "ours"
+    compiler = shutil.which("cc") or need("gcc", "install a C compiler (apt-get install gcc)")
+    binary = os.path.join(workdir, "floor")
+    subprocess.run([compiler, "-O2", "-o", binary, str(ROOT / "bench" / "floor.c")], check=True)
+    numbers = ["0", "1", "9", "10", "42", "65535", "4294967296", "18446744073709551615"]
+    printed = subprocess.run([binary, "--checksum", *numbers], capture_output=True, text=True,
+                             check=True).stdout.split()  # fmt: skip
+    if printed != [xxhash.xxh64_hexdigest(n.encode()) for n in numbers]:
+        raise SystemExit(f"bench: {binary} computes wrong checksums: {printed}")
+    return binary
 
-    def __init__(
-        self,
-        loadgen: str,
-        extra: Sequence[str] = (),
-        pin: bool = True,
-        script: Path | None = None,
-    ) -> None:
-        self.loadgen, self.extra, self.pin, self.script = loadgen, list(extra), pin, script
-        self.server: ServerProcess | None = None
 
-    def start(self) -> None:
-        self.server = start_server(
-            "--multiplier", "1100", "--log-level", "warning", *self.extra,
-            script=self.script, prefix=pinned(SERVER_CPU, []) if self.pin else (),
-        )  # fmt: skip
+class LoadgenLoad:
+    """Load from the C load generator against ``self.port``."""
 
-    @property
-    def pid(self) -> int:
-        return self.server.pid
+    loadgen: str
+    pin: bool = True
 
     def load(self, connections: int, depth: int, duration: float) -> dict:
         import json
 
-        argv = [self.loadgen, "127.0.0.1", str(self.server.port), str(connections), str(depth),
+        argv = [self.loadgen, "127.0.0.1", str(self.port), str(connections), str(depth),
                 str(duration)]  # fmt: skip
         result = subprocess.run(
             pinned(LOAD_CPU, argv) if self.pin else argv,
@@ -146,8 +142,92 @@ class OurServer:
         return {"requests": report["replies"], "rps": report["replies_per_second"],
                 "p99_ms": report["p99_us"] / 1000}  # fmt: skip
 
+
+class OurServer(LoadgenLoad):
+    """Our server (or a stand-in script speaking its ready file) driven by
+    the C load generator."""
+
+    def __init__(
+        self,
+        loadgen: str,
+        extra: Sequence[str] = (),
+        pin: bool = True,
+        script: Path | None = None,
+        name: str = "ours",
+    ) -> None:
+        self.loadgen, self.extra, self.pin, self.script = loadgen, list(extra), pin, script
+        self.name = name
+        self.server: ServerProcess | None = None
+
+    def start(self) -> None:
+        self.server = start_server(
+            "--multiplier", "1100", "--log-level", "warning", *self.extra,
+            script=self.script, prefix=pinned(SERVER_CPU, []) if self.pin else (),
+        )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.server.pid
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
     def stop(self) -> None:
         self.server.stop(30)
+
+
+class OurServerPythonClient(OurServer):
+    """Our server driven by our own Python client (client/client.py), pinned
+    like the load generator: what one client process costs per request."""
+
+    def load(self, connections: int, depth: int, duration: float) -> dict:
+        import json
+
+        multiplier = max(1, round(connections / (os.cpu_count() or 1)))
+        argv = [sys.executable, str(ROOT / "client" / "client.py"), "--serverAddress",
+                f"127.0.0.1:{self.port}", "--multiplier", str(multiplier), "--pipeline",
+                str(depth), "--duration", str(duration), "--json"]  # fmt: skip
+        result = subprocess.run(pinned(LOAD_CPU, argv), capture_output=True, text=True)
+        report = json.loads(result.stdout)
+        if report["errors_total"]:
+            raise SystemExit(f"bench: the Python client saw errors: {report['errors']}")
+        return {"requests": report["requests_acknowledged"],
+                "rps": report["replies_per_second"],
+                "p99_ms": report["latency_us"]["p99"] / 1000}  # fmt: skip
+
+
+class FloorServer(LoadgenLoad):
+    """bench/floor.c, the minimal C epoll server, driven by the load generator."""
+
+    name = "floor"
+
+    def __init__(self, loadgen: str, floor: str) -> None:
+        self.loadgen, self.floor = loadgen, floor
+
+    def start(self) -> None:
+        import socket
+        import time
+
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            self.port = probe.getsockname()[1]
+        self.proc = subprocess.Popen(pinned(SERVER_CPU, [self.floor, str(self.port)]),
+                                     stdout=subprocess.DEVNULL)  # fmt: skip
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("bench: the floor server did not start")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
 
 
 def measure(server, connections: int, depth: int, duration: float) -> dict:

@@ -1,11 +1,14 @@
-"""Side-by-side benchmark: our server against Redis (INCR), same machine, same run.
+"""Side-by-side benchmark: our server against Redis (INCR) and the physical
+floor (bench/floor.c, a minimal C epoll server), same machine, same run.
 
 Each server is pinned to CPU 0 and its load generator to CPU 1 (when taskset
 exists). Our server is driven by bench/loadgen.c (C, epoll, built here with cc)
 and Redis by redis-benchmark, so the load generator is never the bottleneck;
-its CPU is reported too. Runs alternate between the two servers and the median
-of --runs is printed, with our ratio to Redis, and written to bench/results.md
-and bench/results.png.
+its CPU is reported too. The 40-connection ping-pong scenario also measures
+our server driven by our Python client (its CPU in the load column) and our
+server with --processes 2 (all its processes on CPU 0). Runs alternate
+between the targets and the median of --runs is printed, with our ratios to
+Redis and to the floor, and written to bench/results.md and bench/results.png.
 
 Needs: cc (gcc), redis-server and redis-benchmark (Debian: apt-get install
 redis-server), matplotlib (pip install -r requirements-bench.txt).
@@ -35,7 +38,10 @@ from bench.base import (
     LOAD_CPU,
     ROOT,
     SERVER_CPU,
+    FloorServer,
     OurServer,
+    OurServerPythonClient,
+    build_floor,
     build_loadgen,
     machine,
     measure,
@@ -52,6 +58,10 @@ SCENARIOS = (  # name, connections, frames in flight per connection
     ("1 conn ping-pong", 1, 1),
     ("1000 conns ping-pong", 1000, 1),
 )
+# Targets measured in every scenario, and the extra ones measured only in the
+# first (they compare with "ours" in the same run).
+EVERYWHERE = ("ours", "redis", "floor")
+EXTRA_IN = {"40 conns ping-pong": ("ours, Python client", "ours, --processes 2")}
 
 
 class RedisServer:
@@ -124,41 +134,62 @@ def main() -> int:
             "bench: matplotlib missing: pip install -r requirements-bench.txt"
         ) from None
     workdir = tempfile.mkdtemp(prefix="bench-")
-    servers = [OurServer(build_loadgen(workdir)), RedisServer(workdir)]
+    loadgen = build_loadgen(workdir)
+    targets = {
+        "ours": OurServer(loadgen),
+        "redis": RedisServer(workdir),
+        "floor": FloorServer(loadgen, build_floor(workdir)),
+        "ours, Python client": OurServerPythonClient(loadgen, name="ours, Python client"),
+        "ours, --processes 2": OurServer(loadgen, ("--processes", "2"),
+                                         name="ours, --processes 2"),
+    }  # fmt: skip
     where = machine()
     print(f"{where}; {duration}s per run, median of {runs}", flush=True)
     rows = []
     for name, connections, depth in scenarios:
-        measured: dict[str, list[dict]] = {s.name: [] for s in servers}
-        for _ in range(runs):
-            for server in servers:
-                measured[server.name].append(measure(server, connections, depth, duration))
+        chosen = [targets[t] for t in EVERYWHERE + EXTRA_IN.get(name, ())]
+        measured: dict[str, list[dict]] = {t.name: [] for t in chosen}
+        for _ in range(runs):  # alternate, so a slow spell of the host hits every target
+            for target in chosen:
+                measured[target.name].append(measure(target, connections, depth, duration))
         medians = {target: median_of(runs_) for target, runs_ in measured.items()}
         rows.append((name, medians))
-        print_row(name, medians)
+        print_rows(name, medians)
     write_results(rows, where, duration, runs)
     return 0
 
 
-COLUMNS = ("replies_per_second", "server_us_per_request", "client_us_per_request", "p99_ms")
-
-
-def print_row(name: str, medians: dict) -> None:
-    ours, redis = medians["ours"], medians["redis"]
-
-    def side(label: str, m: dict) -> str:
-        return (
-            f"{label} {m['replies_per_second']:>11,.0f}/s {m['server_us_per_request']:6.1f} us/req"
-            f" p99 {m['p99_ms']:6.2f} ms"
-        )
-
-    rate = ours["replies_per_second"] / redis["replies_per_second"]
-    cpu = ours["server_us_per_request"] / redis["server_us_per_request"]
-    print(
-        f"{name:<26} {side('ours', ours)} | {side('redis', redis)} | ratio {rate:.2f}x replies/s,"
-        f" {cpu:.2f}x CPU/req",
-        flush=True,
+def ratios(name: str, medians: dict) -> tuple[float, float, float] | None:
+    """Target ``name`` against Redis and the floor of the same scenario:
+    replies/s / Redis's, CPU per request / Redis's, CPU per request / the floor's
+    (None for Redis and the floor themselves)."""
+    if name in ("redis", "floor"):
+        return None
+    m, redis, floor = medians[name], medians["redis"], medians["floor"]
+    cpu = m["server_us_per_request"]
+    return (
+        m["replies_per_second"] / redis["replies_per_second"],
+        cpu / redis["server_us_per_request"],
+        cpu / floor["server_us_per_request"],
     )
+
+
+def print_rows(scenario: str, medians: dict) -> None:
+    for target, m in medians.items():
+        against = ratios(target, medians)
+        versus = ""
+        if against is not None:
+            versus = (
+                f" | vs redis {against[0]:.2f}x replies/s, {against[1]:.2f}x CPU/req;"
+                f" vs floor {against[2]:.1f}x CPU/req"
+            )
+        print(
+            f"{scenario:<24} {target:<20} {m['replies_per_second']:>11,.0f}/s"
+            f" server {m['server_us_per_request']:6.1f} us/req"
+            f" load {m['client_us_per_request']:6.1f} us/req"
+            f" p99 {m['p99_ms']:6.2f} ms{versus}",
+            flush=True,
+        )
 
 
 def write_results(rows: list, machine: str, duration: int, runs: int) -> None:
@@ -168,44 +199,41 @@ def write_results(rows: list, machine: str, duration: int, runs: int) -> None:
     import matplotlib.pyplot as plt
 
     lines = [
-        "# Benchmark: our server vs Redis INCR",
+        "# Benchmark: our server vs Redis INCR and the C floor",
         "",
         f"`.venv/bin/python bench/run.py --duration {duration} --runs {runs}`, "
         f"{time.strftime('%Y-%m-%d')}; {machine}.",
-        "Load: bench/loadgen.c for ours, redis-benchmark for Redis. Median of the runs.",
+        "Load: bench/loadgen.c for ours and the floor (bench/floor.c, a minimal C epoll server",
+        "speaking the protocol), redis-benchmark for Redis, our client/client.py where named.",
+        "Median of the runs; the load column is the load generator's (or client's) CPU.",
         "",
-        "| scenario | server | replies/s | server CPU µs/request | load-generator CPU µs/request "
-        "| p99 ms |",
-        "|---|---|---|---|---|---|",
+        "| scenario | server | replies/s | server CPU µs/request | load CPU µs/request "
+        "| p99 ms | ours / Redis replies/s | ours / Redis CPU | ours / floor CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, medians in rows:
-        for target in ("ours", "redis"):
-            m = medians[target]
+        for target, m in medians.items():
+            against = ratios(target, medians)
+            versus = "| | |"
+            if against is not None:
+                versus = f"{against[0]:.2f} | {against[1]:.2f} | {against[2]:.1f} |"
             lines.append(
                 f"| {name} | {target} | {m['replies_per_second']:,.0f} | "
                 f"{m['server_us_per_request']:.1f} | {m['client_us_per_request']:.1f} | "
-                f"{m['p99_ms']:.2f} |"
+                f"{m['p99_ms']:.2f} | {versus}"
             )
-    lines += ["", "| scenario | ours / Redis replies/s | ours / Redis server CPU per request |",
-              "|---|---|---|"]  # fmt: skip
-    for name, medians in rows:
-        ours, redis = medians["ours"], medians["redis"]
-        lines.append(
-            f"| {name} | {ours['replies_per_second'] / redis['replies_per_second']:.2f} | "
-            f"{ours['server_us_per_request'] / redis['server_us_per_request']:.2f} |"
-        )
     (ROOT / "bench" / "results.md").write_text("\n".join(lines) + "\n")
 
     figure, axis = plt.subplots(figsize=(9, 4.5))
     names = [name for name, _ in rows]
     positions = range(len(names))
-    for offset, target in ((-0.2, "ours"), (0.2, "redis")):
+    for offset, target in ((-0.27, "ours"), (0.0, "redis"), (0.27, "floor")):
         values = [medians[target]["replies_per_second"] for _, medians in rows]
-        axis.bar([p + offset for p in positions], values, width=0.4, label=target)
+        axis.bar([p + offset for p in positions], values, width=0.27, label=target)
     axis.set_xticks(list(positions), names)
     axis.set_yscale("log")
     axis.set_ylabel("replies/s (log scale)")
-    axis.set_title("Counter server vs Redis INCR, server pinned to one CPU")
+    axis.set_title("Counter server vs Redis INCR and a C floor, server pinned to one CPU")
     axis.legend()
     figure.tight_layout()
     figure.savefig(ROOT / "bench" / "results.png", dpi=100)
