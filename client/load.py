@@ -19,6 +19,7 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Pool
 
+from common.sockets import reader, shut_down
 from protocol import REPLY_SIZE, encode_request
 
 RECV_SIZE = 64 * 1024
@@ -45,6 +46,7 @@ class ConnectionResult:
     errors: Counter = field(default_factory=Counter)
     error_detail: str = ""
     latency_us: Counter = field(default_factory=Counter)  # microseconds -> replies
+    timed_out: bool = False  # set by the reply watchdog
 
 
 @dataclass
@@ -80,12 +82,14 @@ class LoadRun:
         self.started_at = time.perf_counter()
         self.started_wall = time.time()
         stopper = gevent.spawn_later(self.settings.duration, self.stop)
-        for sock, result in zip(sockets, self.results, strict=True):
-            if sock is not None:
-                pool.spawn(self._drive, sock, result)
+        live = [(s, r) for s, r in zip(sockets, self.results, strict=True) if s is not None]
+        watchdog = gevent.spawn(self._watch_replies, live)
+        for sock, result in live:
+            pool.spawn(self._drive, sock, result)
         self._go.set()
         pool.join()
         stopper.kill()
+        watchdog.kill()
         self.elapsed = time.perf_counter() - self.started_at
         return self.results
 
@@ -108,10 +112,31 @@ class LoadRun:
         self.interrupted = True
         self.stop()
 
+    def _watch_replies(self, live: list[tuple[socket.socket, ConnectionResult]]) -> None:
+        """Enforce the reply timeout from outside the connections: a
+        connection owed replies that received none for ``timeout`` seconds is
+        marked timed out and shut down, which wakes its blocked recv or send.
+        (A timeout on each socket would start a timer for every wait.)"""
+        timeout = self.settings.timeout
+        interval = min(timeout / 4, 0.25)
+        seen = {id(result): (result.acknowledged, time.monotonic()) for _, result in live}
+        while True:
+            gevent.sleep(interval)
+            now = time.monotonic()
+            for sock, result in live:
+                acknowledged, since = seen[id(result)]
+                if result.acknowledged != acknowledged or result.sent == acknowledged:
+                    seen[id(result)] = (result.acknowledged, now)
+                elif now - since >= timeout and not result.timed_out:
+                    result.timed_out = True
+                    shut_down(sock, socket.SHUT_RDWR)
+
     def _connect(self, result: ConnectionResult) -> socket.socket | None:
         settings = self.settings
         try:
-            return open_connection(settings.host, settings.port, settings.timeout, settings.tls)
+            sock = open_connection(settings.host, settings.port, settings.timeout, settings.tls)
+            sock.settimeout(None)  # replies are timed by _watch_replies
+            return sock
         except ssl.SSLError as exc:
             self._fail(result, TLS, f"TLS handshake: {_tls_reason(exc)}")
         except TimeoutError as exc:
@@ -129,18 +154,17 @@ class LoadRun:
         try:
             self._go.wait()
             self._exchange(sock, result)
-        except TimeoutError:
-            owed = result.sent - result.acknowledged
-            self._fail(result, TIMEOUT, f"no reply within {self.settings.timeout}s", owed)
-        except ssl.SSLError as exc:
-            # Under TLS 1.3 a server refusing our certificate says so only
-            # after the handshake, at the first read or write.
-            owed = max(1, result.sent - result.acknowledged)
-            self._fail(result, TLS, f"TLS: {_tls_reason(exc)}", owed)
         except OSError as exc:
             owed = max(1, result.sent - result.acknowledged)
-            detail = f"connection lost: {exc.strerror or exc}{self._tls_hint(result)}"
-            self._fail(result, CLOSED, detail, owed)
+            if result.timed_out or isinstance(exc, TimeoutError):
+                self._fail(result, TIMEOUT, f"no reply within {self.settings.timeout}s", owed)
+            elif isinstance(exc, ssl.SSLError):
+                # Under TLS 1.3 a server refusing our certificate says so
+                # only after the handshake, at the first read or write.
+                self._fail(result, TLS, f"TLS: {_tls_reason(exc)}", owed)
+            else:
+                detail = f"connection lost: {exc.strerror or exc}{self._tls_hint(result)}"
+                self._fail(result, CLOSED, detail, owed)
         finally:
             sock.close()
 
@@ -162,15 +186,19 @@ class LoadRun:
         pending = b""
         last = -1
         send = sock.send
-        recv = sock.recv
+        recv = reader(sock)
 
         now = time.perf_counter()
-        sock.sendall(frame * settings.pipeline)
-        in_flight.append([now, settings.pipeline])
+        # Counted as sent before the write, so that the watchdog times a
+        # write the server never reads.
         owed = result.sent = settings.pipeline
+        in_flight.append([now, owed])
+        sock.sendall(frame * owed)
         while owed:
             chunk = recv(RECV_SIZE)
             if not chunk:
+                if result.timed_out:  # the watchdog shut the socket down
+                    raise TimeoutError
                 kind = SHORT_REPLY if pending else CLOSED
                 detail = f"server closed the connection with {owed} replies owed"
                 self._fail(result, kind, detail + self._tls_hint(result, pending), owed)
@@ -196,13 +224,13 @@ class LoadRun:
             owed -= count
             _record_latencies(latency, in_flight, count, now)
             if not self._stopping:
+                owed += count
+                result.sent += count
+                in_flight.append([now, count])
                 out = frame * count if count > 1 else frame
                 sent = send(out)
                 if sent != len(out):
                     sock.sendall(out[sent:])
-                in_flight.append([time.perf_counter(), count])
-                owed += count
-                result.sent += count
 
     def _count_not_increasing(
         self, result: ConnectionResult, last: int, values: tuple[int, ...]

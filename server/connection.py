@@ -8,13 +8,10 @@ loop only keeps the counters it reads and raises its verdict (ClientTimeout).
 from __future__ import annotations
 
 import socket
-import ssl
 import time
-from collections.abc import Callable
 from typing import Protocol
 
-from gevent import ssl as gevent_ssl
-
+from common.sockets import reader
 from protocol import MAX_COUNTER, FrameDecoder, InvalidFrame, RejectReason, encode_replies
 from server.ratelimit import TokenBucket
 from server.stats import ServerStats
@@ -30,7 +27,6 @@ RECV_SIZE = 16 * 1024
 # kernel send RST) cannot destroy the replies we owed it.
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1 << 20
-_TLS_SOCKETS = (ssl.SSLSocket, gevent_ssl.SSLSocket)  # patched or not
 
 
 class ServerState(Protocol):
@@ -85,7 +81,7 @@ def _serve(
     # one per request.
     feed = decoder.feed
     apply = store.apply
-    recv = _reader(sock)
+    recv = reader(sock)
     write = watched.write
     writes_by_size = stats.replies_per_write
     read_size = RECV_SIZE
@@ -118,36 +114,6 @@ def _serve(
         if decoder.error is not None:
             return decoder.error
     return None
-
-
-def _reader(sock: socket.socket) -> Callable[[int], bytes]:
-    """``recv`` for the hot loop. On a plain gevent socket, a read shorter
-    than asked means the kernel buffer is empty: the next read first waits for
-    the socket to become readable, instead of trying a recv that fails with
-    EAGAIN (a syscall, a raised and caught exception and a thrown-away buffer
-    per ping-pong request) and then waiting; after a full read it reads
-    straight away. A TLS socket keeps its own recv: it can hold decrypted
-    bytes while the descriptor is not readable."""
-    raw = getattr(sock, "_sock", None)
-    if isinstance(sock, _TLS_SOCKETS) or raw is None or not hasattr(sock, "_read_event"):
-        return sock.recv
-    raw_recv, wait, readable = raw.recv, sock._wait, sock._read_event
-    drained = False
-
-    def recv(size: int) -> bytes:
-        nonlocal drained
-        if drained:
-            wait(readable)
-        while True:
-            try:
-                data = raw_recv(size)
-            except BlockingIOError:
-                wait(readable)
-                continue
-            drained = len(data) < size
-            return data
-
-    return recv
 
 
 def _overflow(increment: int, value: int) -> InvalidFrame:

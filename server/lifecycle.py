@@ -23,6 +23,7 @@ from gevent.server import StreamServer
 
 from common.cli import format_address
 from common.ratelog import RateLimitedLog
+from common.sockets import shut_down
 from protocol import InvalidFrame, RejectReason
 from server.admission import Admission, client_ip, peer_key
 from server.close import ClientTimeout, CloseReason, ConnectionEnded, HandshakeFailed
@@ -31,7 +32,7 @@ from server.ratelimit import RateLimiter, TokenBucket
 from server.saturation import SaturationWatch
 from server.stats import ServerStats
 from server.store import CounterStore
-from server.timeouts import DEFAULT_TIMEOUTS, TimeoutReaper, Timeouts, shut_down
+from server.timeouts import DEFAULT_TIMEOUTS, TimeoutReaper, Timeouts
 
 log = logging.getLogger("counter.server")
 

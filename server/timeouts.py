@@ -11,13 +11,13 @@ reason. Precision is a quarter of the shortest timeout (or one second).
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from dataclasses import dataclass
 
 import gevent
 
+from common.sockets import shut_down
 from protocol import FrameDecoder
 from server.close import ClientTimeout, CloseReason, ConnectionEnded, Evicted
 from server.ratelimit import TokenBucket
@@ -192,14 +192,3 @@ class TimeoutReaper:
         elif frame is not None and now - w._frame_since >= frame:
             return ClientTimeout(CloseReason.FRAME_TIMEOUT, frame)
         return None
-
-
-def shut_down(sock: socket.socket, how: int) -> None:
-    """Shut down ``sock`` in the kernel, waking any greenlet blocked on it,
-    through a duplicate descriptor so gevent's own watchers are left alone
-    (works under TLS too, and keeps the write side usable for SHUT_RD)."""
-    try:
-        with socket.socket(fileno=os.dup(sock.fileno())) as duplicate:
-            duplicate.shutdown(how)
-    except OSError:
-        pass

@@ -212,6 +212,10 @@ def silent(conn: socket.socket) -> None:
         pass
 
 
+def never_reads(conn: socket.socket) -> None:
+    time.sleep(3)
+
+
 def too_many(conn: socket.socket) -> None:
     conn.recv(16)
     conn.sendall(struct.pack(">QQ", 1, 2))
@@ -224,6 +228,7 @@ def too_many(conn: socket.socket) -> None:
         (decreasing, "not_increasing", []),
         (short_then_close, "short_reply", []),
         (silent, "timeout", ["--timeout", "1"]),
+        (never_reads, "timeout", ["--timeout", "1", "--pipeline", "2000000"]),
         (too_many, "extra_reply", []),
     ],
 )
