@@ -14,7 +14,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common.cli import convert, parse_args, positive_int  # noqa: E402
-from common.procinfo import children_of, cpu_seconds, rss_kib  # noqa: E402
+from common.procinfo import children_of, context_switches, cpu_seconds, rss_kib  # noqa: E402
 from server.launcher import ServerProcess, start_server  # noqa: E402
 
 __all__ = ["ROOT", "rss_kib"]
@@ -59,12 +59,12 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU of ``pid`` and its children (the workers of --processes)."""
-    total = cpu_seconds(pid)
+def tree_total(figure: Callable[[int], float], pid: int) -> float:
+    """``figure`` of ``pid`` plus its children's (the workers of --processes)."""
+    total = figure(pid)
     for child in children_of(pid):
         try:
-            total += cpu_seconds(child)
+            total += figure(child)
         except OSError:
             continue  # exited meanwhile
     return total
@@ -232,16 +232,18 @@ class FloorServer(LoadgenLoad):
 
 def measure(server, connections: int, depth: int, duration: float) -> dict:
     """Start ``server``, load it, stop it: replies/s, server and load CPU
-    per request, p99 latency."""
+    per request, the server's context switches per request, p99 latency."""
     import time
 
     server.start()
     try:
         time.sleep(0.5)
-        before_server, before_client = tree_cpu_seconds(server.pid), children_cpu()
+        before_server, before_client = tree_total(cpu_seconds, server.pid), children_cpu()
+        before_switches = tree_total(context_switches, server.pid)
         result = server.load(connections, depth, duration)
-        server_cpu = tree_cpu_seconds(server.pid) - before_server
+        server_cpu = tree_total(cpu_seconds, server.pid) - before_server
         client_cpu = children_cpu() - before_client
+        switches = tree_total(context_switches, server.pid) - before_switches
     finally:
         server.stop()
     n = result["requests"]
@@ -249,5 +251,6 @@ def measure(server, connections: int, depth: int, duration: float) -> dict:
         "replies_per_second": result["rps"],
         "server_us_per_request": server_cpu / n * 1e6,
         "client_us_per_request": client_cpu / n * 1e6,
+        "server_switches_per_request": switches / n,
         "p99_ms": result["p99_ms"],
     }

@@ -38,8 +38,10 @@ def main() -> int:
         for n, measured in results.items():
             rate = statistics.median(r["replies_per_second"] for r in measured)
             cpu = statistics.median(r["server_us_per_request"] for r in measured)
+            switches = statistics.median(r["server_switches_per_request"] for r in measured)
             print(
-                f"{name:<14} --processes {n}: {rate:>11,.0f} replies/s, {cpu:5.1f} us CPU/request"
+                f"{name:<14} --processes {n}: {rate:>11,.0f} replies/s, {cpu:5.1f} us CPU/request,"
+                f" {switches:.2f} context switches/request"
             )
     return 0
 

@@ -186,6 +186,7 @@ def print_rows(scenario: str, medians: dict) -> None:
         print(
             f"{scenario:<24} {target:<20} {m['replies_per_second']:>11,.0f}/s"
             f" server {m['server_us_per_request']:6.1f} us/req"
+            f" {m['server_switches_per_request']:5.2f} switches/req"
             f" load {m['client_us_per_request']:6.1f} us/req"
             f" p99 {m['p99_ms']:6.2f} ms{versus}",
             flush=True,
@@ -207,9 +208,10 @@ def write_results(rows: list, machine: str, duration: int, runs: int) -> None:
         "speaking the protocol), redis-benchmark for Redis, our client/client.py where named.",
         "Median of the runs; the load column is the load generator's (or client's) CPU.",
         "",
-        "| scenario | server | replies/s | server CPU µs/request | load CPU µs/request "
-        "| p99 ms | ours / Redis replies/s | ours / Redis CPU | ours / floor CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scenario | server | replies/s | server CPU µs/request | server context switches"
+        "/request | load CPU µs/request | p99 ms | ours / Redis replies/s | ours / Redis CPU "
+        "| ours / floor CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, medians in rows:
         for target, m in medians.items():
@@ -219,7 +221,8 @@ def write_results(rows: list, machine: str, duration: int, runs: int) -> None:
                 versus = f"{against[0]:.2f} | {against[1]:.2f} | {against[2]:.1f} |"
             lines.append(
                 f"| {name} | {target} | {m['replies_per_second']:,.0f} | "
-                f"{m['server_us_per_request']:.1f} | {m['client_us_per_request']:.1f} | "
+                f"{m['server_us_per_request']:.1f} | {m['server_switches_per_request']:.2f} | "
+                f"{m['client_us_per_request']:.1f} | "
                 f"{m['p99_ms']:.2f} | {versus}"
             )
     (ROOT / "bench" / "results.md").write_text("\n".join(lines) + "\n")

@@ -1,4 +1,5 @@
-"""What Linux's /proc says about a process: memory, descriptors, CPU time.
+"""What Linux's /proc says about a process: memory, descriptors, CPU time,
+context switches.
 Used by the chaos run, the benchmarks and the tests."""
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time ``pid`` has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def context_switches(pid: int) -> int:
+    """Times ``pid`` has given up or been taken off its CPU so far."""
+    total = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if "ctxt_switches:" in line:  # voluntary and nonvoluntary
+            total += int(line.split()[1])
+    return total
 
 
 def children_of(pid: int) -> set[int]:

@@ -64,10 +64,10 @@ class Supervisor:
         count: int,
         worker_main: WorkerMain,
         on_give_up: Callable[[str], None],
-        on_death: Callable[[int], None] = lambda index: None,
+        on_death: Callable[[int, int], None] = lambda index, pid: None,
     ) -> None:
-        """``on_death(index)`` runs in the parent when a worker has exited,
-        before it is replaced (to drop state the dead worker held)."""
+        """``on_death(index, pid)`` runs in the parent when a worker has
+        exited, before it is replaced (to drop state the dead worker held)."""
         self.count = count
         self._worker_main = worker_main
         self._on_give_up = on_give_up
@@ -215,7 +215,7 @@ class Supervisor:
 
     def _replace(self, worker: _Worker, status: int) -> None:
         self._hear_from(worker)  # it has exited: the pipe is at its end
-        self._on_death(worker.index)
+        self._on_death(worker.index, worker.pid)
         cause = (_describe(status) if worker.pid > 0 else "not started") + (
             f": {worker.failure}" if worker.failure else ""
         )

@@ -220,7 +220,13 @@ class Workers:
     def _publish(self, index: int, server: CounterServer) -> None:
         self.board.publish(index, ServerCollector(server).collect(), health(server))
 
-    def _worker_died(self, index: int) -> None:
+    def _worker_died(self, index: int, pid: int) -> None:
+        if pid > 0 and self.shared.release_if_held_by(pid):
+            log.error(
+                "worker %d died holding the counter's lock; the lock was given back",
+                pid,
+                extra={"worker": pid},
+            )
         self.board.retire(index)
         if self.peers is not None:
             self.peers.forget_worker(index)
@@ -251,7 +257,6 @@ class Workers:
     def _release(self) -> None:
         if self.claimed.state is not None:
             self.claimed.state.close()
-        self.shared.remove()
         if self.peers is not None:
             self.peers.remove()
         self.claimed.listener.close()

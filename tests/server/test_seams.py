@@ -217,7 +217,6 @@ def test_a_restarted_worker_never_reports_a_value_not_yet_on_disk(tmp_path):
         store.close()
     finally:
         claimed.listener.close()
-        shared.remove()
 
 
 # --- /healthz tells the truth ----------------------------------------------------

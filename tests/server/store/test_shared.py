@@ -1,0 +1,95 @@
+"""The counter shared by --processes workers: exact across processes, and its
+lock given back when a worker dies holding it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from server.store.shared import _HOLDER, _HOLDER_AT, SharedCounter
+
+
+@pytest.fixture
+def shared():
+    return SharedCounter(10)
+
+
+def in_child(body) -> int:
+    """Fork, run ``body`` in the child, exit it without cleanup; the child's pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            body()
+        finally:
+            os._exit(0)
+    return pid
+
+
+def reap(pid: int) -> None:
+    os.waitpid(pid, 0)
+
+
+def test_workers_in_several_processes_get_distinct_exact_replies(shared):
+    reader, writer = os.pipe()
+
+    def work() -> None:
+        store = shared.open_store()
+        replies = [store.apply([1, 1])[-1] for _ in range(500)]
+        os.write(writer, b"%d\n" % len(set(replies)))
+
+    children = [in_child(work) for _ in range(3)]
+    for pid in children:
+        reap(pid)
+    os.close(writer)
+    assert os.read(reader, 100).split() == [b"500"] * 3
+    os.close(reader)
+    assert shared.value == 10 + 3 * 500 * 2
+    assert shared.requests_applied == 3 * 500 * 2
+
+
+def test_the_lock_of_a_worker_killed_while_holding_it_is_given_back(shared):
+    def take_and_die() -> None:
+        store = shared.open_store()
+        store.apply([5])
+        shared.lock.acquire()  # as apply does, then killed in the middle
+        _HOLDER.pack_into(shared.memory, _HOLDER_AT, os.getpid(), 1)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    pid = in_child(take_and_die)
+    reap(pid)
+    assert not shared.lock.acquire(False), "the dead worker should still hold the lock"
+    assert shared.release_if_held_by(pid)
+    assert shared.open_store().apply([1]) == [16]
+
+
+def test_a_lock_taken_just_before_dying_without_a_holder_is_given_back(shared):
+    def take_and_die() -> None:
+        shared.lock.acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    pid = in_child(take_and_die)
+    reap(pid)
+    started = time.monotonic()
+    assert shared.release_if_held_by(pid)
+    assert time.monotonic() - started < 5
+    assert shared.open_store().apply([0]) == [10]
+
+
+def test_the_lock_of_a_live_worker_is_left_alone(shared):
+    def die_quietly() -> None:
+        pass
+
+    pid = in_child(die_quietly)
+    reap(pid)
+    assert not shared.release_if_held_by(pid)  # free: nothing to give back
+    shared.lock.acquire()  # a live worker (this process) holds it
+    _HOLDER.pack_into(shared.memory, _HOLDER_AT, os.getpid(), 1)
+    try:
+        assert not shared.release_if_held_by(pid)
+        assert not shared.lock.acquire(False)
+    finally:
+        _HOLDER.pack_into(shared.memory, _HOLDER_AT, 0, 1)
+        shared.lock.release()
