@@ -13,6 +13,28 @@ from gevent import ssl as gevent_ssl
 _TLS_SOCKETS = (ssl.SSLSocket, gevent_ssl.SSLSocket)  # patched or not
 
 
+def _plain_gevent(sock: socket.socket) -> socket.socket | None:
+    """The underlying non-blocking socket of a plain (not TLS) gevent socket
+    without a timeout, or None for any other socket."""
+    raw = getattr(sock, "_sock", None)
+    if (
+        raw is None
+        or isinstance(sock, _TLS_SOCKETS)
+        or not hasattr(sock, "_read_event")
+        or sock.gettimeout() is not None
+    ):
+        return None
+    return raw
+
+
+def raw_send(sock: socket.socket) -> Callable[[bytes], int] | None:
+    """For a plain gevent socket, its underlying non-blocking ``send``: it
+    returns the bytes taken and raises BlockingIOError instead of waiting
+    (no gevent wrapper on the way). None for any other socket."""
+    raw = _plain_gevent(sock)
+    return None if raw is None else raw.send
+
+
 def reader(sock: socket.socket) -> Callable[[int], bytes]:
     """``recv`` for a hot loop that owns ``sock``.
 
@@ -25,13 +47,8 @@ def reader(sock: socket.socket) -> Callable[[int], bytes]:
     descriptor is not readable; one with a timeout; a plain stdlib one) keeps
     its own recv.
     """
-    raw = getattr(sock, "_sock", None)
-    if (
-        isinstance(sock, _TLS_SOCKETS)
-        or raw is None
-        or not hasattr(sock, "_read_event")
-        or sock.gettimeout() is not None
-    ):
+    raw = _plain_gevent(sock)
+    if raw is None:
         return sock.recv
     raw_recv, wait, readable = raw.recv, sock.hub.wait, sock._read_event
     drained = False

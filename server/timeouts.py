@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import gevent
 
-from common.sockets import shut_down
+from common.sockets import raw_send, shut_down
 from protocol import FrameDecoder
 from server.close import ClientTimeout, CloseReason, ConnectionEnded, Evicted
 from server.ratelimit import TokenBucket
@@ -68,6 +68,7 @@ class Watched:
         "_frame_since",
         "_frame_start",
         "_idle_since",
+        "_raw_send",
         "_seen_in",
         "_seen_out",
         "_write_since",
@@ -82,6 +83,7 @@ class Watched:
 
     def __init__(self, sock: socket.socket, decoder: FrameDecoder, now: float) -> None:
         self.sock = sock
+        self._raw_send = raw_send(sock)
         self.decoder = decoder
         self.bytes_in = 0
         self.bytes_out = 0
@@ -96,12 +98,21 @@ class Watched:
         self._write_since = now
 
     def write(self, data: bytes) -> None:
-        """Send all of ``data``; blocks while the client is not reading."""
+        """Send all of ``data``; blocks while the client is not reading.
+
+        On a plain socket the first try cannot block and usually takes
+        everything; only the rest, if any, is the blocking (watched) part."""
+        sent = 0
+        if self._raw_send is not None:
+            try:
+                sent = self._raw_send(data)
+            except BlockingIOError:
+                sent = 0  # the socket buffer is full
+            if sent == len(data):
+                self.bytes_out += sent
+                return
         self.writing = True
-        sock = self.sock
-        sent = sock.send(data)
-        if sent != len(data):  # rare: the socket buffer is full
-            sock.sendall(memoryview(data)[sent:])
+        self.sock.sendall(memoryview(data)[sent:] if sent else data)
         self.writing = False
         self.bytes_out += len(data)
 
