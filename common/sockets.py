@@ -9,6 +9,7 @@ import ssl
 from collections.abc import Callable
 
 from gevent import ssl as gevent_ssl
+from gevent.hub import Waiter
 
 _TLS_SOCKETS = (ssl.SSLSocket, gevent_ssl.SSLSocket)  # patched or not
 
@@ -67,6 +68,59 @@ def reader(sock: socket.socket) -> Callable[[int], bytes]:
             return data
 
     return recv
+
+
+class InterruptibleReader:
+    """The same readability-aware ``recv`` as ``reader`` (plain gevent
+    sockets only), which another greenlet can interrupt: after
+    ``interrupt()``, a pending ``recv`` and every later one return b"" at
+    once, without touching the socket (so it stays readable and writable for
+    an orderly close)."""
+
+    __slots__ = ("_drained", "_hub", "_raw_recv", "_readable", "_waiter", "interrupted")
+
+    def __init__(self, sock: socket.socket) -> None:
+        raw = _plain_gevent(sock)
+        if raw is None:
+            raise TypeError("InterruptibleReader needs a plain gevent socket without a timeout")
+        self._raw_recv = raw.recv
+        self._readable = sock._read_event
+        self._hub = sock.hub
+        self._drained = False
+        self._waiter: Waiter | None = None
+        self.interrupted = False
+
+    @staticmethod
+    def supports(sock: socket.socket) -> bool:
+        """Whether ``sock`` is a socket this reader can serve."""
+        return _plain_gevent(sock) is not None
+
+    def recv(self, size: int) -> bytes:
+        while not self.interrupted:
+            if not self._drained:
+                try:
+                    data = self._raw_recv(size)
+                except BlockingIOError:
+                    self._drained = True
+                    continue
+                self._drained = len(data) < size
+                return data
+            waiter = self._waiter = Waiter(self._hub)
+            self._readable.start(waiter.switch, None)
+            try:
+                waiter.get()
+            finally:
+                self._readable.stop()
+                self._waiter = None
+            self._drained = False
+        return b""
+
+    def interrupt(self) -> None:
+        """Make the pending ``recv`` (if any) and all later ones return b""."""
+        self.interrupted = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._hub.loop.run_callback(waiter.switch, None)
 
 
 def shut_down(sock: socket.socket, how: int) -> None:

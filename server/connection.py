@@ -7,15 +7,18 @@ loop only keeps the counters it reads and raises its verdict (ClientTimeout).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from typing import Protocol
 
-from common.sockets import reader
+from common.sockets import InterruptibleReader, reader
 from protocol import MAX_COUNTER, FrameDecoder, InvalidFrame, RejectReason, encode_replies
+from server.close import ConnectionEnded
+from server.outbox import Outbox
 from server.ratelimit import TokenBucket
 from server.stats import ServerStats
-from server.store import CounterStore
+from server.store import CounterStore, DeferringStore
 from server.timeouts import TimeoutReaper, Watched
 
 # Bytes read at once: up to 1024 frames. Bounds what one connection holds
@@ -51,8 +54,10 @@ def serve(
     """
     decoder = FrameDecoder()
     watched = reaper.watch(sock, decoder)
+    deferred = isinstance(store, DeferringStore) and InterruptibleReader.supports(sock)
+    loop = _serve_deferred if deferred else _serve
     try:
-        return _serve(sock, decoder, watched, store, stats, state, bucket)
+        return loop(sock, decoder, watched, store, stats, state, bucket)
     except OSError:
         # The reaper or shutdown cut the socket under a blocked send.
         if watched.verdict is not None:
@@ -113,6 +118,58 @@ def _serve(
                 return _overflow(refused, store.value)
         if decoder.error is not None:
             return decoder.error
+    return None
+
+
+def _serve_deferred(
+    sock: socket.socket,
+    decoder: FrameDecoder,
+    watched: Watched,
+    store: DeferringStore,
+    stats: ServerStats,
+    state: ServerState,
+    bucket: TokenBucket | None,
+) -> InvalidFrame | None:
+    """The loop for a store that answers later (Redis): each read's
+    increments go to the store and the loop reads on, while the store's side
+    writes the replies (server.outbox). Same outcomes as ``_serve``. Blocking
+    steps: ``recv``, ``outbox.submit`` (a pipelined read waits for the
+    previous one's replies), ``outbox.settle`` and ``watched.wait_for_tokens``."""
+    reader = InterruptibleReader(sock)
+    outbox = Outbox(watched, reader, stats)
+    feed = decoder.feed
+    recv = reader.recv
+    submit = outbox.submit
+    read_size = RECV_SIZE
+    chunk = b"."
+    try:
+        while not state.stopping:
+            if bucket is not None:
+                read_size = watched.wait_for_tokens(bucket)
+            chunk = recv(read_size)  # b"" also when the outbox interrupts it
+            if not chunk or outbox.ending is not None:
+                break
+            watched.bytes_in += len(chunk)
+            increments = feed(chunk)
+            if increments:
+                submit(store, increments)
+                if bucket is not None:
+                    bucket.spend(len(increments))
+            if decoder.error is not None:
+                break
+    except BaseException:
+        with contextlib.suppress(ConnectionEnded):
+            outbox.settle()  # the replies owed still go out; this ending wins
+        raise
+    outbox.settle()  # every reply owed is written; raises the store's failure
+    if outbox.ending is not None:
+        return outbox.ending
+    if decoder.error is not None:
+        return decoder.error
+    if not chunk:
+        if watched.verdict is not None:
+            raise watched.verdict
+        return None if state.stopping else decoder.close()
     return None
 
 

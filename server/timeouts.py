@@ -97,24 +97,30 @@ class Watched:
         self._seen_out = -1
         self._write_since = now
 
+    def try_write(self, data: bytes) -> int:
+        """Send what the socket takes at once, never blocking; the bytes
+        taken (0 on a TLS socket, which has no such send)."""
+        if self._raw_send is None:
+            return 0
+        try:
+            sent = self._raw_send(data)
+        except BlockingIOError:
+            return 0  # the socket buffer is full
+        self.bytes_out += sent
+        return sent
+
     def write(self, data: bytes) -> None:
         """Send all of ``data``; blocks while the client is not reading.
 
-        On a plain socket the first try cannot block and usually takes
-        everything; only the rest, if any, is the blocking (watched) part."""
-        sent = 0
-        if self._raw_send is not None:
-            try:
-                sent = self._raw_send(data)
-            except BlockingIOError:
-                sent = 0  # the socket buffer is full
-            if sent == len(data):
-                self.bytes_out += sent
-                return
+        The first try cannot block and usually takes everything; only the
+        rest, if any, is the blocking (watched) part."""
+        sent = self.try_write(data)
+        if sent == len(data):
+            return
         self.writing = True
         self.sock.sendall(memoryview(data)[sent:] if sent else data)
         self.writing = False
-        self.bytes_out += len(data)
+        self.bytes_out += len(data) - sent
 
     def wait_for_tokens(self, bucket: TokenBucket) -> int:
         """Bytes the connection may read now, after waiting for rate tokens."""

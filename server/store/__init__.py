@@ -8,11 +8,19 @@
 ``server.wiring.open_store`` is the one place that picks and stacks them.
 """
 
-from server.store.base import CounterStore, Figure, LayeredStore, StoreUnavailable, advance
+from server.store.base import (
+    CounterStore,
+    DeferringStore,
+    Figure,
+    LayeredStore,
+    StoreUnavailable,
+    advance,
+)
 from server.store.memory import MemoryCounterStore
 
 __all__ = [
     "CounterStore",
+    "DeferringStore",
     "Figure",
     "LayeredStore",
     "MemoryCounterStore",

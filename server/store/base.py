@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import accumulate
-from typing import Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 from protocol import MAX_COUNTER
 from server.close import CloseReason, ConnectionEnded
+
+if TYPE_CHECKING:
+    from server.outbox import Outbox
 
 
 class Figure(NamedTuple):
@@ -58,6 +61,18 @@ class CounterStore(Protocol):
         """Release resources; called once at shutdown after the last apply.
         False if the final value could not be saved."""
         ...
+
+
+@runtime_checkable
+class DeferringStore(Protocol):
+    """A ``CounterStore`` that can also answer a read later, from its own
+    greenlet: ``submit`` queues the increments and returns at once; the store
+    then calls ``outbox.deliver(increments, replies, value)`` (replies as
+    ``apply`` would return them; ``value`` is the counter then) or
+    ``outbox.fail(StoreUnavailable(...))``, exactly once. The connection loop
+    uses it for plain sockets (server.outbox); ``apply`` stays for the rest."""
+
+    def submit(self, increments: Sequence[int], outbox: Outbox) -> None: ...
 
 
 class StoreUnavailable(ConnectionEnded):

@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import gevent
@@ -44,6 +45,9 @@ from redis.sentinel import Sentinel
 
 from common.ratelog import RateLimitedLog
 from server.store.base import Figure, StoreUnavailable, advance
+
+if TYPE_CHECKING:
+    from server.outbox import Outbox
 
 log = logging.getLogger("counter.redis")
 
@@ -187,14 +191,18 @@ def check_backend(backend: Backend) -> None:
 
 
 class _Batch:
-    """The reads queued for one round trip; everyone waits on one event."""
+    """The reads queued for one round trip. Each read came with the outbox
+    its replies go to (``submit``), or None if its caller waits on the
+    batch's event (``apply``)."""
 
-    __slots__ = ("done", "error", "reads", "replies")
+    __slots__ = ("done", "error", "finished", "outboxes", "reads", "replies")
 
     def __init__(self) -> None:
         self.reads: list[Sequence[int]] = []
+        self.outboxes: list[Outbox | None] = []
         self.replies: list[list[int]] = []  # per read, once done
         self.error: str | None = None
+        self.finished = False
         self.done = Event()
 
 
@@ -240,10 +248,19 @@ class RedisCounterStore:
             log.warning("Redis: cannot read %s: %s", self.key, exc)
         return self._last_value
 
+    def submit(self, increments: Sequence[int], outbox: Outbox) -> None:
+        """Queue a read for the next round trip; its replies go to ``outbox``
+        (``DeferringStore``)."""
+        batch = self._open
+        batch.reads.append(increments)
+        batch.outboxes.append(outbox)
+        self._wake.set()
+
     def apply(self, increments: Sequence[int]) -> Sequence[int]:
         batch = self._open
         index = len(batch.reads)
         batch.reads.append(increments)
+        batch.outboxes.append(None)
         self._wake.set()
         batch.done.wait()
         if batch.error is not None:
@@ -320,12 +337,25 @@ class RedisCounterStore:
         self._finish(batch)
 
     def _finish(self, batch: _Batch, error: str | None = None) -> None:
-        """Wake the batch's readers with their replies, or the error for all."""
+        """Hand every read its replies, or the error for all (once per batch)."""
+        if batch.finished:
+            return
+        batch.finished = True
         if error is not None:
             batch.error = error
+            for outbox in batch.outboxes:
+                if outbox is not None:
+                    outbox.fail(StoreUnavailable(error))
         else:
             self._applied += sum(len(replies) for replies in batch.replies)
-        batch.done.set()
+            value = self._last_value
+            for increments, replies, outbox in zip(
+                batch.reads, batch.replies, batch.outboxes, strict=True
+            ):
+                if outbox is not None:
+                    outbox.deliver(increments, replies, value)
+        if None in batch.outboxes:
+            batch.done.set()
 
     def _incrby(self, total: int) -> list:
         """[the total after INCRBY (or the error Redis answered), WAIT's count]."""
