@@ -2,7 +2,8 @@
 by bench/loadgen.c (40 connections in all), ping-pong and 64 in flight, and one
 instance with the memory store as the reference of the same run; all
 unpinned on this machine's cores, with redis-server (no persistence) beside
-them. Runs alternate; median of --runs. Prints the ratios: Redis backend /
+them. Runs alternate; median of --runs. Prints replies/s, the instances' CPU
+per reply and how busy the machine was, and the ratios: Redis backend /
 memory store, and two instances / one.
 
 Usage:
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.base import OurServer, build_loadgen, options, raise_file_limit
 from bench.run import free_port
+from common.procinfo import cpu_seconds
 
 
 def machine_busy() -> tuple[int, int]:
@@ -39,13 +41,17 @@ def machine_busy() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def run_instances(loadgen: str, url: str | None, count: int, depth: int, secs: int) -> float:
-    """Replies/s of ``count`` instances (on Redis ``url``, or in memory if None)."""
+def run_instances(
+    loadgen: str, url: str | None, count: int, depth: int, secs: int
+) -> tuple[float, float]:
+    """Replies/s of ``count`` instances (on Redis ``url``, or in memory if
+    None), and the instances' CPU per reply in microseconds."""
     extra = ("--backend", url) if url else ()
     servers = [OurServer(loadgen, extra, pin=False) for _ in range(count)]
     for server in servers:
         server.start()
     try:
+        before = sum(cpu_seconds(s.pid) for s in servers)
         loads = [
             subprocess.Popen(
                 [loadgen, "127.0.0.1", str(s.server.port), str(40 // count), str(depth), str(secs)],
@@ -54,7 +60,10 @@ def run_instances(loadgen: str, url: str | None, count: int, depth: int, secs: i
             )
             for s in servers
         ]
-        return sum(json.loads(p.communicate()[0])["replies_per_second"] for p in loads)
+        reports = [json.loads(p.communicate()[0]) for p in loads]
+        cpu = sum(cpu_seconds(s.pid) for s in servers) - before
+        replies = sum(r["replies"] for r in reports)
+        return sum(r["replies_per_second"] for r in reports), cpu / max(1, replies) * 1e6
     finally:
         for server in servers:
             server.stop()
@@ -82,17 +91,24 @@ def main() -> int:
                     "Redis, 2 instances": (url, 2)}  # fmt: skip
         for name, depth in (("ping-pong", 1), ("64 in flight", 64)):
             rates: dict[str, list[float]] = {label: [] for label in settings}
+            costs: dict[str, list[float]] = {label: [] for label in settings}
             busy: dict[str, list[float]] = {label: [] for label in settings}
             for _ in range(runs):  # alternate, so drift hits every setting alike
                 for label, (backend, count) in settings.items():
                     before = machine_busy()
-                    rates[label].append(run_instances(loadgen, backend, count, depth, duration))
+                    rate, cost = run_instances(loadgen, backend, count, depth, duration)
                     after = machine_busy()
+                    rates[label].append(rate)
+                    costs[label].append(cost)
                     busy[label].append((after[0] - before[0]) / max(1, after[1] - before[1]))
             medians = {label: statistics.median(values) for label, values in rates.items()}
             for label, rate in medians.items():
                 load = statistics.median(busy[label])
-                print(f"{name:<14} {label:<20} {rate:>11,.0f} replies/s, machine {load:.0%} busy")
+                cost = statistics.median(costs[label])
+                print(
+                    f"{name:<14} {label:<20} {rate:>11,.0f} replies/s, {cost:5.1f} us server CPU"
+                    f"/reply, machine {load:.0%} busy"
+                )
             redis_one, redis_two = medians["Redis, 1 instance"], medians["Redis, 2 instances"]
             print(
                 f"{name:<14} Redis / memory {redis_one / medians['memory, 1 instance']:.2f}x, "
