@@ -1,5 +1,7 @@
-"""Memory per connection: 10,000 concurrent connections to our server and to
-Redis, each having made one request, and the server's RSS before and after.
+"""Memory per connection: 10,000 concurrent connections to our server, to the
+bare gevent loop of bench/echo.py (a greenlet and a gevent socket, nothing
+else) and to Redis, each having made one request, and the server's RSS
+before and after.
 
 Needs a file-descriptor limit above the connection count for this process and
 the servers (raised here up to the hard limit; as root, `ulimit -Hn 65536`
@@ -129,6 +131,14 @@ def main() -> int:
         print(f"  ours   RSS {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB: "
               f"{per:.2f} KiB per connection")  # fmt: skip
         return 0
+
+    echo = start_server(
+        "--multiplier", str(multiplier), script=Path(__file__).resolve().parent / "echo.py"
+    )  # fmt: skip
+    try:  # the bare gevent loop: what a greenlet and a gevent socket cost by themselves
+        results["gevent"] = measure(echo.pid, echo.port, count, encode_request(0), REPLY_SIZE)
+    finally:
+        echo.stop(60)
 
     redis = shutil.which("redis-server")
     if redis:
