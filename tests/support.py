@@ -210,6 +210,18 @@ def stall_server(port: int, limit_seconds: float = 30.0) -> socket.socket:
 CLIENT_SCRIPT = REPO_ROOT / "client" / "client.py"
 
 
+def start_client(*args: str) -> subprocess.Popen:
+    """Start the client's command line (output piped, text) and return at once."""
+    return subprocess.Popen(
+        [sys.executable, str(CLIENT_SCRIPT), *args],
+        cwd=tempfile.gettempdir(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
 def run_client(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     """Run the client's command line to completion from a temporary directory."""
     return subprocess.run(

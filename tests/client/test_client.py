@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 import pytest
-from support import CLIENT_SCRIPT, read_counter, run_client, start_server
+from support import CLIENT_SCRIPT, read_counter, run_client, start_client, start_server
 
 REPORT_FIELDS = {
     "server": str,
@@ -124,11 +124,7 @@ def test_unresolvable_host():
 
 def test_server_killed_mid_run_gives_partial_results():
     server = start_server()
-    client = subprocess.Popen(
-        [sys.executable, str(CLIENT_SCRIPT), "--serverAddress", address(server),
-         "--duration", "20", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    client = start_client("--serverAddress", address(server), "--duration", "20", "--json")
     time.sleep(2.5)
     server.signal(signal.SIGKILL)
     server.wait()
@@ -245,11 +241,9 @@ def test_misbehaving_server_is_counted_by_kind(behaviour, kind, extra):
 
 
 def test_sigint_stops_early_and_still_reports_everything_owed(server):
-    client = subprocess.Popen(
-        [sys.executable, str(CLIENT_SCRIPT), "--serverAddress", address(server),
-         "--duration", "30", "--pipeline", "8", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    client = start_client(
+        "--serverAddress", address(server), "--duration", "30", "--pipeline", "8", "--json"
+    )
     time.sleep(2.5)
     client.send_signal(signal.SIGINT)
     out, err = client.communicate(timeout=30)

@@ -3,6 +3,7 @@ that each test starts on loopback (.ci/run installs redis-server)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -17,6 +18,7 @@ from support import (
     recv_replies,
     recv_until_closed,
     run_server_command,
+    start_client,
     start_server,
 )
 
@@ -197,3 +199,35 @@ def test_healthz_is_503_while_redis_is_unreachable_and_recovers_by_itself(redis_
         assert exchange(server.port, 1)[0] >= 2
     finally:
         server.stop()
+
+
+def test_tls_and_plain_clients_of_redis_backed_instances_share_one_exact_counter(redis_server, pki):
+    """TLS connections wait for their round trip and write their own replies;
+    plain ones have them written by the flusher (server.outbox): both at once,
+    pipelined and ping-pong, against two instances."""
+    tls = start_server(
+        "--backend", redis_server.url(), "--tls-cert", pki["server_cert"],
+        "--tls-key", pki["server_key"],
+    )  # fmt: skip
+    plain = start_server("--backend", redis_server.url())
+    settings = [("--tls", "--tls-ca", pki["ca"]), ()]
+    try:
+        runs = []
+        for server, extra in zip((tls, plain), settings, strict=True):
+            for pipeline in ("1", "8"):
+                address = f"127.0.0.1:{server.port}"
+                args = ["--serverAddress", address, "--multiplier", "2", "--duration", "1.5"]
+                runs.append(start_client(*args, "--pipeline", pipeline, "--json", *extra))
+        reports = []
+        for run in runs:
+            out, err = run.communicate(timeout=60)
+            assert run.returncode == 0, err
+            reports.append(json.loads(out))
+    finally:
+        tls.stop()
+        plain.stop()
+    acknowledged = sum(r["increments_acknowledged"] for r in reports)
+    assert all(r["requests_acknowledged"] > 0 and r["errors_total"] == 0 for r in reports)
+    assert redis_server.cli("get", "counter") == str(acknowledged)
+    assert tls.totals[0] + plain.totals[0] == acknowledged
+    assert "Traceback" not in tls.stderr + plain.stderr
