@@ -141,13 +141,16 @@ def _serve_deferred(
     recv = reader.recv
     submit = outbox.submit
     read_size = RECV_SIZE
-    chunk = b"."
+    read_ended = False  # the peer closed, or the reaper or shutdown cut the read side
     try:
         while not state.stopping:
             if bucket is not None:
                 read_size = watched.wait_for_tokens(bucket)
-            chunk = recv(read_size)  # b"" also when the outbox interrupts it
-            if not chunk or outbox.ending is not None:
+            chunk = recv(read_size)
+            if outbox.ending is not None:  # the store's side ended it (and woke the recv)
+                break
+            if not chunk:
+                read_ended = True
                 break
             watched.bytes_in += len(chunk)
             increments = feed(chunk)
@@ -155,7 +158,7 @@ def _serve_deferred(
                 submit(store, increments)
                 if bucket is not None:
                     bucket.spend(len(increments))
-            if decoder.error is not None:
+            if decoder.error is not None or outbox.ending is not None:
                 break
     except BaseException:
         with contextlib.suppress(ConnectionEnded):
@@ -166,7 +169,7 @@ def _serve_deferred(
         return outbox.ending
     if decoder.error is not None:
         return decoder.error
-    if not chunk:
+    if read_ended:
         if watched.verdict is not None:
             raise watched.verdict
         return None if state.stopping else decoder.close()

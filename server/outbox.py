@@ -49,10 +49,12 @@ class Outbox:
 
     def submit(self, store, increments: Sequence[int]) -> None:
         """Hand a read to the store; first waits for the previous one's
-        replies (a pipelining client's reads take turns)."""
+        replies (a pipelining client's reads take turns). Nothing is handed
+        over once the connection is ending (a frame before was refused)."""
         self.settle()
-        self.owed = True
-        store.submit(increments, self)
+        if self.ending is None:
+            self.owed = True
+            store.submit(increments, self)
 
     def settle(self) -> None:
         """Wait until no reply is owed; then raise the store's failure, if

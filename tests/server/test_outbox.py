@@ -157,3 +157,18 @@ def test_a_client_that_does_not_read_holds_one_read_and_gets_every_reply_later(p
     sender.get(timeout=5)
     client.shutdown(socket.SHUT_WR)
     assert loop.get(timeout=5) is None
+
+
+def test_nothing_after_a_refused_frame_is_applied_even_from_a_waiting_read(pair):
+    _, client = pair
+    store = LaterStore(MAX_COUNTER - 1)
+    loop = start(pair, store)
+    client.sendall(encode_request(1) * 2)  # the second frame would pass the limit
+    wait_for(lambda: store.queued, "the first read")
+    client.sendall(encode_request(0) * 3)  # read while the first is in the store
+    gevent.sleep(0.05)
+    store.answer()
+    refusal = loop.get(timeout=5)
+    assert refusal is not None and refusal.reason is RejectReason.OVERFLOW
+    assert store.queued == [], "a read after the refused frame reached the store"
+    assert store.requests_applied == 1
