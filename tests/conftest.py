@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import trustme
+from gevent import socket as gevent_socket
 from hypothesis import settings
 from support import ServerProcess, start_server
 
@@ -24,6 +25,16 @@ def server() -> Iterator[ServerProcess]:
         if proc.returncode is None:
             proc.stop()
         assert "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.fixture
+def pair():
+    """A connected pair of gevent sockets, closed afterwards (the in-process
+    tests of the connection loop, the reaper and the socket helpers)."""
+    left, right = gevent_socket.socketpair()
+    yield left, right
+    left.close()
+    right.close()
 
 
 @pytest.fixture(scope="session")

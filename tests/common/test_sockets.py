@@ -6,18 +6,8 @@ from __future__ import annotations
 import socket as stdlib_socket
 
 import gevent
-import pytest
-from gevent import socket
 
 from common.sockets import reader, shut_down
-
-
-@pytest.fixture
-def pair():
-    left, right = socket.socketpair()
-    yield left, right
-    left.close()
-    right.close()
 
 
 def test_reader_returns_what_arrives_and_waits_after_a_short_read(pair):

@@ -42,14 +42,6 @@ class LaterStore(MemoryCounterStore):
             outbox.fail(StoreUnavailable("the store is down"))
 
 
-@pytest.fixture
-def pair():
-    server_side, client_side = socket.socketpair()
-    yield server_side, client_side
-    server_side.close()
-    client_side.close()
-
-
 def start(pair, store, stats=None):
     server_side, _ = pair
     reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None))

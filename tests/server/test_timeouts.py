@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import socket
 
-import pytest
-
 from protocol import FrameDecoder, encode_request
 from server.close import CloseReason
 from server.timeouts import TimeoutReaper, Timeouts
-
-
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
 
 
 def watched_connection(pair, timeouts: Timeouts):
