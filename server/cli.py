@@ -25,7 +25,7 @@ from common.cli import (
 )
 from server.admission import Network, parse_network
 from server.store.durable import FSYNC_MODES
-from server.store.redis_backend import Backend, parse_backend
+from server.store.redis_url import Backend, parse_backend
 from server.timeouts import Timeouts
 
 __doc__ = """Counter server: one shared 64-bit counter that many clients add to at

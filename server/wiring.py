@@ -22,7 +22,7 @@ from server.peers import PeerTable, SharedAdmission, SharedRateLimiter
 from server.ratelimit import RateLimiter
 from server.store import CounterStore, MemoryCounterStore
 from server.store.durable import DurableCounterStore
-from server.store.redis_backend import BackendError, RedisCounterStore, check_backend
+from server.store.redis_url import BackendError
 from server.store.shared import SharedCounter
 from server.store.statefile import StateFile, StateFileError
 
@@ -66,7 +66,7 @@ def claim(settings: ServerSettings) -> Claimed:
             metrics_listener = open_listener(settings.metrics_host, settings.metrics_port)
             opened.append(metrics_listener)
         if settings.backend is not None:
-            check_backend(settings.backend)
+            redis_backend().check_backend(settings.backend)
         state, initial, existed = None, 0, False
         if settings.state_file is not None:
             state = StateFile(settings.state_file)
@@ -85,7 +85,7 @@ def open_store(
     """The store stack the settings ask for: Redis; or memory (this
     process's, or ``shared`` by the workers), made durable by the state file."""
     if settings.backend is not None:
-        return RedisCounterStore(settings.backend)
+        return redis_backend().RedisCounterStore(settings.backend)
     if shared is None:
         core: CounterStore = MemoryCounterStore(claimed.initial)
         on_disk = claimed.initial
@@ -97,9 +97,17 @@ def open_store(
     return DurableCounterStore(claimed.state, core, settings.fsync, on_disk=on_disk)
 
 
+def redis_backend():
+    """``server.store.redis_backend``, imported on first use: loading redis-py
+    takes a seventh of a second, which instances without ``--backend`` skip."""
+    from server.store import redis_backend as module
+
+    return module
+
+
 def describe_origin(settings: ServerSettings, claimed: Claimed, store: CounterStore | None) -> str:
     """Where the counter came from, for the start-up line ("" for memory)."""
-    if isinstance(store, RedisCounterStore):
+    if settings.backend is not None and store is not None:
         backend = settings.backend
         return f"counter {store.current_value()} in Redis {backend.url} key {backend.key}"
     if claimed.state is None:

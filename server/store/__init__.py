@@ -3,7 +3,8 @@
 - ``memory``: this process's memory (the Go original's behaviour).
 - ``durable`` over ``statefile``: a crash-safe state file with a choice of fsync.
 - ``shared``: one counter in shared memory for ``--processes`` workers.
-- ``redis_backend``: one Redis key shared by any number of instances.
+- ``redis_backend``: one Redis key shared by any number of instances
+  (``redis_url`` parses ``--backend`` without loading redis-py).
 
 ``server.wiring.open_store`` is the one place that picks and stacks them.
 """

@@ -1,0 +1,90 @@
+"""``--backend`` URLs: ``redis://``, ``rediss://`` and their ``+sentinel``
+forms, parsed into a ``Backend`` without importing redis-py (the server's
+command line parses them; only an instance that uses Redis loads the client,
+``server.store.redis_backend``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
+
+WAIT_TIMEOUT_MS = 1000  # default longest WAIT for replicas
+SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
+USAGE = (
+    "redis://[USER:PASSWORD@]HOST:PORT/DB?key=NAME (rediss:// for TLS) or "
+    "redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE/DB?key=NAME"
+)
+
+
+class BackendError(Exception):
+    """The backend cannot be used at start (bad password, no sentinel answers); one line."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A parsed ``--backend`` URL."""
+
+    url: str  # as given, password hidden, for logs
+    key: str
+    database: int
+    hosts: tuple[tuple[str, int], ...]  # the server, or the sentinels
+    service: str | None  # the Sentinel service (primary) name
+    username: str | None
+    password: str | None
+    tls: bool
+    ca: str | None  # CA file for TLS
+    replicas: int  # WAIT for this many replicas before replying
+    replica_timeout_ms: int
+
+
+def parse_backend(raw: str) -> Backend:
+    """The ``--backend`` URL; ValueError (one line) if it is not usable."""
+    parts = urlsplit(raw)
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {parts.scheme + '://' if parts.scheme else ''!r}: "
+                         f"expected {USAGE}")  # fmt: skip
+    sentinel = parts.scheme.endswith("+sentinel")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    hosts = []
+    for item in hostlist.split(","):
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]") if sep else item
+        if not host:
+            raise ValueError(f"a host is missing in {raw!r}: expected {USAGE}")
+        if sep and not port.isdigit():
+            raise ValueError(f"bad port {port!r} in {raw!r}")
+        hosts.append((host, int(port) if sep else 26379 if sentinel else 6379))
+    if not sentinel and len(hosts) != 1:
+        raise ValueError("several hosts need redis+sentinel://")
+    path = parts.path.split("/")[1:]  # "/SERVICE/DB" or "/DB"
+    if path and not path[-1]:
+        path.pop()  # a trailing slash
+    service = None
+    if sentinel:
+        if not path or not path[0]:
+            raise ValueError(f"the Sentinel service name is missing: expected {USAGE}")
+        service, path = path[0], path[1:]
+    database = path[0] if path else "0"
+    if len(path) > 1 or not database.isdigit():
+        raise ValueError(f"the database must be a number, got {'/'.join(path)!r}")
+    query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    unknown = set(query) - {"key", "ca", "replicas", "replica_timeout_ms"}
+    if unknown:
+        raise ValueError(f"unknown option {sorted(unknown)[0]}= in {USAGE}")
+    key = query.get("key", "counter")
+    if not key:
+        raise ValueError("key= must not be empty")
+    replicas = query.get("replicas", "0")
+    timeout = query.get("replica_timeout_ms", str(WAIT_TIMEOUT_MS))
+    if not replicas.isdigit() or not timeout.isdigit() or int(timeout) < 1:
+        raise ValueError("replicas= and replica_timeout_ms= must be whole numbers")
+    tls = parts.scheme.startswith("rediss")
+    if "ca" in query and not tls:
+        raise ValueError("ca= needs rediss:// (or rediss+sentinel://)")
+    shown = raw.replace(f":{password}@", ":***@") if password else raw
+    return Backend(
+        url=shown, key=key, database=int(database), hosts=tuple(hosts), service=service,
+        username=unquote(username) or None, password=unquote(password) or None, tls=tls,
+        ca=query.get("ca"), replicas=int(replicas), replica_timeout_ms=int(timeout),
+    )  # fmt: skip
