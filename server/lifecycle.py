@@ -101,7 +101,12 @@ class CounterServer:
         tls: ssl.SSLContext | None = None,
         stats: ServerStats | None = None,
         ipv6_prefix: int = 64,
+        shares_listener: bool = False,
     ) -> None:
+        """``shares_listener``: other processes accept on the same listening
+        socket (``--processes``), so take one connection per wake-up and let
+        them have the next, instead of up to gevent's 100 in a row (which
+        gave one worker all 40 connections of a burst)."""
         self.store = store
         self.stats = stats if stats is not None else ServerStats()
         self.timeouts = timeouts
@@ -115,6 +120,8 @@ class CounterServer:
         self._stream_server = _Acceptor(
             listener, self._handle, spawn=self.pool, on_accept_error=self._accept_failed
         )
+        if shares_listener:
+            self._stream_server.max_accept = 1
         self._events = RateLimitedLog(log)
         self._seen_errors: set[tuple] = set()
         self._saturation = SaturationWatch(

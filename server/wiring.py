@@ -145,6 +145,7 @@ def build_server(
         rate_limiter=rate_limiter,
         tls=tls,
         ipv6_prefix=settings.ipv6_prefix,
+        shares_listener=settings.processes > 1,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -77,6 +78,32 @@ def test_two_workers_share_the_port_and_give_exact_distinct_replies():
     assert server.totals[1] == 3000
     assert not any(alive(p) for p in pids)
     assert "Traceback" not in server.stderr
+
+
+def test_a_burst_of_connections_is_spread_over_the_workers():
+    """Each worker takes one connection per wake-up, so a burst is shared out
+    (gevent's default of 100 per wake-up gave one worker all 40 in most runs)."""
+    server = start_server("--processes", "2")
+    try:
+        workers = worker_pids(server)
+        before = {pid: socket_count(pid) for pid in workers}
+        held = []
+        for _ in range(40):  # connect all at once, as load generators do
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", server.port))
+            held.append(sock)
+        for sock in held:
+            sock.settimeout(10)
+            sock.sendall(frames(0))
+            assert recv_replies(sock, 1) == (0,)
+        share = {pid: socket_count(pid) - before[pid] for pid in workers}
+        for sock in held:
+            sock.close()
+    finally:
+        server.stop()
+    assert sum(share.values()) == 40, share
+    assert min(share.values()) >= 8, f"connections per worker: {share}"
 
 
 def test_a_dead_worker_is_replaced_and_nothing_acknowledged_is_lost():
