@@ -26,6 +26,7 @@ from common.ratelog import RateLimitedLog
 from common.sockets import shut_down
 from protocol import InvalidFrame, RejectReason
 from server.admission import Admission, client_ip, peer_key
+from server.balance import PAUSE, AcceptBalance
 from server.close import ClientTimeout, CloseReason, ConnectionEnded, HandshakeFailed
 from server.connection import close_after_refusal, serve
 from server.ratelimit import RateLimiter, TokenBucket
@@ -37,6 +38,7 @@ from server.timeouts import DEFAULT_TIMEOUTS, TimeoutReaper, Timeouts
 log = logging.getLogger("counter.server")
 
 ACCEPT_RETRY_SECONDS = 0.1  # pause accepting this long when out of descriptors
+BALANCE_PAUSE = PAUSE  # how long a worker ahead of the others stops accepting
 HANDSHAKE_TIMEOUT = 10.0  # seconds for a TLS handshake when --frame-timeout is 0
 # accept() errors that mean "no descriptors or memory now", not a bug.
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -61,13 +63,28 @@ class _Connection:
 class _Acceptor(StreamServer):
     """gevent's StreamServer, but running out of file descriptors while
     accepting pauses accepting briefly and is reported in one log line,
-    instead of a traceback per attempt."""
+    instead of a traceback per attempt; and, when other worker processes
+    accept on the same socket (``balance``), one connection per wake-up, and
+    none while this worker is ahead of the others (server.balance)."""
 
-    def __init__(self, *args, on_accept_error, **kwargs) -> None:
+    def __init__(self, *args, on_accept_error, balance=None, worker: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._on_accept_error = on_accept_error
+        self._balance: AcceptBalance | None = balance
+        self._worker = worker
+        self._paused = False  # stepped back last time: take the next one regardless
+        if balance is not None:
+            self.max_accept = 1  # not gevent's 100 in a row: let the others have a turn
 
     def do_read(self):
+        balance = self._balance
+        if balance is not None:
+            if not self._paused and balance.ahead(self._worker):
+                self._paused = True
+                self.stop_accepting()
+                gevent.spawn_later(BALANCE_PAUSE, self._resume_accepting)
+                return None
+            self._paused = False
         try:
             return super().do_read()
         except ConnectionAbortedError:
@@ -101,12 +118,11 @@ class CounterServer:
         tls: ssl.SSLContext | None = None,
         stats: ServerStats | None = None,
         ipv6_prefix: int = 64,
-        shares_listener: bool = False,
+        balance: AcceptBalance | None = None,
+        worker: int = 0,
     ) -> None:
-        """``shares_listener``: other processes accept on the same listening
-        socket (``--processes``), so take one connection per wake-up and let
-        them have the next, instead of up to gevent's 100 in a row (which
-        gave one worker all 40 connections of a burst)."""
+        """``balance``: with ``--processes``, the counts that spread new
+        connections over the workers; this is worker number ``worker``."""
         self.store = store
         self.stats = stats if stats is not None else ServerStats()
         self.timeouts = timeouts
@@ -117,11 +133,13 @@ class CounterServer:
         self.ipv6_prefix = ipv6_prefix
         self.pool = Pool(pool_size)
         self.stopping = False
+        self._balance = balance
+        self._worker = worker
+        self._serving = 0  # connections being handled, for the balance
         self._stream_server = _Acceptor(
-            listener, self._handle, spawn=self.pool, on_accept_error=self._accept_failed
-        )
-        if shares_listener:
-            self._stream_server.max_accept = 1
+            listener, self._handle, spawn=self.pool, on_accept_error=self._accept_failed,
+            balance=balance, worker=worker,
+        )  # fmt: skip
         self._events = RateLimitedLog(log)
         self._seen_errors: set[tuple] = set()
         self._saturation = SaturationWatch(
@@ -145,6 +163,8 @@ class CounterServer:
 
     def start(self) -> None:
         """Start accepting connections (returns at once; serving runs in greenlets)."""
+        if self._balance is not None:
+            self._balance.serving(self._worker, self._serving)
         self._stream_server.start()
         self._saturation.start()
         self.reaper.start()
@@ -154,6 +174,8 @@ class CounterServer:
         connections had to be cut because they did not finish in time.
         The store stays open: its owner closes it."""
         self.stopping = True
+        if self._balance is not None:
+            self._balance.absent(self._worker)
         self._saturation.stop()
         self._stream_server.close()
         for watched in list(self.reaper.watched):
@@ -192,6 +214,7 @@ class CounterServer:
         """Serve one accepted connection, then account for it and close it,
         however it ended (gevent's ``_handle_and_close_when_done``)."""
         self.stats.connections_accepted += 1
+        self._count_serving(+1)
         connection = _Connection(sock, address, self.ipv6_prefix)
         reason, detail = CloseReason.ERROR, ""
         try:
@@ -235,6 +258,7 @@ class CounterServer:
     def _closed(self, connection: _Connection, reason: CloseReason, detail: str) -> None:
         """The one place a connection is counted, released, logged and closed."""
         self.stats.connections_closed[reason] += 1
+        self._count_serving(-1)
         if connection.admitted:
             self.admission.release(connection.key)
         if connection.bucket is not None:
@@ -258,6 +282,11 @@ class CounterServer:
         connection.conn.close()
         if connection.conn is not connection.sock:
             connection.sock.close()
+
+    def _count_serving(self, change: int) -> None:
+        self._serving += change
+        if self._balance is not None and not self.stopping:
+            self._balance.serving(self._worker, self._serving)
 
     def _handshake(self, sock: socket.socket) -> ssl.SSLSocket:
         """The TLS handshake; the whole of it must finish within the frame

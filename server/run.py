@@ -18,6 +18,7 @@ from common.cli import configure_logging, cpu_count
 from common.gevent_errors import log_gevent_errors
 from common.ratelog import flush_all
 from common.signals import StopSignals
+from server.balance import AcceptBalance
 from server.banner import Ready, startup_line, totals_lines, write_ready_file
 from server.board import Board, BoardCollector
 from server.cli import ServerSettings, parse_settings
@@ -153,6 +154,7 @@ class Workers:
         self.shared = SharedCounter(claimed.initial)
         self.peers = shared_peer_table(settings)
         self.board = Board(settings.processes)
+        self.balance = AcceptBalance(settings.processes)
         self.stopping = False
         self._signals: StopSignals | None = None
         self.supervisor = Supervisor(
@@ -198,8 +200,9 @@ class Workers:
         if self.peers is not None:
             self.peers.open()
         server = build_server(
-            self.claimed.listener, store, self.settings, self.claimed.tls, self.peers, index
-        )
+            self.claimed.listener, store, self.settings, self.claimed.tls, self.peers, index,
+            self.balance,
+        )  # fmt: skip
         stop_signals = StopSignals()
         server.start()
         publisher = gevent.spawn(self._publish_every, PUBLISH_SECONDS, index, server)
@@ -228,6 +231,7 @@ class Workers:
                 extra={"worker": pid},
             )
         self.board.retire(index)
+        self.balance.absent(index)
         if self.peers is not None:
             self.peers.forget_worker(index)
 

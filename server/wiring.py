@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from common.cli import cpu_count
 from common.tls import TLSSetupError, server_context
 from server.admission import Admission
+from server.balance import AcceptBalance
 from server.cli import ServerSettings
 from server.lifecycle import CounterServer
 from server.peers import PeerTable, SharedAdmission, SharedRateLimiter
@@ -127,10 +128,12 @@ def build_server(
     tls: ssl.SSLContext | None,
     peers: PeerTable | None = None,
     worker: int = 0,
+    balance: AcceptBalance | None = None,
 ) -> CounterServer:
-    """A CounterServer with everything the settings ask for. ``peers``: in
-    ``--processes`` worker number ``worker``, the per-peer table the workers
-    share, so per-IP limits hold across them."""
+    """A CounterServer with everything the settings ask for. In
+    ``--processes`` worker number ``worker``: ``peers``, the per-peer table
+    the workers share, so per-IP limits hold across them, and ``balance``,
+    the counts that spread new connections over the workers."""
     admission: Admission = Admission(settings.allow, settings.max_conns_per_ip)
     rate_limiter = RateLimiter(settings.rate, settings.burst) if settings.rate else None
     if peers is not None:
@@ -145,7 +148,8 @@ def build_server(
         rate_limiter=rate_limiter,
         tls=tls,
         ipv6_prefix=settings.ipv6_prefix,
-        shares_listener=settings.processes > 1,
+        balance=balance,
+        worker=worker,
     )
 
 

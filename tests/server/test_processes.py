@@ -81,8 +81,9 @@ def test_two_workers_share_the_port_and_give_exact_distinct_replies():
 
 
 def test_a_burst_of_connections_is_spread_over_the_workers():
-    """Each worker takes one connection per wake-up, so a burst is shared out
-    (gevent's default of 100 per wake-up gave one worker all 40 in most runs)."""
+    """A worker ahead of the others lets them accept (server.balance), so a
+    burst is shared out; before, whichever worker woke first took up to
+    gevent's 100 in a row, and one worker got 34 to 40 of the 40."""
     server = start_server("--processes", "2")
     try:
         workers = worker_pids(server)
@@ -103,7 +104,7 @@ def test_a_burst_of_connections_is_spread_over_the_workers():
     finally:
         server.stop()
     assert sum(share.values()) == 40, share
-    assert min(share.values()) >= 8, f"connections per worker: {share}"
+    assert min(share.values()) >= 15, f"connections per worker: {share}"
 
 
 def test_a_dead_worker_is_replaced_and_nothing_acknowledged_is_lost():
