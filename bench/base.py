@@ -97,6 +97,45 @@ def build_loadgen(workdir: str) -> str:
     return binary
 
 
+def free_port() -> int:
+    """A loopback port free right now, for a server started by a benchmark."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def start_redis(workdir: str, cpu: int | None = None, max_clients: int = 20000) -> tuple:
+    """A redis-server without persistence on a free loopback port (on CPU
+    ``cpu`` if given), once it answers PING: (its Popen, its port). Stop it
+    with ``stop_process``."""
+    import time
+
+    server = need("redis-server", "install it: apt-get install redis-server")
+    port = free_port()
+    argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+            "no", "--maxclients", str(max_clients), "--dir", workdir]  # fmt: skip
+    proc = subprocess.Popen(
+        pinned(cpu, argv) if cpu is not None else argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        probe = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                               text=True)  # fmt: skip
+        if probe.stdout.strip() == "PONG":
+            return proc, port
+        time.sleep(0.05)
+    stop_process(proc)
+    raise SystemExit("bench: redis-server did not start")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM a server the benchmark started, and wait for it."""
+    proc.terminate()
+    proc.wait(60)
+
+
 def median_of(runs: Iterable[dict]) -> dict:
     """Each figure's median over the runs."""
     runs = list(runs)
@@ -209,8 +248,7 @@ class FloorServer(LoadgenLoad):
         import socket
         import time
 
-        with socket.create_server(("127.0.0.1", 0)) as probe:
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.proc = subprocess.Popen(pinned(SERVER_CPU, [self.floor, str(self.port)]),
                                      stdout=subprocess.DEVNULL)  # fmt: skip
         for _ in range(200):
@@ -226,8 +264,7 @@ class FloorServer(LoadgenLoad):
         return self.proc.pid
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        stop_process(self.proc)
 
 
 def measure(server, connections: int, depth: int, duration: float) -> dict:

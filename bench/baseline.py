@@ -3,16 +3,20 @@ bench/echo.py (a bare gevent loop) beside our server, each pinned to CPU 0 and
 driven by bench/loadgen.c on CPU 1, 40 connections, one frame in flight;
 alternating runs, median of --runs. With --against, also the server of
 another checkout (say the commit before a change, from `git worktree add`),
-so a change is measured against its parent in the same run.
+so a change is measured against its parent in the same run. With --redis,
+our server (and the other checkout's) keep the counter in a redis-server
+started here on CPU 1 beside the load generator (--backend), and our server
+with the memory store is measured too, as the reference.
 
 Usage:
-  baseline.py [--duration SECS] [--runs N] [--against DIR]
+  baseline.py [--duration SECS] [--runs N] [--against DIR] [--redis]
   baseline.py -h | --help
 
 Options:
   --duration SECS  Seconds per run. [default: 8]
   --runs N         Runs per server; the median is kept. [default: 3]
   --against DIR    Another checkout of this repository (it must know --ready-file).
+  --redis          The servers count in Redis (--backend) instead of in memory.
 """
 
 from __future__ import annotations
@@ -24,7 +28,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.base import ROOT, OurServer, build_loadgen, measure, options, raise_file_limit
+from bench.base import (
+    LOAD_CPU,
+    ROOT,
+    OurServer,
+    build_loadgen,
+    measure,
+    options,
+    raise_file_limit,
+    start_redis,
+    stop_process,
+)
 
 
 def main() -> int:
@@ -32,24 +46,33 @@ def main() -> int:
     raise_file_limit()
     workdir = tempfile.mkdtemp(prefix="bench-baseline-")
     loadgen = build_loadgen(workdir)
+    redis = start_redis(workdir, LOAD_CPU) if args["--redis"] else None
+    backend = ("--backend", f"redis://127.0.0.1:{redis[1]}/0?key=baseline") if redis else ()
     servers = {
         "bare gevent loop (bench/echo.py)": OurServer(loadgen, script=ROOT / "bench" / "echo.py"),
-        "our server": OurServer(loadgen),
+        "our server" + (", Redis" if redis else ""): OurServer(loadgen, backend),
     }
+    if redis:
+        servers["our server, memory"] = OurServer(loadgen)
     if args["--against"]:
         other = Path(args["--against"]).resolve() / "server" / "server.py"
         if not other.is_file():
             raise SystemExit(f"bench: no server/server.py in {args['--against']}")
-        servers[f"server in {args['--against']}"] = OurServer(loadgen, script=other)
+        name = f"server in {args['--against']}" + (", Redis" if redis else "")
+        servers[name] = OurServer(loadgen, backend, script=other)
     results: dict[str, list[dict]] = {name: [] for name in servers}
-    for _ in range(runs):
-        for name, server in servers.items():
-            results[name].append(measure(server, 40, 1, duration))
+    try:
+        for _ in range(runs):
+            for name, server in servers.items():
+                results[name].append(measure(server, 40, 1, duration))
+    finally:
+        if redis:
+            stop_process(redis[0])
     print(f"40 connections ping-pong, pinned, {duration}s per run, median of {runs}")
     for name, measured in results.items():
         rate = statistics.median(r["replies_per_second"] for r in measured)
         cpu = statistics.median(r["server_us_per_request"] for r in measured)
-        print(f"{name:<34} {rate:>9,.0f} replies/s  {cpu:5.1f} us CPU/request")
+        print(f"{name:<40} {rate:>9,.0f} replies/s  {cpu:5.1f} us CPU/request")
     return 0
 
 

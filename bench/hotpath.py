@@ -1,6 +1,8 @@
 """The pure-Python part of the hot path, without sockets: decode a read of
 N identical frames, apply it to the in-memory store, pack the replies
-(timeit, best of --repeat). Compare runs of one machine.
+(timeit, best of --repeat); and what applying costs in the --processes
+store (shared memory under its semaphore) beside the in-memory one. Compare
+runs of one machine.
 
 Usage:
   hotpath.py [--repeat N]
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.cli import convert, parse_args, positive_int
 from protocol import FrameDecoder, encode_replies, encode_request
 from server.store import MemoryCounterStore
+from server.store.shared import SharedCounter
 
 
 def per_call_us(function, number: int, repeat: int) -> float:
@@ -44,6 +47,11 @@ def main() -> int:
         total = decode + apply + pack
         print(f"{frames:>15} {decode:>11.2f} {apply:>10.2f} {pack:>9.2f} {total:>10.2f}"
               f" {total / frames:>14.3f}")  # fmt: skip
+    shared = SharedCounter().open_store()
+    memory = MemoryCounterStore()
+    print("\napply of one frame    in memory us   --processes store us")
+    print(f"{'':>20} {per_call_us(partial(memory.apply, [1]), 200_000, repeat):>14.2f}"
+          f" {per_call_us(partial(shared.apply, [1]), 200_000, repeat):>22.2f}")  # fmt: skip
     return 0
 
 

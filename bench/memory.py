@@ -25,9 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.base import raise_file_limit, rss_kib
+from bench.base import raise_file_limit, rss_kib, start_redis, stop_process
 from common.cli import convert, cpu_count, parse_args, positive_int
 from protocol import REPLY_SIZE, encode_request
 from server.launcher import start_server
@@ -140,21 +138,12 @@ def main() -> int:
     finally:
         echo.stop(60)
 
-    redis = shutil.which("redis-server")
-    if redis:
-        with socket.create_server(("127.0.0.1", 0)) as probe:
-            port = probe.getsockname()[1]
-        server = subprocess.Popen(
-            [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--maxclients", str(count + 100), "--dir", workdir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+    if shutil.which("redis-server"):
+        server, port = start_redis(workdir, max_clients=count + 100)
         try:
-            time.sleep(0.5)
             results["redis"] = measure(server.pid, port, count, PING, len(b"+PONG\r\n"))
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(60)
+            stop_process(server)
     else:
         print("bench: redis-server not found (apt-get install redis-server); ours only")
 

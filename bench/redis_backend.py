@@ -18,19 +18,22 @@ Options:
 from __future__ import annotations
 
 import json
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.base import OurServer, build_loadgen, options, raise_file_limit
-from bench.run import free_port
+from bench.base import (
+    OurServer,
+    build_loadgen,
+    options,
+    raise_file_limit,
+    start_redis,
+    stop_process,
+)
 from common.procinfo import cpu_seconds
 
 
@@ -71,19 +74,10 @@ def run_instances(
 
 def main() -> int:
     _, duration, runs = options(__doc__)
-    redis = shutil.which("redis-server")
-    if redis is None:
-        raise SystemExit("bench: redis-server not found; apt-get install redis-server")
     raise_file_limit()
     workdir = tempfile.mkdtemp(prefix="bench-redis-")
     loadgen = build_loadgen(workdir)
-    port = free_port()
-    server = subprocess.Popen(
-        [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    time.sleep(0.5)
+    server, port = start_redis(workdir)
     try:
         print(f"unpinned, 40 connections in all, {duration}s per run, median of {runs}")
         url = f"redis://127.0.0.1:{port}/0?key=bench"
@@ -116,8 +110,7 @@ def main() -> int:
                 flush=True,
             )
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        stop_process(server)
     return 0
 
 

@@ -25,7 +25,6 @@ Options:
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,8 @@ from bench.base import (
     options,
     pinned,
     raise_file_limit,
+    start_redis,
+    stop_process,
 )
 
 SCENARIOS = (  # name, connections, frames in flight per connection
@@ -69,26 +70,11 @@ class RedisServer:
 
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
-        self.server = need("redis-server", "install it: apt-get install redis-server")
         self.benchmark = need("redis-benchmark", "install it: apt-get install redis-server")
         self.rate_guess: dict[tuple[int, int], float] = {}
 
     def start(self) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            pinned(SERVER_CPU, [self.server, "--port", str(self.port), "--bind", "127.0.0.1",
-                       "--save", "", "--appendonly", "no", "--maxclients", "20000",
-                       "--dir", self.workdir]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for _ in range(200):
-            probe = subprocess.run(
-                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True
-            )
-            if probe.stdout.strip() == "PONG":
-                return
-            time.sleep(0.05)
-        raise SystemExit("bench: redis-server did not start")
+        self.proc, self.port = start_redis(self.workdir, SERVER_CPU)
 
     def load(self, connections: int, depth: int, duration: float) -> dict:
         key = (connections, depth)
@@ -112,15 +98,7 @@ class RedisServer:
         return self.proc.pid
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return sock.getsockname()[1]
+        stop_process(self.proc)
 
 
 def main() -> int:

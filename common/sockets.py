@@ -9,7 +9,6 @@ import ssl
 from collections.abc import Callable
 
 from gevent import ssl as gevent_ssl
-from gevent.hub import Waiter
 
 _TLS_SOCKETS = (ssl.SSLSocket, gevent_ssl.SSLSocket)  # patched or not
 
@@ -36,58 +35,34 @@ def raw_send(sock: socket.socket) -> Callable[[bytes], int] | None:
     return None if raw is None else raw.send
 
 
-def reader(sock: socket.socket) -> Callable[[int], bytes]:
-    """``recv`` for a hot loop that owns ``sock``.
+class _Interrupted(Exception):
+    """Thrown by ``Reader.interrupt`` into a ``recv`` waiting for readability."""
 
-    On a plain gevent socket without a timeout, a read shorter than asked
-    means the kernel buffer is empty: the next read first waits for the socket
-    to become readable, instead of trying a recv that fails with EAGAIN (a
-    syscall, a raised and caught exception and a thrown-away buffer per
-    ping-pong request) and then waiting; after a full read it reads straight
-    away. Any other socket (TLS, which can hold decrypted bytes while the
-    descriptor is not readable; one with a timeout; a plain stdlib one) keeps
-    its own recv.
+
+class Reader:
+    """``recv`` for a hot loop that owns a plain gevent socket (no TLS, no
+    timeout).
+
+    A read shorter than asked means the kernel buffer is empty: the next read
+    first waits for the socket to become readable, instead of trying a recv
+    that fails with EAGAIN (a syscall, a raised and caught exception and a
+    thrown-away buffer per ping-pong request) and then waiting; after a full
+    read it reads straight away. Another greenlet can ``interrupt()`` it: the
+    pending ``recv`` and every later one return b"" at once, without touching
+    the socket (so it stays usable for an orderly close).
     """
-    raw = _plain_gevent(sock)
-    if raw is None:
-        return sock.recv
-    raw_recv, wait, readable = raw.recv, sock.hub.wait, sock._read_event
-    drained = False
 
-    def recv(size: int) -> bytes:
-        nonlocal drained
-        if drained:
-            wait(readable)
-        while True:
-            try:
-                data = raw_recv(size)
-            except BlockingIOError:
-                wait(readable)
-                continue
-            drained = len(data) < size
-            return data
-
-    return recv
-
-
-class InterruptibleReader:
-    """The same readability-aware ``recv`` as ``reader`` (plain gevent
-    sockets only), which another greenlet can interrupt: after
-    ``interrupt()``, a pending ``recv`` and every later one return b"" at
-    once, without touching the socket (so it stays readable and writable for
-    an orderly close)."""
-
-    __slots__ = ("_drained", "_hub", "_raw_recv", "_readable", "_waiter", "interrupted")
+    __slots__ = ("_drained", "_hub", "_raw_recv", "_readable", "_wait", "interrupted")
 
     def __init__(self, sock: socket.socket) -> None:
         raw = _plain_gevent(sock)
         if raw is None:
-            raise TypeError("InterruptibleReader needs a plain gevent socket without a timeout")
+            raise TypeError("Reader needs a plain gevent socket without a timeout")
         self._raw_recv = raw.recv
         self._readable = sock._read_event
         self._hub = sock.hub
+        self._wait = self._hub.wait
         self._drained = False
-        self._waiter: Waiter | None = None
         self.interrupted = False
 
     @staticmethod
@@ -96,8 +71,10 @@ class InterruptibleReader:
         return _plain_gevent(sock) is not None
 
     def recv(self, size: int) -> bytes:
-        while not self.interrupted:
-            if not self._drained:
+        try:
+            while not self.interrupted:
+                if self._drained:
+                    self._wait(self._readable)
                 try:
                     data = self._raw_recv(size)
                 except BlockingIOError:
@@ -105,22 +82,22 @@ class InterruptibleReader:
                     continue
                 self._drained = len(data) < size
                 return data
-            waiter = self._waiter = Waiter(self._hub)
-            self._readable.start(waiter.switch, None)
-            try:
-                waiter.get()
-            finally:
-                self._readable.stop()
-                self._waiter = None
-            self._drained = False
+        except _Interrupted:
+            pass
         return b""
 
     def interrupt(self) -> None:
-        """Make the pending ``recv`` (if any) and all later ones return b""."""
+        """Make the pending ``recv`` (if any) and all later ones return b""
+        (gevent's own way to end a wait: the hub throws into the waiter)."""
         self.interrupted = True
-        waiter = self._waiter
-        if waiter is not None:
-            self._hub.loop.run_callback(waiter.switch, None)
+        self._hub.cancel_wait(self._readable, _Interrupted())
+
+
+def reader(sock: socket.socket) -> Callable[[int], bytes]:
+    """``Reader(sock).recv`` where the socket allows it; any other socket
+    (TLS, which can hold decrypted bytes while the descriptor is not
+    readable; one with a timeout; a plain stdlib one) keeps its own recv."""
+    return Reader(sock).recv if Reader.supports(sock) else sock.recv
 
 
 def shut_down(sock: socket.socket, how: int) -> None:

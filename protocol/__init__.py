@@ -19,6 +19,7 @@ from protocol.frames import (
     encode_replies,
     encode_reply,
     encode_request,
+    overflow,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "encode_replies",
     "encode_reply",
     "encode_request",
+    "overflow",
 ]

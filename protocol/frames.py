@@ -75,6 +75,15 @@ def checksum_mismatch(increment: int, received: int) -> InvalidFrame:
     )
 
 
+def overflow(increment: int, value: int) -> InvalidFrame:
+    """The error for ``increment``, refused because it would take the counter
+    (now ``value``) past ``MAX_COUNTER``."""
+    return InvalidFrame(
+        RejectReason.OVERFLOW,
+        f"increment {increment} would take the counter ({value}) past {MAX_COUNTER}",
+    )
+
+
 def encode_reply(value: int) -> bytes:
     """The 8-byte reply carrying counter ``value``."""
     return _U64.pack(value)

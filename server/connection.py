@@ -12,8 +12,8 @@ import socket
 import time
 from typing import Protocol
 
-from common.sockets import InterruptibleReader, reader
-from protocol import MAX_COUNTER, FrameDecoder, InvalidFrame, RejectReason, encode_replies
+from common.sockets import Reader, reader
+from protocol import FrameDecoder, InvalidFrame, encode_replies, overflow
 from server.close import ConnectionEnded
 from server.outbox import Outbox
 from server.ratelimit import TokenBucket
@@ -54,7 +54,7 @@ def serve(
     """
     decoder = FrameDecoder()
     watched = reaper.watch(sock, decoder)
-    deferred = isinstance(store, DeferringStore) and InterruptibleReader.supports(sock)
+    deferred = isinstance(store, DeferringStore) and Reader.supports(sock)
     loop = _serve_deferred if deferred else _serve
     try:
         return loop(sock, decoder, watched, store, stats, state, bucket)
@@ -115,7 +115,7 @@ def _serve(
                 if bucket is not None:
                     bucket.spend(applied)
             if refused is not None:
-                return _overflow(refused, store.value)
+                return overflow(refused, store.value)
         if decoder.error is not None:
             return decoder.error
     return None
@@ -135,10 +135,10 @@ def _serve_deferred(
     writes the replies (server.outbox). Same outcomes as ``_serve``. Blocking
     steps: ``recv``, ``outbox.submit`` (a pipelined read waits for the
     previous one's replies), ``outbox.settle`` and ``watched.wait_for_tokens``."""
-    reader = InterruptibleReader(sock)
-    outbox = Outbox(watched, reader, stats)
+    incoming = Reader(sock)
+    outbox = Outbox(watched, incoming, stats)
     feed = decoder.feed
-    recv = reader.recv
+    recv = incoming.recv
     submit = outbox.submit
     read_size = RECV_SIZE
     read_ended = False  # the peer closed, or the reaper or shutdown cut the read side
@@ -174,13 +174,6 @@ def _serve_deferred(
             raise watched.verdict
         return None if state.stopping else decoder.close()
     return None
-
-
-def _overflow(increment: int, value: int) -> InvalidFrame:
-    return InvalidFrame(
-        RejectReason.OVERFLOW,
-        f"increment {increment} would take the counter ({value}) past {MAX_COUNTER}",
-    )
 
 
 def close_after_refusal(sock: socket.socket) -> None:

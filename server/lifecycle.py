@@ -135,7 +135,6 @@ class CounterServer:
         self.stopping = False
         self._balance = balance
         self._worker = worker
-        self._serving = 0  # connections being handled, for the balance
         self._stream_server = _Acceptor(
             listener, self._handle, spawn=self.pool, on_accept_error=self._accept_failed,
             balance=balance, worker=worker,
@@ -164,7 +163,7 @@ class CounterServer:
     def start(self) -> None:
         """Start accepting connections (returns at once; serving runs in greenlets)."""
         if self._balance is not None:
-            self._balance.serving(self._worker, self._serving)
+            self._balance.serving(self._worker, len(self.pool))
         self._stream_server.start()
         self._saturation.start()
         self.reaper.start()
@@ -214,7 +213,7 @@ class CounterServer:
         """Serve one accepted connection, then account for it and close it,
         however it ended (gevent's ``_handle_and_close_when_done``)."""
         self.stats.connections_accepted += 1
-        self._count_serving(+1)
+        self._publish_load(len(self.pool))
         connection = _Connection(sock, address, self.ipv6_prefix)
         reason, detail = CloseReason.ERROR, ""
         try:
@@ -258,7 +257,7 @@ class CounterServer:
     def _closed(self, connection: _Connection, reason: CloseReason, detail: str) -> None:
         """The one place a connection is counted, released, logged and closed."""
         self.stats.connections_closed[reason] += 1
-        self._count_serving(-1)
+        self._publish_load(len(self.pool) - 1)  # this handler leaves the pool next
         if connection.admitted:
             self.admission.release(connection.key)
         if connection.bucket is not None:
@@ -283,10 +282,10 @@ class CounterServer:
         if connection.conn is not connection.sock:
             connection.sock.close()
 
-    def _count_serving(self, change: int) -> None:
-        self._serving += change
+    def _publish_load(self, serving: int) -> None:
+        """Tell the other workers how many connections this one handles."""
         if self._balance is not None and not self.stopping:
-            self._balance.serving(self._worker, self._serving)
+            self._balance.serving(self._worker, serving)
 
     def _handshake(self, sock: socket.socket) -> ssl.SSLSocket:
         """The TLS handshake; the whole of it must finish within the frame

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import gevent
 from gevent.hub import Waiter
 
-from common.sockets import InterruptibleReader
-from protocol import MAX_COUNTER, InvalidFrame, RejectReason, encode_replies
+from common.sockets import Reader
+from protocol import InvalidFrame, encode_replies, overflow
 from server.close import ConnectionEnded
 from server.stats import ServerStats
 from server.timeouts import Watched
@@ -35,7 +35,7 @@ class Outbox:
 
     __slots__ = ("_reader", "_stats", "_waiter", "_watched", "ending", "owed")
 
-    def __init__(self, watched: Watched, reader: InterruptibleReader, stats: ServerStats) -> None:
+    def __init__(self, watched: Watched, reader: Reader, stats: ServerStats) -> None:
         self._watched = watched
         self._reader = reader
         self._stats = stats
@@ -75,11 +75,7 @@ class Outbox:
         next one was refused for overflow; ``value`` is the counter then)."""
         applied = len(replies)
         if applied < len(increments):
-            self.ending = InvalidFrame(
-                RejectReason.OVERFLOW,
-                f"increment {increments[applied]} would take the counter ({value}) past "
-                f"{MAX_COUNTER}",
-            )
+            self.ending = overflow(increments[applied], value)
         if applied:
             self._stats.replies_per_write[applied.bit_length()] += 1
             data = encode_replies(replies)

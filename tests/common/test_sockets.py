@@ -7,7 +7,7 @@ import socket as stdlib_socket
 
 import gevent
 
-from common.sockets import reader, shut_down
+from common.sockets import Reader, reader, shut_down
 
 
 def test_reader_returns_what_arrives_and_waits_after_a_short_read(pair):
@@ -56,3 +56,26 @@ def test_shut_down_wakes_a_greenlet_blocked_in_recv(pair):
     assert not blocked.ready()
     shut_down(left, stdlib_socket.SHUT_RDWR)
     assert blocked.get(timeout=5) == b""
+
+
+def test_interrupt_ends_a_waiting_recv_and_leaves_the_socket_usable(pair):
+    left, right = pair
+    incoming = Reader(left)
+    right.sendall(b"a")
+    assert incoming.recv(16) == b"a"  # short: the next recv waits
+    waiting = gevent.spawn(incoming.recv, 16)
+    gevent.sleep(0.05)
+    assert not waiting.ready()
+    incoming.interrupt()
+    assert waiting.get(timeout=5) == b""
+    assert incoming.recv(16) == b"", "later reads must not wait either"
+    left.sendall(b"still writable")
+    assert right.recv(64) == b"still writable"
+
+
+def test_interrupt_before_any_wait_needs_no_waiter(pair):
+    left, right = pair
+    incoming = Reader(left)
+    incoming.interrupt()
+    right.sendall(b"unread")
+    assert incoming.recv(16) == b""
