@@ -9,6 +9,7 @@ import ssl
 from collections.abc import Callable
 
 from gevent import ssl as gevent_ssl
+from gevent.hub import Waiter
 
 _TLS_SOCKETS = (ssl.SSLSocket, gevent_ssl.SSLSocket)  # patched or not
 
@@ -35,10 +36,6 @@ def raw_send(sock: socket.socket) -> Callable[[bytes], int] | None:
     return None if raw is None else raw.send
 
 
-class _Interrupted(Exception):
-    """Thrown by ``Reader.interrupt`` into a ``recv`` waiting for readability."""
-
-
 class Reader:
     """``recv`` for a hot loop that owns a plain gevent socket (no TLS, no
     timeout).
@@ -52,7 +49,7 @@ class Reader:
     the socket (so it stays usable for an orderly close).
     """
 
-    __slots__ = ("_drained", "_hub", "_raw_recv", "_readable", "_wait", "interrupted")
+    __slots__ = ("_drained", "_hub", "_raw_recv", "_readable", "_waiter", "interrupted")
 
     def __init__(self, sock: socket.socket) -> None:
         raw = _plain_gevent(sock)
@@ -61,8 +58,8 @@ class Reader:
         self._raw_recv = raw.recv
         self._readable = sock._read_event
         self._hub = sock.hub
-        self._wait = self._hub.wait
         self._drained = False
+        self._waiter: Waiter | None = None  # while recv waits for readability
         self.interrupted = False
 
     @staticmethod
@@ -71,26 +68,34 @@ class Reader:
         return _plain_gevent(sock) is not None
 
     def recv(self, size: int) -> bytes:
-        try:
-            while not self.interrupted:
-                if self._drained:
-                    self._wait(self._readable)
+        while not self.interrupted:
+            if self._drained:
+                # What the hub's wait() does, with a waiter of our own, so that
+                # interrupt() can wake exactly this wait and no later one.
+                waiter = self._waiter = Waiter(self._hub)
+                self._readable.start(waiter.switch, None)
                 try:
-                    data = self._raw_recv(size)
-                except BlockingIOError:
-                    self._drained = True
-                    continue
-                self._drained = len(data) < size
-                return data
-        except _Interrupted:
-            pass
+                    waiter.get()
+                finally:
+                    self._readable.stop()
+                    self._waiter = None
+                if self.interrupted:
+                    break
+            try:
+                data = self._raw_recv(size)
+            except BlockingIOError:
+                self._drained = True
+                continue
+            self._drained = len(data) < size
+            return data
         return b""
 
     def interrupt(self) -> None:
-        """Make the pending ``recv`` (if any) and all later ones return b""
-        (gevent's own way to end a wait: the hub throws into the waiter)."""
+        """Make the pending ``recv`` (if any) and all later ones return b""."""
         self.interrupted = True
-        self._hub.cancel_wait(self._readable, _Interrupted())
+        waiter = self._waiter
+        if waiter is not None:  # a stale switch only stores a value: harmless
+            self._hub.loop.run_callback(waiter.switch, None)
 
 
 def reader(sock: socket.socket) -> Callable[[int], bytes]:
