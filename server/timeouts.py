@@ -98,8 +98,9 @@ class Watched:
         self._write_since = now
 
     def try_write(self, data: bytes) -> int:
-        """Send what the socket takes at once, never blocking; the bytes
-        taken (0 on a TLS socket, which has no such send)."""
+        """Send what the socket takes at once, never blocking (for a store's
+        side writing replies, server.outbox); the bytes taken (0 on a TLS
+        socket, which has no such send)."""
         if self._raw_send is None:
             return 0
         try:
@@ -110,17 +111,14 @@ class Watched:
         return sent
 
     def write(self, data: bytes) -> None:
-        """Send all of ``data``; blocks while the client is not reading.
-
-        The first try cannot block and usually takes everything; only the
-        rest, if any, is the blocking (watched) part."""
-        sent = self.try_write(data)
-        if sent == len(data):
-            return
+        """Send all of ``data``; blocks while the client is not reading."""
         self.writing = True
-        self.sock.sendall(memoryview(data)[sent:] if sent else data)
+        sock = self.sock
+        sent = sock.send(data)
+        if sent != len(data):  # rare: the socket buffer is full
+            sock.sendall(memoryview(data)[sent:])
         self.writing = False
-        self.bytes_out += len(data) - sent
+        self.bytes_out += len(data)
 
     def wait_for_tokens(self, bucket: TokenBucket) -> int:
         """Bytes the connection may read now, after waiting for rate tokens."""

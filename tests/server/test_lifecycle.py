@@ -111,7 +111,12 @@ def test_second_signal_exits_at_once():
     with stall_server(server.port):
         server.signal(signal.SIGTERM)
         time.sleep(0.5)
-        assert server.proc.poll() is None, "the first signal should wait for the stuck client"
+        if server.proc.poll() is not None:
+            server.wait()
+            raise AssertionError(
+                f"the first signal should wait for the stuck client; the server said:\n"
+                f"{server.stderr}"
+            )
         server.signal(signal.SIGTERM)
         assert server.wait(timeout=5) == 128 + signal.SIGTERM
     assert "second SIGTERM: exiting now" in server.stderr
