@@ -24,7 +24,18 @@ their connections are closed without replies, the server keeps running and
 recovers when Redis returns. A command whose outcome is unknown (the
 connection broke after it was sent, or WAIT fell short) is never retried, so
 nothing is applied twice by us; its increments may or may not have been
-applied, and are not acknowledged.
+applied, and are not acknowledged. A prober greenlet PINGs Redis whenever no
+round trip has answered for ``PROBE_SECONDS``, so health follows Redis with
+or without traffic, and a primary that stops answering is noticed within
+``COMMAND_TIMEOUT``.
+
+Lost increments: the counter only rises, so a round trip whose result, less
+its own sum, is below the value this instance had confirmed when it sent the
+round trip means Redis lost acknowledged increments (restarted empty, the key
+set lower, a failover to a replica without them). Its replies would repeat
+values already handed out: nothing is acknowledged from then on (health says
+why) until the key holds at least that value again; the prober then resumes
+by itself.
 """
 
 from __future__ import annotations
@@ -52,8 +63,17 @@ log = logging.getLogger("counter.redis")
 
 REDIS_MAX = 2**63 - 1
 CONNECT_RETRIES = 10  # PINGs before the queued reads are failed
-RETRY_SECONDS = 0.5  # between those PINGs
-SOCKET_TIMEOUT = 5.0  # connect and command timeout
+RETRY_SECONDS = 0.5  # between those PINGs (the first retry, on a new connection, at once)
+# A command Redis has not answered within this is taken as lost (a round trip
+# on loopback or a LAN takes well under 10 ms): a hung primary costs one
+# second, not five. WAIT's own timeout is added to it for round trips with WAIT.
+COMMAND_TIMEOUT = 1.0
+CONNECT_TIMEOUT = 1.0  # to Redis
+# Per sentinel asked for the primary: a sentinel on a host that is cut off
+# costs this before the next one is asked (they answer in milliseconds).
+SENTINEL_TIMEOUT = 0.3
+PROBE_SECONDS = 0.5  # PING Redis when no round trip has answered for this long
+CLOSE_SECONDS = 5.0  # at shutdown, for the round trips in flight
 FLUSHERS = 2  # round trips to Redis in flight at once
 
 
@@ -63,8 +83,10 @@ def client_for(backend: Backend) -> redis.Redis:
         "db": backend.database,
         "username": backend.username,
         "password": backend.password,
-        "socket_timeout": SOCKET_TIMEOUT,
-        "socket_connect_timeout": SOCKET_TIMEOUT,
+        "socket_timeout": COMMAND_TIMEOUT + backend.replica_timeout_ms / 1000 * bool(
+            backend.replicas
+        ),
+        "socket_connect_timeout": CONNECT_TIMEOUT,
         "retry": Retry(NoBackoff(), 0),  # we decide what may be retried
     }
     if backend.tls:
@@ -74,11 +96,9 @@ def client_for(backend: Backend) -> redis.Redis:
         return redis.Redis(host=host, port=port, **options)
     sentinel = Sentinel(
         list(backend.hosts),
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=SOCKET_TIMEOUT,
         sentinel_kwargs={
-            "socket_timeout": SOCKET_TIMEOUT,
-            "socket_connect_timeout": SOCKET_TIMEOUT,
+            "socket_timeout": SENTINEL_TIMEOUT,
+            "socket_connect_timeout": SENTINEL_TIMEOUT,
             "retry": Retry(NoBackoff(), 0),  # ask the next sentinel instead
         },
     )
@@ -126,6 +146,14 @@ class _Batch:
         self.done = Event()
 
 
+class _WentBack(Exception):
+    """Redis answered below the value this instance had confirmed."""
+
+    def __init__(self, before: int) -> None:
+        super().__init__(before)
+        self.before = before  # what the key held before this round trip's increments
+
+
 class RedisCounterStore:
     """``CounterStore`` whose counter is one Redis key."""
 
@@ -140,16 +168,20 @@ class RedisCounterStore:
         self._in_flight = 0
         self._suspect = True  # check the connection before the next transaction
         self._unhealthy: str | None = None  # why increments cannot be confirmed now
-        self._last_value = 0
+        self._lost: str | None = None  # why Redis's value cannot be trusted, until restored
+        self._last_value = 0  # the highest value Redis confirmed to this instance
+        self._last_answer = time.monotonic()  # when Redis last answered a round trip
         self._applied = 0
         self.round_trips = 0
         self.reads_batched = 0
         self.errors = 0
         self.replica_shortfalls = 0
+        self.went_back = 0
         self._events = RateLimitedLog(log)  # an outage fails every batch
         # Two flushers: while one waits for Redis, the other can send the
         # reads queued meanwhile (each INCRBY is atomic, so replies stay exact).
         self._flushers = [gevent.spawn(self._run) for _ in range(FLUSHERS)]
+        self._prober = gevent.spawn(self._probe)
 
     @property
     def value(self) -> int:
@@ -189,14 +221,10 @@ class RedisCounterStore:
 
     def _run(self) -> None:
         while True:
-            # While unhealthy, look again now and then even without traffic,
-            # so /healthz recovers by itself.
-            self._wake.wait(timeout=None if self._unhealthy is None else RETRY_SECONDS)
+            self._wake.wait()
             self._wake.clear()
             batch = self._open
             if not batch.reads:
-                if self._unhealthy is not None:
-                    self._reachable(attempts=1)
                 continue
             self._open = _Batch()
             self._in_flight += 1
@@ -216,16 +244,25 @@ class RedisCounterStore:
         try:
             if not self._reachable():
                 raise StoreUnavailable("Redis unreachable")
+            if self._lost is not None and not self._restored():
+                self._finish(batch, error=self._lost)
+                return
+            confirmed = self._last_value  # before this round trip is sent
             results = self._incrby(sum(sums))
             self.round_trips += 1
             self.reads_batched += len(sums)
             after = results[0]
             if isinstance(after, redis.ResponseError) and "overflow" in str(after):
-                self._flush_per_read(batch, sums)
+                self._flush_per_read(batch, sums, confirmed)
                 return
             if isinstance(after, Exception):
                 raise after
+            if after - sum(sums) < confirmed:
+                raise _WentBack(after - sum(sums))
             self._check_wait(results[1:])
+        except _WentBack as exc:
+            self._went_back(batch, exc.before, confirmed)
+            return
         except (redis.RedisError, StoreUnavailable) as exc:
             self._fail(batch, exc)
             return
@@ -237,7 +274,7 @@ class RedisCounterStore:
         self._last_value = max(self._last_value, after)
         self._finish(batch)
 
-    def _flush_per_read(self, batch: _Batch, sums: list[int]) -> None:
+    def _flush_per_read(self, batch: _Batch, sums: list[int], confirmed: int) -> None:
         """The batch's sum would pass 2^63 - 1: one MULTI/EXEC of an INCRBY per
         read, so the reads that fit are applied and the one that would pass the
         limit applies the frames that still fit."""
@@ -248,8 +285,10 @@ class RedisCounterStore:
         self.round_trips += 1
         for increments, total, result in zip(batch.reads, sums, results, strict=True):
             if isinstance(result, Exception):
-                batch.replies.append(self._apply_prefix(increments))
+                batch.replies.append(self._apply_prefix(increments, confirmed))
             else:
+                if result - total < confirmed:
+                    raise _WentBack(result - total)
                 batch.replies.append(advance(result - total, increments, REDIS_MAX))
                 self._last_value = max(self._last_value, result)
         if self.backend.replicas:
@@ -304,16 +343,18 @@ class RedisCounterStore:
         flusher = gevent.getcurrent()
         connection = self._connections.get(flusher)
         if connection is None:
-            connection = self._connections[flusher] = self._pool.make_connection()
-            connection.connect()
+            # Taken from the pool and given back when dropped: the pool
+            # counts the connections it made, up to its max_connections.
+            connection = self._connections[flusher] = self._pool.get_connection()
         return connection
 
     def _drop_connections(self) -> None:
         """After any failure: the next round trips start on new connections
         (a failover may have moved the primary)."""
-        for connection in self._connections.values():
+        connections, self._connections = list(self._connections.values()), {}
+        for connection in connections:
             connection.disconnect()
-        self._connections.clear()
+            self._pool.release(connection)
 
     def _wait_args(self) -> tuple[int, int]:
         return self.backend.replicas, self.backend.replica_timeout_ms
@@ -352,10 +393,70 @@ class RedisCounterStore:
         )
         self._finish(batch, error=f"Redis: {exc}")
 
+    def _went_back(self, batch: _Batch, before: int, confirmed: int) -> None:
+        """Redis holds less than this instance confirmed: refuse this batch
+        and everything after it until the key is restored."""
+        self.went_back += 1
+        self._lost = (
+            f"Redis key {self.key!r} went back to {before}, below {confirmed}, the last value "
+            f"this server confirmed: acknowledged increments were lost in Redis; nothing is "
+            f"acknowledged until the key holds at least {confirmed}"
+        )
+        log.error(
+            "%s (restore it with SET %s %d, or higher if other instances confirmed more)",
+            self._lost,
+            self.key,
+            confirmed,
+            extra={"key": self.key, "redis_value": before, "confirmed": confirmed},
+        )
+        self._finish(batch, error=self._lost)
+
+    def _restored(self) -> bool:
+        """While Redis's value is not trusted: True (and trusted again) once
+        the key holds at least the last value this instance confirmed."""
+        try:
+            value = int(self._redis.get(self.key) or 0)
+        except (redis.RedisError, ValueError):
+            return False
+        if value < self._last_value:
+            return False
+        log.warning(
+            "Redis key %r holds %d again, at least the last confirmed %d: acknowledging again",
+            self.key,
+            value,
+            self._last_value,
+        )
+        self._lost = None
+        return True
+
     def _healthy(self) -> None:
+        self._last_answer = time.monotonic()
         if self._unhealthy is not None:
             log.warning("Redis: confirming increments again")
         self._unhealthy = None
+
+    def _probe(self) -> None:
+        """Whenever no round trip has answered for ``PROBE_SECONDS``: PING
+        Redis (and, while its value is not trusted, see whether the key was
+        restored), so health follows Redis without traffic."""
+        while True:
+            gevent.sleep(PROBE_SECONDS)
+            if time.monotonic() - self._last_answer < PROBE_SECONDS:
+                continue
+            try:
+                self._redis.ping()
+            except redis.RedisError as exc:
+                if self._unhealthy is None:
+                    log.warning("Redis: %s; retrying", exc)
+                self._unhealthy = f"Redis unreachable: {exc}"
+                self._suspect = True
+                continue
+            self._last_answer = time.monotonic()
+            if self._lost is not None:
+                self._restored()
+            if self._unhealthy is not None:
+                log.warning("Redis: reachable again")
+                self._unhealthy = None
 
     def _reachable(self, attempts: int = CONNECT_RETRIES) -> bool:
         """After a failure, wait (bounded) until Redis answers PING."""
@@ -368,7 +469,7 @@ class RedisCounterStore:
                 if attempt == 0 and self._unhealthy is None:
                     log.warning("Redis: %s; retrying", exc)
                 self._unhealthy = f"Redis unreachable: {exc}"
-                if attempts > 1:
+                if attempt:  # the first retry is on a new connection: at once
                     gevent.sleep(RETRY_SECONDS)
                 continue
             if self._unhealthy is not None:
@@ -378,9 +479,11 @@ class RedisCounterStore:
             return True
         return False
 
-    def _apply_prefix(self, increments: Sequence[int]) -> list[int]:
+    def _apply_prefix(self, increments: Sequence[int], confirmed: int) -> list[int]:
         """A read whose total would overflow: apply the frames that fit."""
         value = int(self._redis.get(self.key) or 0)
+        if value < confirmed:
+            raise _WentBack(value)
         prefix = advance(value, increments, REDIS_MAX)
         if not prefix:
             return []
@@ -393,7 +496,7 @@ class RedisCounterStore:
         return advance(after - total, increments[: len(prefix)], REDIS_MAX)
 
     def health(self) -> str | None:
-        return self._unhealthy
+        return self._lost or self._unhealthy
 
     def figures(self) -> list[Figure]:
         return [
@@ -406,15 +509,22 @@ class RedisCounterStore:
             Figure("backend_replica_shortfalls",
                    "Round trips whose WAIT saw fewer replicas than replicas= asks.",
                    self.replica_shortfalls),
+            Figure("backend_went_back",
+                   "Times Redis answered below the value this server had confirmed"
+                   " (acknowledged increments lost in Redis).", self.went_back),
+            Figure("backend_value_lost",
+                   "1 while Redis holds less than this server confirmed (nothing is"
+                   " acknowledged until the key is restored), else 0.",
+                   int(self._lost is not None), "gauge"),
         ]  # fmt: skip
 
     def close(self) -> bool:
         started = time.monotonic()
         while (self._open.reads or self._in_flight) and (
-            time.monotonic() - started < SOCKET_TIMEOUT
+            time.monotonic() - started < CLOSE_SECONDS
         ):
             gevent.sleep(0.01)
-        gevent.killall(self._flushers)
+        gevent.killall([*self._flushers, self._prober])
         self._drop_connections()
         self.current_value()
         self._redis.close()

@@ -12,6 +12,12 @@ Unlike ``flock``, the kernel does not give such a lock back when its holder
 dies, so the holder writes its pid beside the counter, and the parent, told
 that a worker died, gives the lock back for it (``release_if_held_by``).
 A worker holds it only for the arithmetic of one batch, never across I/O.
+
+Reads without the lock (``value``, the state file's commits, metrics) are
+consistent because every field is one aligned 8-byte cell, read and written
+whole through a memoryview of unsigned 64-bit items (one load or store
+instruction each). ``struct.pack_into``, used before, first zeroes the bytes
+it then fills: an unlocked read could see 0 in between.
 """
 
 from __future__ import annotations
@@ -19,18 +25,18 @@ from __future__ import annotations
 import mmap
 import multiprocessing
 import os
-import struct
 from collections.abc import Sequence
 
 import gevent
 
 from server.store.base import PlainStore, advance
 
-# value, frames applied, holder's pid (0 when free), times taken.
-_LAYOUT = struct.Struct("=QQQQ")
-_COUNTS = struct.Struct("=QQ")  # value and frames applied, at offset 0
-_HOLDER = struct.Struct("=QQ")  # holder's pid and times taken, after them
-_HOLDER_AT = _COUNTS.size
+# The shared cells, each an unsigned 64-bit integer.
+VALUE = 0  # the counter
+APPLIED = 1  # frames applied by every worker
+HOLDER = 2  # the lock holder's pid, 0 when free
+TAKEN = 3  # times the lock was taken (tells a stuck lock from a busy one)
+_CELLS = 4
 # A lock held this long with no holder written, while a worker has just died,
 # was taken by that worker in the instant before it could write its pid (a
 # live worker writes it within microseconds of taking the lock).
@@ -41,17 +47,18 @@ class SharedCounter:
     """The shared memory and its lock; create in the parent before forking."""
 
     def __init__(self, initial: int = 0) -> None:
-        self.memory = mmap.mmap(-1, _LAYOUT.size)
-        _LAYOUT.pack_into(self.memory, 0, initial, 0, 0, 0)
+        self.memory = mmap.mmap(-1, _CELLS * 8)  # page-aligned, so every cell is aligned
+        self.cells = memoryview(self.memory).cast("Q")
+        self.cells[VALUE] = initial
         self.lock = multiprocessing.get_context("fork").Lock()
 
     @property
     def value(self) -> int:
-        return _COUNTS.unpack_from(self.memory)[0]
+        return self.cells[VALUE]
 
     @property
     def requests_applied(self) -> int:
-        return _COUNTS.unpack_from(self.memory)[1]
+        return self.cells[APPLIED]
 
     def open_store(self) -> SharedCounterStore:
         """The store a worker uses (call it in the worker, after the fork)."""
@@ -60,7 +67,8 @@ class SharedCounter:
     def release_if_held_by(self, pid: int) -> bool:
         """In the parent, once worker ``pid`` has exited: give the lock back
         if it died holding it. True if it did."""
-        holder, taken = _HOLDER.unpack_from(self.memory, _HOLDER_AT)
+        cells = self.cells
+        holder, taken = cells[HOLDER], cells[TAKEN]
         if holder == pid:
             self._give_back()
             return True
@@ -69,7 +77,7 @@ class SharedCounter:
         # Held, and no pid written: the dead worker may have taken it and died
         # before writing its pid, or a live one is about to write its own.
         gevent.sleep(ORPHAN_SECONDS)
-        if _HOLDER.unpack_from(self.memory, _HOLDER_AT) != (0, taken) or not self._held():
+        if (cells[HOLDER], cells[TAKEN]) != (0, taken) or not self._held():
             return False
         self._give_back()
         return True
@@ -81,7 +89,7 @@ class SharedCounter:
         return True
 
     def _give_back(self) -> None:
-        _HOLDER.pack_into(self.memory, _HOLDER_AT, 0, 0)
+        self.cells[HOLDER] = 0
         self.lock.release()
 
 
@@ -90,7 +98,7 @@ class SharedCounterStore(PlainStore):
 
     def __init__(self, shared: SharedCounter) -> None:
         self._shared = shared
-        self._memory = shared.memory
+        self._cells = shared.cells
         self._lock = shared.lock
         self._pid = os.getpid()
         self._applied = 0  # by this worker (the shared count holds every worker's)
@@ -105,15 +113,16 @@ class SharedCounterStore(PlainStore):
         return self._applied
 
     def apply(self, increments: Sequence[int]) -> Sequence[int]:
-        memory = self._memory
+        cells = self._cells
         self._lock.acquire()
         try:
-            value, applied, _, taken = _LAYOUT.unpack_from(memory)
-            _HOLDER.pack_into(memory, _HOLDER_AT, self._pid, taken + 1)
-            replies = advance(value, increments)
+            cells[HOLDER] = self._pid
+            cells[TAKEN] += 1
+            replies = advance(cells[VALUE], increments)
             if replies:
-                _COUNTS.pack_into(memory, 0, replies[-1], applied + len(replies))
-            _HOLDER.pack_into(memory, _HOLDER_AT, 0, taken + 1)
+                cells[VALUE] = replies[-1]
+                cells[APPLIED] += len(replies)
+            cells[HOLDER] = 0
         finally:
             self._lock.release()
         self._applied += len(replies)

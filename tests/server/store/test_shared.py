@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from server.store.shared import _HOLDER, _HOLDER_AT, SharedCounter
+from server.store.shared import HOLDER, SharedCounter
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_the_lock_of_a_worker_killed_while_holding_it_is_given_back(shared):
         store = shared.open_store()
         store.apply([5])
         shared.lock.acquire()  # as apply does, then killed in the middle
-        _HOLDER.pack_into(shared.memory, _HOLDER_AT, os.getpid(), 1)
+        shared.cells[HOLDER] = os.getpid()
         os.kill(os.getpid(), signal.SIGKILL)
 
     pid = in_child(take_and_die)
@@ -86,10 +86,39 @@ def test_the_lock_of_a_live_worker_is_left_alone(shared):
     reap(pid)
     assert not shared.release_if_held_by(pid)  # free: nothing to give back
     shared.lock.acquire()  # a live worker (this process) holds it
-    _HOLDER.pack_into(shared.memory, _HOLDER_AT, os.getpid(), 1)
+    shared.cells[HOLDER] = os.getpid()
     try:
         assert not shared.release_if_held_by(pid)
         assert not shared.lock.acquire(False)
     finally:
-        _HOLDER.pack_into(shared.memory, _HOLDER_AT, 0, 1)
+        shared.cells[HOLDER] = 0
         shared.lock.release()
+
+
+def test_reads_without_the_lock_never_see_a_torn_value(shared):
+    # Two processes apply as fast as they can while this one reads, as the
+    # state file's commits and the metrics do: every read is a value the
+    # counter really held, so the values read never go down (struct's
+    # pack_into zeroed the bytes first: thousands of reads of 0 in a second).
+    def work() -> None:
+        store = shared.open_store()
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            store.apply([1])
+
+    children = [in_child(work) for _ in range(2)]
+    try:
+        previous, reads, went_down = shared.value, 0, []
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            for _ in range(1000):
+                value = shared.value
+                if value < previous:
+                    went_down.append((previous, value))
+                previous = value
+            reads += 1000
+    finally:
+        for pid in children:
+            reap(pid)
+    assert shared.value > 10 + 1000, "the workers did not apply enough to prove anything"
+    assert not went_down, f"{len(went_down)} of {reads} reads went down: {went_down[:3]}"

@@ -1,0 +1,163 @@
+"""--backend redis://... when Redis itself misbehaves: connections killed over
+and over, the counter going backwards (restarted empty, set lower), Redis down
+with no traffic. Real redis-server processes on loopback."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+import redis
+from support import (
+    RedisServer,
+    closed_without_reply,
+    connect,
+    exchange,
+    frames,
+    http_get,
+    metric,
+    start_server,
+    wait_until,
+)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="redis-server is not installed (apt-get install redis-server)",
+)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    if server.proc.poll() is None:
+        server.kill()
+
+
+@pytest.fixture
+def instance(redis_server):
+    server = start_server("--backend", redis_server.url(), "--metrics-port", "0")
+    yield server
+    server.stop()
+    assert "Traceback" not in server.stderr
+
+
+def try_increment(port: int) -> int | None:
+    """The reply to one increment, or None if the connection was closed without it."""
+    with connect(port, timeout=10) as sock:
+        sock.sendall(frames(1))
+        data = b""
+        while len(data) < 8:
+            chunk = sock.recv(8 - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return int.from_bytes(data, "big")
+
+
+def test_connections_killed_again_and_again_never_end_acknowledgements(redis_server, instance):
+    # redis-py's pool refuses to make more than 100 connections: every
+    # connection a failure dropped must go back to it, or after about a
+    # hundred outages the instance never acknowledges again.
+    admin = redis.Redis(port=redis_server.port)
+    refused = 0
+    for _ in range(400):
+        admin.client_kill_filter(_type="normal", skipme=True)
+        if try_increment(instance.port) is None:
+            refused += 1
+    assert refused > 110, "the kills did not break round trips; the test proves nothing"
+    wait_until(lambda: try_increment(instance.port) is not None, 5, "acknowledging again")
+    values = [try_increment(instance.port) for _ in range(20)]
+    assert None not in values and values == sorted(values)
+    assert http_get(instance.metrics_url("/healthz")) == (200, "ok\n")
+    assert "Too many connections" not in instance.stderr_path.read_text()
+
+
+def test_redis_restarted_empty_is_refused_until_the_key_is_restored(redis_server, tmp_path):
+    redis_server.extra = ["--appendonly", "no"]  # a restart loses everything
+    redis_server.kill()
+    redis_server.start()
+    server = start_server("--backend", redis_server.url(), "--metrics-port", "0")
+    try:
+        handed_out = exchange(server.port, *[1] * 50)
+        assert handed_out[-1] == 50
+        redis_server.kill()
+        redis_server.start()  # empty: the counter is gone
+        with connect(server.port) as sock:
+            sock.sendall(frames(1))
+            assert closed_without_reply(sock), "a value was handed out a second time"
+        status, body = http_get(server.metrics_url("/healthz"))
+        assert status == 503 and "went back to 0, below 50" in body, body
+        assert metric(server.metrics_url(), "counter_server_backend_went_back_total") == 1
+        assert metric(server.metrics_url(), "counter_server_backend_value_lost") == 1
+        # Still refused, without another INCRBY, while the key is below 50.
+        assert try_increment(server.port) is None
+        assert int(redis_server.cli("get", "counter")) == 1
+        redis_server.cli("set", "counter", "50")  # the operator restores it
+        wait_until(
+            lambda: http_get(server.metrics_url("/healthz"))[0] == 200, 3, "healthy again"
+        )
+        assert exchange(server.port, 1, 1) == (51, 52)
+    finally:
+        server.stop()
+    log = server.stderr
+    assert "went back to 0, below 50" in log and "SET counter 50" in log
+    assert "acknowledging again" in log and "Traceback" not in log
+
+
+def test_an_operator_setting_the_key_lower_is_noticed(redis_server, instance):
+    exchange(instance.port, *[1] * 100)
+    redis_server.cli("set", "counter", "10")
+    assert try_increment(instance.port) is None
+    status, body = http_get(instance.metrics_url("/healthz"))
+    assert status == 503 and "went back to 10, below 100" in body, body
+    redis_server.cli("set", "counter", "200")  # restored above: fine too
+    wait_until(lambda: try_increment(instance.port) == 201, 3, "acknowledging from 201")
+
+
+def test_two_instances_in_flight_at_once_are_not_taken_for_a_loss(redis_server, instance):
+    # Each instance's floor is what it confirmed before sending: the other
+    # instance's increments only ever raise what Redis answers.
+    other = start_server("--backend", redis_server.url(), "--metrics-port", "0")
+    replies: list[int] = []
+    lock = threading.Lock()
+
+    def load(port: int) -> None:
+        got = []
+        with connect(port) as sock:
+            for _ in range(100):
+                sock.sendall(frames(1, 1, 1))
+                data = b""
+                while len(data) < 24:
+                    chunk = sock.recv(24 - len(data))
+                    assert chunk, "closed without its replies"
+                    data += chunk
+                got += [int.from_bytes(data[i : i + 8], "big") for i in range(0, 24, 8)]
+        with lock:
+            replies.extend(got)
+
+    try:
+        threads = [threading.Thread(target=load, args=(p,)) for p in [instance.port, other.port] * 4]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(replies) == list(range(1, 2401))
+        for server in (instance, other):
+            assert metric(server.metrics_url(), "counter_server_backend_went_back_total") == 0
+    finally:
+        other.stop()
+
+
+def test_health_turns_503_within_2s_of_redis_going_away_without_traffic(redis_server, instance):
+    assert exchange(instance.port, 1) == (1,)
+    time.sleep(1)  # idle
+    redis_server.kill()
+    gone = time.monotonic()
+    wait_until(lambda: http_get(instance.metrics_url("/healthz"))[0] == 503, 3, "503")
+    assert time.monotonic() - gone <= 2.0
+    redis_server.start()
+    wait_until(lambda: http_get(instance.metrics_url("/healthz"))[0] == 200, 3, "200 again")
