@@ -7,11 +7,14 @@ in the style of prometheus_client's custom collectors.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
 
 import gevent
+from gevent.monkey import get_original
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from prometheus_client import (
@@ -40,6 +43,15 @@ PREFIX = "counter_server"
 WRITE_BUCKET_BITS = 13  # up to 8191 replies (a read holds at most 1024 frames)
 CONNECTIONS = 16  # HTTP connections served at once; more wait in the listen queue
 REQUEST_SECONDS = 5.0  # a metrics connection's whole life, request and response
+# Descriptors held in reserve for the endpoint: when the process has run out
+# (the moment the accept-error alert needs /metrics), they are given up to
+# accept a scrape and taken back after it.
+RESERVED_DESCRIPTORS = 2
+ACCEPT_RETRY_SECONDS = 0.1  # pause accepting this long when even the reserve is gone
+_OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE}
+# The reserve is never watched by the loop, so it is closed at once: gevent's
+# os.close defers the close of a non-regular file to the next loop iteration.
+_close_now = get_original("os", "close")
 
 
 class ServerCollector(Collector):
@@ -180,12 +192,54 @@ def make_app(registry: CollectorRegistry, health: Callable[[], str | None]) -> W
 
 class _BoundedWSGIServer(WSGIServer):
     """gevent's WSGI server with each connection's whole life bounded: a
-    client that sends half a request and waits is closed after the limit."""
+    client that sends half a request and waits is closed after the limit;
+    and reachable when the process is out of descriptors (a reserve)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._reserve: list[int] = []
+        self._refill()
+
+    def do_read(self):
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_DESCRIPTORS:
+                raise
+        while self._reserve:
+            _close_now(self._reserve.pop())
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_DESCRIPTORS:
+                raise
+            self.stop_accepting()
+            gevent.spawn_later(ACCEPT_RETRY_SECONDS, self._resume_accepting)
+            return None
+
+    def _resume_accepting(self) -> None:
+        if not self.closed:
+            self.start_accepting()
+
+    def _refill(self) -> None:
+        while len(self._reserve) < RESERVED_DESCRIPTORS:
+            try:
+                self._reserve.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return  # none free now: after the next scrape
 
     def handle(self, sock: socket.socket, address: tuple) -> None:
-        with gevent.Timeout(REQUEST_SECONDS, False):  # False: end quietly
-            super().handle(sock, address)
-        sock.close()
+        try:
+            with gevent.Timeout(REQUEST_SECONDS, False):  # False: end quietly
+                super().handle(sock, address)
+        finally:
+            sock.close()
+            self._refill()
+
+    def close(self) -> None:
+        super().close()
+        while self._reserve:
+            _close_now(self._reserve.pop())
 
 
 def serve_metrics(listener: socket.socket, server: CounterServer) -> MetricsServer:

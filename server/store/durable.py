@@ -11,6 +11,11 @@ plus a state file, with a choice of guarantees like Redis's appendfsync.
   likes); synced at graceful shutdown.
 
 ``close`` always writes and syncs the final value.
+
+Stalls: a commit that has not finished within ``COMMIT_STALL_SECONDS`` (a
+frozen or failing disk; with ``--processes``, another worker stopped while it
+holds the state file's lock) makes ``health`` say so until it finishes; the
+replies waiting for it go out then.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ log = logging.getLogger("counter.state")
 FSYNC_MODES = ("always", "everysec", "no")
 PERIODIC_SECONDS = 1.0
 RETRY_SECONDS = 1.0
+# A commit (write and fdatasync of 64 bytes) running longer than this means
+# the disk or the lock is stuck: a healthy disk takes milliseconds.
+COMMIT_STALL_SECONDS = 2.0
 
 
 class DurableCounterStore(LayeredStore):
@@ -65,6 +73,7 @@ class DurableCounterStore(LayeredStore):
         self.commit_seconds = 0.0
         self.batches_committed = 0  # applies (one per connection read) that waited on commits
         self._waiting = 0
+        self._commit_started: float | None = None  # monotonic start of the running commit
         self._committer = gevent.spawn(self._run)
 
     def apply(self, increments: Sequence[int]) -> Sequence[int]:
@@ -109,6 +118,7 @@ class DurableCounterStore(LayeredStore):
         self._in_flight = (covers, done)
         waiting, self._waiting = self._waiting, 0
         started = time.perf_counter()
+        self._commit_started = time.monotonic()
         try:
             written = gevent.get_hub().threadpool.apply(self._write, (sync,))
             if isinstance(written, Exception):
@@ -137,8 +147,20 @@ class DurableCounterStore(LayeredStore):
             ok = True
         finally:
             self._in_flight = None
+            if self._commit_started is not None and self._stalled_for() > COMMIT_STALL_SECONDS:
+                log.warning(
+                    "state file %s: the commit finished after %.1f s",
+                    self._state.path,
+                    self._stalled_for(),
+                )
+            self._commit_started = None
             done.set()
         return ok
+
+    def _stalled_for(self) -> float:
+        """Seconds the running commit has taken so far (0 when none runs)."""
+        started = self._commit_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def _write(self, sync: bool) -> int | Exception:
         """The commit, in a worker thread. An expected failure is returned,
@@ -155,6 +177,12 @@ class DurableCounterStore(LayeredStore):
         return str(exc).removeprefix(f"state file {self._state.path}").lstrip(": ")
 
     def health(self) -> str | None:
+        stalled = self._stalled_for()
+        if stalled > COMMIT_STALL_SECONDS:
+            return (
+                f"state file {self._state.path}: a commit has not finished for {stalled:.1f} s "
+                "(disk stalled, or another worker holds the file's lock); replies wait for it"
+            )
         if self._failure is not None:
             return f"state file {self._state.path}: {self._failure}"
         return self._core.health()
@@ -169,6 +197,12 @@ class DurableCounterStore(LayeredStore):
                    " divided by commits, the group-commit batch.", self.batches_committed),
             Figure("state_commit_failures", "State file commits that failed.",
                    self.commit_failures),
+            Figure("state_commit_running_seconds",
+                   "How long the commit running now has taken (0 when none runs); over "
+                   f"{COMMIT_STALL_SECONDS:g} s /healthz says 503.", self._stalled_for(), "gauge"),
+            Figure("state_lock_wait_seconds",
+                   "Time commits waited for the state file's lock held by another worker"
+                   " (--processes).", self._state.lock_wait_seconds),
             Figure("state_restores",
                    "Times the state file was found deleted, replaced or damaged and restored.",
                    self._state.restored),

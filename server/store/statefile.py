@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -111,6 +112,7 @@ class StateFile:
         self._fd = -1  # the file at the path, as far as we know
         self._last: Slot | None = None  # what this process last wrote or read
         self.restored = 0
+        self.lock_wait_seconds = 0.0  # waiting for another worker's commit to finish
         self._events = RateLimitedLog(log)
 
     def claim(self) -> tuple[Slot, bool]:
@@ -152,8 +154,18 @@ class StateFile:
         """Write the value ``read_value()`` returns, read under the lock so that
         later commits never carry a smaller value, and sync it if ``sync``;
         returns the value written. Restores a deleted, replaced or damaged
-        file (logging an error). Blocking: run it in a worker thread."""
-        fcntl.lockf(self._owner_fd, fcntl.LOCK_EX)
+        file (logging an error). Blocking: run it in a worker thread.
+
+        The lock is held across the sync: a later commit may overwrite only
+        a slot whose sync has finished, so one valid slot at least is always
+        on disk. A worker stopped while it holds the lock holds up the
+        others' commits (``lock_wait_seconds``; health reports a stall)."""
+        try:
+            fcntl.lockf(self._owner_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another worker's commit runs: wait for it
+            started = time.perf_counter()
+            fcntl.lockf(self._owner_fd, fcntl.LOCK_EX)
+            self.lock_wait_seconds += time.perf_counter() - started
         try:
             value = read_value()
             problem = self._problem()

@@ -23,6 +23,7 @@ from support import (
     run_server_command,
     stall_server,
     start_server,
+    wait_until,
 )
 
 from protocol import MAX_COUNTER
@@ -210,3 +211,27 @@ def test_bad_log_format_is_a_usage_error():
     result = run_server_command("--log-format", "xml")
     assert result.returncode == 2
     assert "--log-format: must be text or json" in result.stderr
+
+
+def test_metrics_answer_while_the_process_is_out_of_descriptors():
+    # The moment the accept-error alert needs /metrics: every descriptor the
+    # server may open is taken by client connections.
+    server = start_server("--multiplier", "100", "--metrics-port", "0", max_files=40)
+    clients = []
+    try:
+        for _ in range(60):
+            clients.append(connect(server.port))
+        wait_until(
+            lambda: "cannot accept connections" in server.stderr_path.read_text(),
+            10,
+            "the server out of descriptors",
+        )
+        for _ in range(3):  # and again: the reserve is taken back after each scrape
+            status, body = http_get(server.metrics_url())
+            assert status == 200 and "counter_server_accept_errors_total" in body
+            assert metric(scrape(server), "accept_errors_total") > 0
+    finally:
+        for sock in clients:
+            sock.close()
+        server.stop()
+    assert "Traceback" not in server.stderr
