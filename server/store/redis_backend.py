@@ -83,9 +83,8 @@ def client_for(backend: Backend) -> redis.Redis:
         "db": backend.database,
         "username": backend.username,
         "password": backend.password,
-        "socket_timeout": COMMAND_TIMEOUT + backend.replica_timeout_ms / 1000 * bool(
-            backend.replicas
-        ),
+        "socket_timeout": COMMAND_TIMEOUT
+        + backend.replica_timeout_ms / 1000 * bool(backend.replicas),
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "retry": Retry(NoBackoff(), 0),  # we decide what may be retried
     }

@@ -97,9 +97,7 @@ def test_redis_restarted_empty_is_refused_until_the_key_is_restored(redis_server
         assert try_increment(server.port) is None
         assert int(redis_server.cli("get", "counter")) == 1
         redis_server.cli("set", "counter", "50")  # the operator restores it
-        wait_until(
-            lambda: http_get(server.metrics_url("/healthz"))[0] == 200, 3, "healthy again"
-        )
+        wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 200, 3, "healthy again")
         assert exchange(server.port, 1, 1) == (51, 52)
     finally:
         server.stop()
@@ -140,7 +138,9 @@ def test_two_instances_in_flight_at_once_are_not_taken_for_a_loss(redis_server, 
             replies.extend(got)
 
     try:
-        threads = [threading.Thread(target=load, args=(p,)) for p in [instance.port, other.port] * 4]
+        threads = [
+            threading.Thread(target=load, args=(p,)) for p in [instance.port, other.port] * 4
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
