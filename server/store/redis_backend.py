@@ -77,14 +77,16 @@ CLOSE_SECONDS = 5.0  # at shutdown, for the round trips in flight
 FLUSHERS = 2  # round trips to Redis in flight at once
 
 
-def client_for(backend: Backend) -> redis.Redis:
-    """A redis-py client for ``backend``'s primary (found through the sentinels)."""
+def client_for(backend: Backend, with_wait: bool = True) -> redis.Redis:
+    """A redis-py client for ``backend``'s primary (found through the
+    sentinels). Its command timeout allows for WAIT (``replicas=``) unless
+    ``with_wait`` is False: the client that only PINGs and GETs."""
+    waits = with_wait and backend.replicas
     options = {
         "db": backend.database,
         "username": backend.username,
         "password": backend.password,
-        "socket_timeout": COMMAND_TIMEOUT
-        + backend.replica_timeout_ms / 1000 * bool(backend.replicas),
+        "socket_timeout": COMMAND_TIMEOUT + (backend.replica_timeout_ms / 1000 if waits else 0),
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "retry": Retry(NoBackoff(), 0),  # we decide what may be retried
     }
@@ -161,6 +163,9 @@ class RedisCounterStore:
         self.key = backend.key
         self._redis = client_for(backend)
         self._pool = self._redis.connection_pool
+        # PINGs and GETs never wait for replicas: a hung primary costs them
+        # COMMAND_TIMEOUT, whatever WAIT's timeout.
+        self._checks = client_for(backend, with_wait=False) if backend.replicas else self._redis
         self._connections: dict = {}  # flusher greenlet -> its own connection
         self._open = _Batch()  # the reads waiting for the next round trip
         self._wake = Event()
@@ -194,7 +199,7 @@ class RedisCounterStore:
     def current_value(self) -> int:
         """Ask Redis (for the start-up and stop lines); the last known value if it is down."""
         try:
-            self._last_value = int(self._redis.get(self.key) or 0)
+            self._last_value = int(self._checks.get(self.key) or 0)
         except redis.RedisError as exc:
             log.warning("Redis: cannot read %s: %s", self.key, exc)
         return self._last_value
@@ -414,7 +419,7 @@ class RedisCounterStore:
         """While Redis's value is not trusted: True (and trusted again) once
         the key holds at least the last value this instance confirmed."""
         try:
-            value = int(self._redis.get(self.key) or 0)
+            value = int(self._checks.get(self.key) or 0)
         except (redis.RedisError, ValueError):
             return False
         if value < self._last_value:
@@ -443,7 +448,7 @@ class RedisCounterStore:
             if time.monotonic() - self._last_answer < PROBE_SECONDS:
                 continue
             try:
-                self._redis.ping()
+                self._checks.ping()
             except redis.RedisError as exc:
                 if self._unhealthy is None:
                     log.warning("Redis: %s; retrying", exc)
@@ -463,7 +468,7 @@ class RedisCounterStore:
             return True
         for attempt in range(attempts):
             try:
-                self._redis.ping()
+                self._checks.ping()
             except redis.RedisError as exc:
                 if attempt == 0 and self._unhealthy is None:
                     log.warning("Redis: %s; retrying", exc)
@@ -527,4 +532,5 @@ class RedisCounterStore:
         self._drop_connections()
         self.current_value()
         self._redis.close()
+        self._checks.close()
         return True
