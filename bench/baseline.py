@@ -9,12 +9,13 @@ started here on CPU 1 beside the load generator (--backend), and our server
 with the memory store is measured too, as the reference.
 
 Usage:
-  baseline.py [--duration SECS] [--runs N] [--against DIR] [--redis]
+  baseline.py [--duration SECS] [--runs N] [--depth N] [--against DIR] [--redis]
   baseline.py -h | --help
 
 Options:
   --duration SECS  Seconds per run. [default: 8]
   --runs N         Runs per server; the median is kept. [default: 3]
+  --depth N        Frames in flight per connection (1: ping-pong). [default: 1]
   --against DIR    Another checkout of this repository (it must know --ready-file).
   --redis          The servers count in Redis (--backend) instead of in memory.
 """
@@ -39,10 +40,12 @@ from bench.base import (
     start_redis,
     stop_process,
 )
+from common.cli import convert, positive_int
 
 
 def main() -> int:
     args, duration, runs = options(__doc__)
+    depth = convert(__doc__, "--depth", args["--depth"], positive_int)
     raise_file_limit()
     workdir = tempfile.mkdtemp(prefix="bench-baseline-")
     loadgen = build_loadgen(workdir)
@@ -64,11 +67,12 @@ def main() -> int:
     try:
         for _ in range(runs):
             for name, server in servers.items():
-                results[name].append(measure(server, 40, 1, duration))
+                results[name].append(measure(server, 40, depth, duration))
     finally:
         if redis:
             stop_process(redis[0])
-    print(f"40 connections ping-pong, pinned, {duration}s per run, median of {runs}")
+    shape = "ping-pong" if depth == 1 else f"x {depth} frames in flight"
+    print(f"40 connections {shape}, pinned, {duration}s per run, median of {runs}")
     for name, measured in results.items():
         rate = statistics.median(r["replies_per_second"] for r in measured)
         cpu = statistics.median(r["server_us_per_request"] for r in measured)

@@ -1,14 +1,16 @@
 """Scaling across cores: our server with --processes 1 and 2 (unpinned, all
 cores shared with the C load generator), 40 connections, ping-pong and 64 in
-flight; alternating runs, median of --runs.
+flight; alternating runs, median of --runs. With --against, also the server
+of another checkout (the parent commit, from `git worktree add`).
 
 Usage:
-  processes.py [--duration SECS] [--runs N]
+  processes.py [--duration SECS] [--runs N] [--against DIR]
   processes.py -h | --help
 
 Options:
   --duration SECS  Seconds per run. [default: 8]
   --runs N         Runs per setting; the median is kept. [default: 3]
+  --against DIR    Another checkout of this repository (it must know --ready-file).
 """
 
 from __future__ import annotations
@@ -24,14 +26,24 @@ from bench.base import OurServer, build_loadgen, measure, options, raise_file_li
 
 
 def main() -> int:
-    _, duration, runs = options(__doc__)
+    args, duration, runs = options(__doc__)
     raise_file_limit()
     workdir = tempfile.mkdtemp(prefix="bench-processes-")
     loadgen = build_loadgen(workdir)
-    settings = {n: OurServer(loadgen, ("--processes", str(n)), pin=False) for n in (1, 2)}
+    settings = {
+        f"--processes {n}": OurServer(loadgen, ("--processes", str(n)), pin=False) for n in (1, 2)
+    }
+    if args["--against"]:
+        other = Path(args["--against"]).resolve() / "server" / "server.py"
+        if not other.is_file():
+            raise SystemExit(f"bench: no server/server.py in {args['--against']}")
+        for n in (1, 2):
+            settings[f"--processes {n}, {args['--against']}"] = OurServer(
+                loadgen, ("--processes", str(n)), pin=False, script=other
+            )
     print(f"unpinned, 40 connections, {duration}s per run, median of {runs}", flush=True)
     for name, depth in (("ping-pong", 1), ("64 in flight", 64)):
-        results: dict[int, list[dict]] = {n: [] for n in settings}
+        results: dict[str, list[dict]] = {n: [] for n in settings}
         for _ in range(runs):
             for n, server in settings.items():
                 results[n].append(measure(server, 40, depth, duration))
@@ -40,7 +52,7 @@ def main() -> int:
             cpu = statistics.median(r["server_us_per_request"] for r in measured)
             switches = statistics.median(r["server_switches_per_request"] for r in measured)
             print(
-                f"{name:<14} --processes {n}: {rate:>11,.0f} replies/s, {cpu:5.1f} us CPU/request,"
+                f"{name:<14} {n}: {rate:>11,.0f} replies/s, {cpu:5.1f} us CPU/request,"
                 f" {switches:.2f} context switches/request"
             )
     return 0
