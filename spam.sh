@@ -54,7 +54,7 @@ for name in CLIENTS DURATION MULTIPLIER PIPELINE; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || die "$name must be a positive integer, got '${!name}'"
 done
 
-(cd "$ROOT" && "$PYTHON" -m common.bootstrap spam.sh) || exit 1
+(cd "$ROOT" && "$PYTHON" -m counter_server.common.bootstrap spam.sh) || exit 1
 
 WORKDIR="$(mktemp -d "${TMPDIR:-/tmp}/spam.XXXXXX")"
 SERVER_PID=""
@@ -95,7 +95,7 @@ if [[ -z "$SERVER" ]]; then
     SERVER_PID=$!
     for _ in $(seq 1 200); do
         if [[ -s "$WORKDIR/ready.json" ]]; then
-            PORT="$(cd "$ROOT" && "$PYTHON" -c 'import sys; from server.banner import read_ready_file
+            PORT="$(cd "$ROOT" && "$PYTHON" -c 'import sys; from counter_server.server.banner import read_ready_file
 print(read_ready_file(sys.argv[1]).port)' "$WORKDIR/ready.json")"
             break
         fi
@@ -131,7 +131,7 @@ for pid in "${CLIENT_PIDS[@]}"; do wait "$pid"; done
 CLIENT_PIDS=()
 
 AFTER="$(client --get)" || { echo "spam.sh: cannot read the counter at $SERVER after the run" >&2; exit 1; }
-(cd "$ROOT" && "$PYTHON" -m client.spam_report --before "$BEFORE" --after "$AFTER" \
+(cd "$ROOT" && "$PYTHON" -m counter_server.client.spam_report --before "$BEFORE" --after "$AFTER" \
     --clients "$CLIENTS" "$WORKDIR"/client-*.json)
 STATUS=$?
 if [[ $STATUS -ne 0 ]]; then

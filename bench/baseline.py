@@ -29,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from counter_server.common.cli import convert, positive_int
+
 from bench.base import (
     LOAD_CPU,
     ROOT,
@@ -40,7 +42,6 @@ from bench.base import (
     start_redis,
     stop_process,
 )
-from common.cli import convert, positive_int
 
 
 def main() -> int:

@@ -28,9 +28,9 @@ from gevent.server import StreamServer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.cli import cpu_count, parse_args  # noqa: E402
-from common.signals import StopSignals  # noqa: E402
-from server.banner import Ready, write_ready_file  # noqa: E402
+from counter_server.common.cli import cpu_count, parse_args  # noqa: E402
+from counter_server.common.signals import StopSignals  # noqa: E402
+from counter_server.server.banner import Ready, write_ready_file  # noqa: E402
 
 _U64 = struct.Struct(">Q")
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cli import convert, parse_args, positive_int
-from protocol import FrameDecoder, encode_replies, encode_request
-from server.store import MemoryCounterStore
-from server.store.shared import SharedCounter
+from counter_server.common.cli import convert, parse_args, positive_int
+from counter_server.protocol import FrameDecoder, encode_replies, encode_request
+from counter_server.server.store import MemoryCounterStore
+from counter_server.server.store.shared import SharedCounter
 
 
 def per_call_us(function, number: int, repeat: int) -> float:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from counter_server.common.procinfo import cpu_seconds
+
 from bench.base import (
     OurServer,
     build_loadgen,
@@ -34,7 +36,6 @@ from bench.base import (
     start_redis,
     stop_process,
 )
-from common.procinfo import cpu_seconds
 
 
 def machine_busy() -> tuple[int, int]:

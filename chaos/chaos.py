@@ -8,7 +8,7 @@ if not __package__:
     # than from chaos/ (where this file would shadow the chaos package).
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from common.bootstrap import require_packages  # standard library only
+from counter_server.common.bootstrap import require_packages  # standard library only
 
 require_packages("chaos.py")
 

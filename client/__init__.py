@@ -1,1 +1,28 @@
-"""The load-generating client: drives a counter server and reports on it."""
+"""The counter server's client library, and the load-generating client.
+
+Applications use the library (docs/library.md)::
+
+    from counter_server.client import CounterClient   # installed; or: from client import ...
+
+    with CounterClient("127.0.0.1:8080") as counter:
+        counter.increment()
+
+``CounterClient`` serves threads and greenlets, ``AsyncCounterClient``
+asyncio tasks; neither imports gevent. The load client (``client.py``,
+``counter-client``) lives in ``cli``, ``load`` and ``report``.
+"""
+
+# Absolute names, so that ``client`` (from a clone) and ``counter_server.client``
+# are one set of classes.
+from counter_server.client.aio import AsyncCounterClient
+from counter_server.client.errors import CounterError, Indeterminate, Refused, Unavailable
+from counter_server.client.library import CounterClient
+
+__all__ = [
+    "AsyncCounterClient",
+    "CounterClient",
+    "CounterError",
+    "Indeterminate",
+    "Refused",
+    "Unavailable",
+]

@@ -8,11 +8,10 @@ import sys
 import time
 
 import gevent
-
-from client.load import LoadRun, LoadSettings, read_counter
-from client.report import format_text, summarize
-from common import __version__
-from common.cli import (
+from counter_server.client.load import LoadRun, LoadSettings, read_counter
+from counter_server.client.report import format_text, summarize
+from counter_server.common import __version__
+from counter_server.common.cli import (
     convert,
     cpu_count,
     host_port,
@@ -22,9 +21,9 @@ from common.cli import (
     positive_int,
     usage_exit,
 )
-from common.signals import StopSignals
-from common.tls import TLSSetupError, client_context
-from protocol import MAX_COUNTER
+from counter_server.common.signals import StopSignals
+from counter_server.common.tls import TLSSetupError, client_context
+from counter_server.protocol import MAX_COUNTER
 
 __doc__ = """Load client for the counter server: many persistent connections send
 increments for a while, every reply is checked, and a report is printed.

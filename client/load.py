@@ -16,11 +16,10 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import gevent
+from counter_server.common.sockets import reader, shut_down
+from counter_server.protocol import REPLY_SIZE, encode_request
 from gevent.event import Event
 from gevent.pool import Pool
-
-from common.sockets import reader, shut_down
-from protocol import REPLY_SIZE, encode_request
 
 RECV_SIZE = 64 * 1024
 

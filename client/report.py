@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from counter_server.client.load import ERROR_KINDS, LoadRun
+from counter_server.common.cli import plural
 from hdrh.histogram import HdrHistogram
-
-from client.load import ERROR_KINDS, LoadRun
-from common.cli import plural
 
 HIGHEST_LATENCY_US = 3_600_000_000  # one hour
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99_9", 99.9))

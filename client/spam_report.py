@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.cli import convert, parse_args, plural
+from counter_server.common.cli import convert, parse_args, plural
 
 
 def load_reports(paths: list[str]) -> tuple[list[dict], list[str]]:

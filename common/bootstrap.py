@@ -3,7 +3,7 @@ third-party packages are missing (run with a bare ``python3`` before the
 virtualenv exists), say which one and how to install them, in one line,
 instead of a ModuleNotFoundError traceback.
 
-``python -m common.bootstrap PROGRAM`` does the same check for shell scripts.
+``python -m counter_server.common.bootstrap PROGRAM`` does the same check for shell scripts.
 """
 
 from __future__ import annotations

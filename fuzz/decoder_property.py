@@ -9,7 +9,7 @@ yields must be exactly the frame at that position with a valid checksum.
 
 import itertools
 
-from protocol import FRAME_SIZE, FrameDecoder, RejectReason, encode_request
+from counter_server.protocol import FRAME_SIZE, FrameDecoder, RejectReason, encode_request
 
 
 def check(data: bytes) -> None:

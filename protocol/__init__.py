@@ -5,8 +5,8 @@ functions plus one small incremental decoder, so it can be tested exhaustively
 without a network.
 """
 
-from protocol.decoder import FrameDecoder
-from protocol.frames import (
+from counter_server.protocol.decoder import FrameDecoder
+from counter_server.protocol.frames import (
     FRAME_SIZE,
     MAX_COUNTER,
     REPLY_SIZE,

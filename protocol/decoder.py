@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from protocol.frames import (
+from counter_server.protocol.frames import (
     FRAME_SIZE,
     FRAME_STRUCT,
     InvalidFrame,

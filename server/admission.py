@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from server.close import CloseReason, Refused
+from counter_server.server.close import CloseReason, Refused
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -10,8 +10,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from common import __version__
-from common.cli import (
+from counter_server.common import __version__
+from counter_server.common.cli import (
     convert,
     cpu_count,
     log_format,
@@ -23,10 +23,10 @@ from common.cli import (
     positive_rate,
     usage_exit,
 )
-from server.admission import Network, parse_network
-from server.store.durable import FSYNC_MODES
-from server.store.redis_url import Backend, parse_backend
-from server.timeouts import Timeouts
+from counter_server.server.admission import Network, parse_network
+from counter_server.server.store.durable import FSYNC_MODES
+from counter_server.server.store.redis_url import Backend, parse_backend
+from counter_server.server.timeouts import Timeouts
 
 __doc__ = """Counter server: one shared 64-bit counter that many clients add to at
 once, over a 16-byte checksummed TCP protocol (byte-compatible with the Go original).

@@ -12,14 +12,14 @@ import socket
 import time
 from typing import Protocol
 
-from common.sockets import Reader, reader
-from protocol import FrameDecoder, InvalidFrame, encode_replies, overflow
-from server.close import ConnectionEnded
-from server.outbox import Outbox
-from server.ratelimit import TokenBucket
-from server.stats import ServerStats
-from server.store import CounterStore, DeferringStore
-from server.timeouts import TimeoutReaper, Watched
+from counter_server.common.sockets import Reader, reader
+from counter_server.protocol import FrameDecoder, InvalidFrame, encode_replies, overflow
+from counter_server.server.close import ConnectionEnded
+from counter_server.server.outbox import Outbox
+from counter_server.server.ratelimit import TokenBucket
+from counter_server.server.stats import ServerStats
+from counter_server.server.store import CounterStore, DeferringStore
+from counter_server.server.timeouts import TimeoutReaper, Watched
 
 # Bytes read at once: up to 1024 frames. Bounds what one connection holds
 # while its client does not read (at most one read's 8 KiB of replies), and

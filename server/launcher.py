@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.banner import Ready, parse_totals, read_ready_file
+from counter_server.server.banner import Ready, parse_totals, read_ready_file
 
 SERVER_SCRIPT = Path(__file__).resolve().parent / "server.py"
 START_TIMEOUT = 20.0  # seconds for a server to become ready

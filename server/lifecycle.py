@@ -17,23 +17,22 @@ import time
 import traceback
 
 import gevent
+from counter_server.common.cli import format_address
+from counter_server.common.ratelog import RateLimitedLog
+from counter_server.common.sockets import shut_down
+from counter_server.protocol import InvalidFrame, RejectReason
+from counter_server.server.admission import Admission, client_ip, peer_key
+from counter_server.server.balance import PAUSE, AcceptBalance
+from counter_server.server.close import ClientTimeout, CloseReason, ConnectionEnded, HandshakeFailed
+from counter_server.server.connection import close_after_refusal, serve
+from counter_server.server.ratelimit import RateLimiter, TokenBucket
+from counter_server.server.saturation import SaturationWatch
+from counter_server.server.stats import ServerStats
+from counter_server.server.store import CounterStore
+from counter_server.server.timeouts import DEFAULT_TIMEOUTS, TimeoutReaper, Timeouts
 from gevent import GreenletExit
 from gevent.pool import Pool
 from gevent.server import StreamServer
-
-from common.cli import format_address
-from common.ratelog import RateLimitedLog
-from common.sockets import shut_down
-from protocol import InvalidFrame, RejectReason
-from server.admission import Admission, client_ip, peer_key
-from server.balance import PAUSE, AcceptBalance
-from server.close import ClientTimeout, CloseReason, ConnectionEnded, HandshakeFailed
-from server.connection import close_after_refusal, serve
-from server.ratelimit import RateLimiter, TokenBucket
-from server.saturation import SaturationWatch
-from server.stats import ServerStats
-from server.store import CounterStore
-from server.timeouts import DEFAULT_TIMEOUTS, TimeoutReaper, Timeouts
 
 log = logging.getLogger("counter.server")
 

@@ -14,6 +14,9 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 
 import gevent
+from counter_server.common.cli import format_address
+from counter_server.protocol import REPLY_SIZE
+from counter_server.server.lifecycle import CounterServer
 from gevent.monkey import get_original
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
@@ -31,10 +34,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-
-from common.cli import format_address
-from protocol import REPLY_SIZE
-from server.lifecycle import CounterServer
 
 log = logging.getLogger("counter.metrics")
 

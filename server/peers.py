@@ -24,10 +24,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import gevent
-
-from protocol import FRAME_SIZE
-from server.admission import Admission, Network
-from server.close import CloseReason, Refused
+from counter_server.protocol import FRAME_SIZE
+from counter_server.server.admission import Admission, Network
+from counter_server.server.close import CloseReason, Refused
 
 _EMPTY = bytes(16)
 

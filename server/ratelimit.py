@@ -11,8 +11,7 @@ import time
 from collections.abc import Callable
 
 import gevent
-
-from protocol import FRAME_SIZE
+from counter_server.protocol import FRAME_SIZE
 
 
 class TokenBucket:

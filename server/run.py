@@ -13,22 +13,21 @@ import sys
 import time
 
 import gevent
-
-from common.cli import configure_logging, cpu_count
-from common.gevent_errors import log_gevent_errors
-from common.ratelog import flush_all
-from common.signals import StopSignals
-from server.balance import AcceptBalance
-from server.banner import Ready, startup_line, totals_lines, write_ready_file
-from server.board import Board, BoardCollector
-from server.cli import ServerSettings, parse_settings
-from server.lifecycle import CounterServer
-from server.metrics import MetricsServer, ServerCollector, health, serve_metrics
-from server.processes import Supervisor, WorkersFailed
-from server.store import CounterStore
-from server.store.shared import SharedCounter
-from server.store.statefile import StateFileError
-from server.wiring import (
+from counter_server.common.cli import configure_logging, cpu_count
+from counter_server.common.gevent_errors import log_gevent_errors
+from counter_server.common.ratelog import flush_all
+from counter_server.common.signals import StopSignals
+from counter_server.server.balance import AcceptBalance
+from counter_server.server.banner import Ready, startup_line, totals_lines, write_ready_file
+from counter_server.server.board import Board, BoardCollector
+from counter_server.server.cli import ServerSettings, parse_settings
+from counter_server.server.lifecycle import CounterServer
+from counter_server.server.metrics import MetricsServer, ServerCollector, health, serve_metrics
+from counter_server.server.processes import Supervisor, WorkersFailed
+from counter_server.server.store import CounterStore
+from counter_server.server.store.shared import SharedCounter
+from counter_server.server.store.statefile import StateFileError
+from counter_server.server.wiring import (
     SETUP_ERRORS,
     Claimed,
     build_server,

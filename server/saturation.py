@@ -15,10 +15,9 @@ import struct
 from collections.abc import Callable
 
 import gevent
+from counter_server.common.ratelog import RateLimitedLog
+from counter_server.server.stats import ServerStats
 from gevent.pool import Pool
-
-from common.ratelog import RateLimitedLog
-from server.stats import ServerStats
 
 CHECK_INTERVAL = 0.5
 # struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked.

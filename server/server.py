@@ -8,7 +8,7 @@ if not __package__:
     # than from server/ (where this file would shadow the server package).
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from common.bootstrap import require_packages  # standard library only
+from counter_server.common.bootstrap import require_packages  # standard library only
 
 require_packages("server.py")
 
@@ -16,7 +16,7 @@ from gevent import monkey  # noqa: E402
 
 monkey.patch_all()
 
-from server.run import main  # noqa: E402
+from counter_server.server.run import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

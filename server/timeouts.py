@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass
 
 import gevent
-
-from common.sockets import raw_send, shut_down
-from protocol import FrameDecoder
-from server.close import ClientTimeout, CloseReason, ConnectionEnded, Evicted
-from server.ratelimit import TokenBucket
+from counter_server.common.sockets import raw_send, shut_down
+from counter_server.protocol import FrameDecoder
+from counter_server.server.close import ClientTimeout, CloseReason, ConnectionEnded, Evicted
+from counter_server.server.ratelimit import TokenBucket
 
 # The reaper looks at every connection this often: at least four times per
 # shortest timeout, and at most half a second apart (eviction needs to know

@@ -13,19 +13,19 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from common.cli import cpu_count
-from common.tls import TLSSetupError, server_context
-from server.admission import Admission
-from server.balance import AcceptBalance
-from server.cli import ServerSettings
-from server.lifecycle import CounterServer
-from server.peers import PeerTable, SharedAdmission, SharedRateLimiter
-from server.ratelimit import RateLimiter
-from server.store import CounterStore, MemoryCounterStore
-from server.store.durable import DurableCounterStore
-from server.store.redis_url import BackendError
-from server.store.shared import SharedCounter
-from server.store.statefile import StateFile, StateFileError
+from counter_server.common.cli import cpu_count
+from counter_server.common.tls import TLSSetupError, server_context
+from counter_server.server.admission import Admission
+from counter_server.server.balance import AcceptBalance
+from counter_server.server.cli import ServerSettings
+from counter_server.server.lifecycle import CounterServer
+from counter_server.server.peers import PeerTable, SharedAdmission, SharedRateLimiter
+from counter_server.server.ratelimit import RateLimiter
+from counter_server.server.store import CounterStore, MemoryCounterStore
+from counter_server.server.store.durable import DurableCounterStore
+from counter_server.server.store.redis_url import BackendError
+from counter_server.server.store.shared import SharedCounter
+from counter_server.server.store.statefile import StateFile, StateFileError
 
 LISTEN_BACKLOG = 1024  # connections the kernel queues while the pool is full
 
@@ -101,7 +101,7 @@ def open_store(
 def redis_backend():
     """``server.store.redis_backend``, imported on first use: loading redis-py
     takes a seventh of a second, which instances without ``--backend`` skip."""
-    from server.store import redis_backend as module
+    from counter_server.server.store import redis_backend as module
 
     return module
 

@@ -17,9 +17,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from protocol import REPLY_SIZE, decode_replies, encode_request
-from server.launcher import SERVER_SCRIPT, ServerProcess, start_server
-from server.store.statefile import Slot, decode_file
+from counter_server.protocol import REPLY_SIZE, decode_replies, encode_request
+from counter_server.server.launcher import SERVER_SCRIPT, ServerProcess, start_server
+from counter_server.server.store.statefile import Slot, decode_file
 
 __all__ = ["SERVER_SCRIPT", "ServerProcess", "start_server"]
 

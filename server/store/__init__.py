@@ -9,7 +9,7 @@
 ``server.wiring.open_store`` is the one place that picks and stacks them.
 """
 
-from server.store.base import (
+from counter_server.server.store.base import (
     CounterStore,
     DeferringStore,
     Figure,
@@ -17,7 +17,7 @@ from server.store.base import (
     StoreUnavailable,
     advance,
 )
-from server.store.memory import MemoryCounterStore
+from counter_server.server.store.memory import MemoryCounterStore
 
 __all__ = [
     "CounterStore",

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
-from protocol import MAX_COUNTER
-from server.close import CloseReason, ConnectionEnded
+from counter_server.protocol import MAX_COUNTER
+from counter_server.server.close import CloseReason, ConnectionEnded
 
 if TYPE_CHECKING:
-    from server.outbox import Outbox
+    from counter_server.server.outbox import Outbox
 
 
 class Figure(NamedTuple):

@@ -25,11 +25,10 @@ import time
 from collections.abc import Sequence
 
 import gevent
+from counter_server.common.ratelog import RateLimitedLog
+from counter_server.server.store.base import CounterStore, Figure, LayeredStore, StoreUnavailable
+from counter_server.server.store.statefile import StateFile, StateFileError
 from gevent.event import Event
-
-from common.ratelog import RateLimitedLog
-from server.store.base import CounterStore, Figure, LayeredStore, StoreUnavailable
-from server.store.statefile import StateFile, StateFileError
 
 log = logging.getLogger("counter.state")
 

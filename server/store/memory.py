@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from protocol import MAX_COUNTER
-from server.store.base import PlainStore, advance
+from counter_server.protocol import MAX_COUNTER
+from counter_server.server.store.base import PlainStore, advance
 
 
 class MemoryCounterStore(PlainStore):

@@ -47,17 +47,16 @@ from typing import TYPE_CHECKING
 
 import gevent
 import redis
+from counter_server.common.ratelog import RateLimitedLog
+from counter_server.server.store.base import Figure, StoreUnavailable, advance
+from counter_server.server.store.redis_url import Backend, BackendError
 from gevent.event import Event
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from common.ratelog import RateLimitedLog
-from server.store.base import Figure, StoreUnavailable, advance
-from server.store.redis_url import Backend, BackendError
-
 if TYPE_CHECKING:
-    from server.outbox import Outbox
+    from counter_server.server.outbox import Outbox
 
 log = logging.getLogger("counter.redis")
 

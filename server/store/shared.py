@@ -28,8 +28,7 @@ import os
 from collections.abc import Sequence
 
 import gevent
-
-from server.store.base import PlainStore, advance
+from counter_server.server.store.base import PlainStore, advance
 
 # The shared cells, each an unsigned 64-bit integer.
 VALUE = 0  # the counter

@@ -29,8 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
-
-from common.ratelog import RateLimitedLog
+from counter_server.common.ratelog import RateLimitedLog
 
 log = logging.getLogger("counter.state")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-
-from common.cli import (
+from counter_server.common.cli import (
     UsageError,
     format_address,
     host_port,

@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from counter_server.common import __version__
+from counter_server.common.cli import UsageError, host_port, positive_rate
 from support import REPO_ROOT
-
-from common import __version__
-from common.cli import UsageError, host_port, positive_rate
 
 COMMANDS = {
     "server": REPO_ROOT / "server" / "server.py",

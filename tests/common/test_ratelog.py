@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from common.ratelog import RateLimitedLog
+from counter_server.common.ratelog import RateLimitedLog
 
 
 class FakeClock:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import socket as stdlib_socket
 
 import gevent
-
-from common.sockets import Reader, reader, shut_down
+from counter_server.common.sockets import Reader, reader, shut_down
 
 
 def test_reader_returns_what_arrives_and_waits_after_a_short_read(pair):

@@ -5,11 +5,17 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from counter_server.protocol import (
+    FRAME_SIZE,
+    MAX_COUNTER,
+    FrameDecoder,
+    RejectReason,
+    checksum,
+    encode_request,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from support import VECTORS
-
-from protocol import FRAME_SIZE, MAX_COUNTER, FrameDecoder, RejectReason, checksum, encode_request
 
 increments = st.one_of(st.integers(0, 20), st.integers(0, MAX_COUNTER))
 
@@ -112,7 +118,7 @@ def test_feed_after_an_error_is_refused():
 
 
 def test_many_distinct_values_keep_the_checksum_cache_bounded():
-    from protocol import decoder as module
+    from counter_server.protocol import decoder as module
 
     stream = b"".join(encode_request(n) for n in range(10_000))
     assert list(FrameDecoder().feed(stream)) == list(range(10_000))

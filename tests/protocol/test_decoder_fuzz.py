@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
 
+from counter_server.protocol import encode_request
 from decoder_property import check
-
-from protocol import encode_request
 
 pytestmark = pytest.mark.fuzz
 
@@ -37,7 +36,7 @@ def test_decoder_survives_a_large_budget(cuts, stream):
 
 def test_property_catches_a_broken_decoder(monkeypatch):
     """The property can fail: a decoder that skips verification is caught."""
-    from protocol import decoder
+    from counter_server.protocol import decoder
 
     monkeypatch.setattr(decoder, "_is_valid", lambda increment, received: True)
     with pytest.raises(AssertionError):

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from support import VECTORS
-
-from protocol import (
+from counter_server.protocol import (
     MAX_COUNTER,
     InvalidFrame,
     RejectReason,
@@ -19,6 +15,9 @@ from protocol import (
     encode_reply,
     encode_request,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+from support import VECTORS
 
 VALID = VECTORS["valid"]
 TAMPERED = VECTORS["tampered"]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from server.admission import Admission, client_ip, parse_network, peer_key
-from server.close import CloseReason, Refused
+from counter_server.server.admission import Admission, client_ip, parse_network, peer_key
+from counter_server.server.close import CloseReason, Refused
 
 
 def refusal(admission: Admission, ip: str, prefix: int = 64) -> CloseReason | None:

@@ -11,6 +11,8 @@ import threading
 import time
 
 import pytest
+from counter_server.common.procinfo import fd_count
+from counter_server.protocol import encode_request
 from support import (
     closed_within,
     closed_without_reply,
@@ -24,9 +26,6 @@ from support import (
     run_client,
     start_server,
 )
-
-from common.procinfo import fd_count
-from protocol import encode_request
 
 
 def closed_count(server, reason: str) -> float:

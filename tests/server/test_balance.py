@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.balance import SLACK, AcceptBalance
+from counter_server.server.balance import SLACK, AcceptBalance
 
 
 def test_a_worker_ahead_of_the_least_busy_one_steps_back():

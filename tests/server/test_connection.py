@@ -9,13 +9,12 @@ import time
 from collections.abc import Sequence
 
 import pytest
-
-from protocol import MAX_COUNTER, RejectReason, decode_replies, encode_request
-from server.close import ClientTimeout, CloseReason
-from server.connection import serve
-from server.stats import ServerStats
-from server.store import MemoryCounterStore, StoreUnavailable
-from server.timeouts import TimeoutReaper, Timeouts
+from counter_server.protocol import MAX_COUNTER, RejectReason, decode_replies, encode_request
+from counter_server.server.close import ClientTimeout, CloseReason
+from counter_server.server.connection import serve
+from counter_server.server.stats import ServerStats
+from counter_server.server.store import MemoryCounterStore, StoreUnavailable
+from counter_server.server.timeouts import TimeoutReaper, Timeouts
 
 TAMPERED = bytes.fromhex("00000000000000016021b5621680598b")  # checksum of "2" on 1
 
@@ -129,9 +128,8 @@ def test_the_gevent_read_path_keeps_framing_across_short_and_full_reads():
     read, read on after a full one): a trickle, then more than one read's
     worth at once, then the peer's close, all answered exactly."""
     import gevent
+    from counter_server.server.connection import RECV_SIZE
     from gevent import socket as gsocket
-
-    from server.connection import RECV_SIZE
 
     server_side, client_side = gsocket.socketpair()
     store = MemoryCounterStore()

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+from counter_server.server.store.statefile import FILE_SIZE, encode_slot
 from support import (
     exchange,
     frames,
@@ -18,8 +19,6 @@ from support import (
     run_server_command,
     start_server,
 )
-
-from server.store.statefile import FILE_SIZE, encode_slot
 
 
 @dataclass

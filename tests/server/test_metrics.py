@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from counter_server.protocol import MAX_COUNTER
 from prometheus_client.parser import text_string_to_metric_families
 from support import (
     VECTORS,
@@ -25,8 +26,6 @@ from support import (
     start_server,
     wait_until,
 )
-
-from protocol import MAX_COUNTER
 
 
 def scrape(server) -> dict[tuple[str, tuple], float]:

@@ -6,10 +6,9 @@ import os
 import random
 
 import pytest
-
-from protocol import FRAME_SIZE
-from server.close import CloseReason, Refused
-from server.peers import PeerTable, SharedAdmission
+from counter_server.protocol import FRAME_SIZE
+from counter_server.server.close import CloseReason, Refused
+from counter_server.server.peers import PeerTable, SharedAdmission
 
 
 @pytest.fixture
@@ -75,7 +74,7 @@ def test_one_bucket_per_peer_shared_by_processes(table):
 
 
 def test_shared_admission_applies_the_allowlist_locally(table):
-    from server.admission import parse_network
+    from counter_server.server.admission import parse_network
 
     admission = SharedAdmission(table, 0, [parse_network("10.0.0.0/8")], max_per_ip=1)
     with pytest.raises(Refused) as refused:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from counter_server.common.procinfo import children_of
 from support import (
     connect,
     exchange,
@@ -19,8 +20,6 @@ from support import (
     run_server_command,
     start_server,
 )
-
-from common.procinfo import children_of
 
 
 def worker_pids(server) -> list[int]:

@@ -11,6 +11,8 @@ import threading
 import time
 
 import pytest
+from counter_server.common.procinfo import rss_kib
+from counter_server.protocol import REPLY_SIZE
 from support import (
     CLIENT_SCRIPT,
     closed_within,
@@ -26,9 +28,6 @@ from support import (
     stall_server,
     start_server,
 )
-
-from common.procinfo import rss_kib
-from protocol import REPLY_SIZE
 
 
 def test_one_byte_then_silence_is_closed_by_the_frame_timeout():

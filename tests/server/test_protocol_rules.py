@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from counter_server.protocol import MAX_COUNTER, decode_replies
 from support import (
     VECTORS,
     connect,
@@ -18,8 +19,6 @@ from support import (
     recv_until_closed,
     start_server,
 )
-
-from protocol import MAX_COUNTER, decode_replies
 
 
 def test_go_vectors_in_order_with_overflow_refused(server):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from protocol import FRAME_SIZE
-from server.ratelimit import RateLimiter, TokenBucket
+from counter_server.protocol import FRAME_SIZE
+from counter_server.server.ratelimit import RateLimiter, TokenBucket
 
 
 class FakeTime:

@@ -14,6 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from counter_server.common.procinfo import children_of
+from counter_server.server.cli import parse_settings
+from counter_server.server.store.shared import SharedCounter
+from counter_server.server.store.statefile import FILE_SIZE, StateFile, StateFileError
+from counter_server.server.wiring import claim, open_store
 from support import (
     exchange,
     http_get,
@@ -24,12 +29,6 @@ from support import (
     state_on_disk,
     wait_until,
 )
-
-from common.procinfo import children_of
-from server.cli import parse_settings
-from server.store.shared import SharedCounter
-from server.store.statefile import FILE_SIZE, StateFile, StateFileError
-from server.wiring import claim, open_store
 
 
 def on_disk(path: Path) -> int:

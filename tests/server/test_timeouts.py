@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import socket
 
-from protocol import FrameDecoder, encode_request
-from server.close import CloseReason
-from server.timeouts import TimeoutReaper, Timeouts
+from counter_server.protocol import FrameDecoder, encode_request
+from counter_server.server.close import CloseReason
+from counter_server.server.timeouts import TimeoutReaper, Timeouts
 
 
 def watched_connection(pair, timeouts: Timeouts):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import socket
 
-from server.lifecycle import CounterServer
-from server.store import MemoryCounterStore
+from counter_server.server.lifecycle import CounterServer
+from counter_server.server.store import MemoryCounterStore
 
 
 def fail_at_the_same_place() -> None:

@@ -7,9 +7,8 @@ import threading
 
 import gevent
 import pytest
-
-from server.store import MemoryCounterStore, StoreUnavailable
-from server.store.durable import DurableCounterStore
+from counter_server.server.store import MemoryCounterStore, StoreUnavailable
+from counter_server.server.store.durable import DurableCounterStore
 
 
 class HeldStateFile:

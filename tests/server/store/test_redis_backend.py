@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from counter_server.protocol import decode_replies
 from support import (
     RedisServer,
     connect,
@@ -21,8 +22,6 @@ from support import (
     start_client,
     start_server,
 )
-
-from protocol import decode_replies
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None,

@@ -8,8 +8,7 @@ import signal
 import time
 
 import pytest
-
-from server.store.shared import HOLDER, SharedCounter
+from counter_server.server.store.shared import HOLDER, SharedCounter
 
 
 @pytest.fixture

@@ -14,9 +14,8 @@ import threading
 import time
 
 import pytest
+from counter_server.server.store.durable import COMMIT_STALL_SECONDS
 from support import connect, frames, http_get, metric, recv_replies, start_server, wait_until
-
-from server.store.durable import COMMIT_STALL_SECONDS
 
 
 def stalled_increment(port: int, result: list) -> threading.Thread:

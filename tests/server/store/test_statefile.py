@@ -6,12 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from support import state_on_disk
-
-from protocol import MAX_COUNTER
-from server.store.statefile import (
+from counter_server.protocol import MAX_COUNTER
+from counter_server.server.store.statefile import (
     FILE_SIZE,
     SLOT_SIZE,
     Slot,
@@ -21,6 +17,9 @@ from server.store.statefile import (
     decode_slot,
     encode_slot,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+from support import state_on_disk
 
 u64 = st.integers(0, MAX_COUNTER)
 

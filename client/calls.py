@@ -1,0 +1,105 @@
+"""What the client library's two front ends (``CounterClient``, threads and
+greenlets; ``AsyncCounterClient``, asyncio) share, with no I/O: checking the
+arguments, encoding a call, decoding its replies, and saying what became of a
+call whose connection ended early.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from counter_server.common.cli import host_port
+from counter_server.common.tls import client_context
+from counter_server.protocol import MAX_COUNTER, REPLY_SIZE, decode_replies, encode_request
+
+from .errors import CounterError, Indeterminate, Refused
+
+DEFAULT_TIMEOUT = 5.0  # seconds for a connect, a TLS handshake, or a call's replies
+DEFAULT_POOL_SIZE = 4  # persistent connections per client
+READ_ATTEMPTS = 3  # a read() is tried this many times, each on a fresh connection after a failure
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to connect."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+    server_hostname: str | None
+    timeout: float
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def target(
+    address: str,
+    timeout: float,
+    tls: ssl.SSLContext | None,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    server_hostname: str | None,
+) -> Target:
+    """The checked settings of a client; ValueError if any is unusable."""
+    host, port = host_port(address)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if tls is None and (tls_ca or tls_cert or tls_key):
+        tls = client_context(tls_ca, tls_cert, tls_key or tls_cert)
+    elif tls is not None and (tls_ca or tls_cert or tls_key):
+        raise ValueError("give tls= (an SSLContext) or tls_ca=/tls_cert=/tls_key=, not both")
+    return Target(host, port, tls, server_hostname or host if tls else None, timeout)
+
+
+def check_pool_size(pool_size: int) -> int:
+    if not isinstance(pool_size, int) or pool_size < 1:
+        raise ValueError(f"pool_size must be a whole number >= 1, got {pool_size!r}")
+    return pool_size
+
+
+def encode_call(increments: Iterable[int]) -> tuple[list[int], bytes]:
+    """The checked increments and their frames; ValueError (nothing sent)
+    for an increment that is not a whole number in 0..2^64 - 1."""
+    checked = list(increments)
+    for n in checked:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValueError(f"an increment must be an int, got {n!r}")
+        if not 0 <= n <= MAX_COUNTER:
+            raise ValueError(f"an increment must be between 0 and 2^64 - 1, got {n}")
+    return checked, b"".join(encode_request(n) for n in checked)
+
+
+def decode_call(data: bytes) -> list[int]:
+    """The whole replies in ``data``."""
+    return list(decode_replies(data[: len(data) - len(data) % REPLY_SIZE]))
+
+
+def ended_early(
+    address: str, increments: list[int], replies: list[int], value_now: int | None, why: str
+) -> CounterError:
+    """What became of a call whose connection ended after ``len(replies)``
+    replies, given the counter read right after on a fresh connection
+    (None if that failed). The server refuses an increment that would pass
+    2^64 - 1 by closing the connection without its reply; if the counter now
+    cannot take the first unanswered increment, that is what happened.
+    Otherwise the frame went out and its fate is unknown."""
+    pending = increments[len(replies)]
+    if value_now is not None and value_now + pending > MAX_COUNTER:
+        return Refused(
+            f"{address} refused the increment {pending}: the counter ({value_now}) "
+            f"would pass 2^64 - 1; the counter did not move",
+            replies=replies,
+            value=value_now,
+        )
+    unanswered = len(increments) - len(replies)
+    frames = "1 frame" if unanswered == 1 else f"{unanswered} frames"
+    return Indeterminate(
+        f"{address}: {why} with {frames} unanswered: the increment may or may not "
+        "have been applied (not retried)",
+        replies=replies,
+    )

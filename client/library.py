@@ -1,0 +1,248 @@
+"""``CounterClient``: the counter server's client library for threads and
+greenlets (plain sockets and ``threading``, so it cooperates with gevent once
+gevent has monkey-patched them, and runs in plain threads otherwise).
+
+Each call borrows one persistent connection from a small pool, sends its
+frames in one write, reads their replies and gives the connection back, so
+replies never cross between callers. A connection that failed is dropped and
+the next call opens a new one. Increments are never retried: a frame that
+went out without a reply raises ``Indeterminate``.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+from collections.abc import Iterable
+from types import TracebackType
+
+from counter_server.protocol import REPLY_SIZE, encode_request
+
+from .calls import (
+    DEFAULT_POOL_SIZE,
+    DEFAULT_TIMEOUT,
+    READ_ATTEMPTS,
+    Target,
+    check_pool_size,
+    decode_call,
+    encode_call,
+    ended_early,
+    target,
+)
+from .errors import CounterError, Unavailable
+
+_READ_FRAME = encode_request(0)
+
+
+class _ConnectionEnded(Exception):
+    """The connection ended (closed, reset, timed out) before every reply came."""
+
+    def __init__(self, why: str, data: bytes) -> None:
+        super().__init__(why)
+        self.why, self.data = why, data
+
+
+def _connect(where: Target) -> socket.socket:
+    """A new connection (TLS handshake done); Unavailable if there is none."""
+    try:
+        sock = socket.create_connection((where.host, where.port), timeout=where.timeout)
+    except OSError as exc:
+        raise Unavailable(f"cannot connect to {where.address}: {_reason(exc)}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if where.tls is None:
+        return sock
+    try:
+        return where.tls.wrap_socket(sock, server_hostname=where.server_hostname)
+    except (OSError, ssl.SSLError) as exc:
+        sock.close()
+        raise Unavailable(f"TLS with {where.address} failed: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """False if an idle connection was closed by the server meanwhile (or
+    holds bytes nobody asked for): it must not carry a frame."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return True
+        sock.setblocking(False)
+        try:
+            sock.recv(1)  # EOF, a reset, or unexpected bytes
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return True  # only TLS housekeeping (a session ticket) was there
+        finally:
+            sock.setblocking(True)  # each call sets its timeout
+        return False
+    except (OSError, ValueError):
+        return False
+
+
+def _exchange(sock: socket.socket, frames: bytes, expected: int, timeout: float) -> bytes:
+    """Send ``frames`` and read ``expected`` reply bytes; _ConnectionEnded
+    (with what arrived) if the connection ends first."""
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(frames)
+    except OSError as exc:
+        raise _ConnectionEnded(f"sending failed ({_reason(exc)})", b"") from None
+    data = bytearray()
+    while len(data) < expected:
+        try:
+            chunk = sock.recv(expected - len(data))
+        except OSError as exc:
+            why = "no reply within the timeout" if isinstance(exc, TimeoutError) else None
+            raise _ConnectionEnded(why or f"the connection broke ({_reason(exc)})", data) from None
+        if not chunk:
+            raise _ConnectionEnded("the server closed the connection", bytes(data))
+        data += chunk
+    return bytes(data)
+
+
+class CounterClient:
+    """A client of one counter server, safe to share between threads and
+    greenlets.
+
+    ``address`` is ``HOST:PORT`` (``[::1]:8080`` for IPv6). ``timeout``
+    bounds each connect, TLS handshake and call. ``pool_size`` persistent
+    connections at most; callers beyond it wait for one. TLS: ``tls`` an
+    ``ssl.SSLContext``, or ``tls_ca`` (the CA file to verify the server
+    with), ``tls_cert`` and ``tls_key`` (a client certificate, for mutual
+    TLS). Bad settings raise ``ValueError`` at once; nothing connects until
+    the first call.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        tls: ssl.SSLContext | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        self._target = target(address, timeout, tls, tls_ca, tls_cert, tls_key, server_hostname)
+        self._slots = threading.BoundedSemaphore(check_pool_size(pool_size))
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return self._target.address
+
+    def increment(self, n: int = 1) -> int:
+        """Add ``n`` (0..2^64 - 1) and return the counter right after it.
+        Raises ``Unavailable`` (not sent), ``Refused`` (would pass 2^64 - 1;
+        not applied) or ``Indeterminate`` (sent, no reply: maybe applied)."""
+        return self._call([n])[0]
+
+    def increment_many(self, increments: Iterable[int]) -> list[int]:
+        """Add each increment in order, pipelined in one round trip; the
+        counter right after each. On an error, ``exc.replies`` holds the
+        replies that came (those increments were applied); of the rest, the
+        first is refused or indeterminate as for ``increment``."""
+        return self._call(increments)
+
+    def read(self) -> int:
+        """The counter's current value (a zero increment). Retried on a new
+        connection after a failure; ``Unavailable`` if every attempt fails."""
+        failure: CounterError | None = None
+        for _ in range(READ_ATTEMPTS):
+            try:
+                return self._call([0])[0]
+            except Unavailable as exc:
+                failure = exc
+                if self._closed:
+                    break
+            except CounterError as exc:
+                failure = exc
+        raise Unavailable(f"cannot read the counter: {failure}") from None
+
+    def _call(self, increments: Iterable[int]) -> list[int]:
+        checked, frames = encode_call(increments)
+        if not checked:
+            return []
+        where = self._target
+        with self._slots:
+            sock = self._borrow()
+            try:
+                data = _exchange(sock, frames, len(checked) * REPLY_SIZE, where.timeout)
+            except _ConnectionEnded as ended:
+                sock.close()
+                replies = decode_call(ended.data)
+                raise ended_early(
+                    where.address, checked, replies, self._value_now(checked, replies), ended.why
+                ) from None
+            except BaseException:
+                sock.close()
+                raise
+            self._give_back(sock)
+        return decode_call(data)
+
+    def _value_now(self, increments: list[int], replies: list[int]) -> int | None:
+        """After a connection ended early: the counter, on a fresh connection
+        of its own, if that can tell a refusal from an unknown outcome."""
+        if increments[len(replies)] == 0:
+            return None  # a read is never refused
+        try:
+            sock = _connect(self._target)
+        except Unavailable:
+            return None
+        try:
+            return decode_call(_exchange(sock, _READ_FRAME, REPLY_SIZE, self._target.timeout))[0]
+        except _ConnectionEnded:
+            return None
+        finally:
+            sock.close()
+
+    def _borrow(self) -> socket.socket:
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise Unavailable(f"the client of {self.address} is closed")
+                sock = self._idle.pop() if self._idle else None
+            if sock is None:
+                return _connect(self._target)
+            if _still_open(sock):
+                return sock
+            sock.close()
+
+    def _give_back(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def close(self) -> None:
+        """Close every idle connection; calls after it raise ``Unavailable``
+        (calls in progress finish on their connection, then close it)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+    def __enter__(self) -> CounterClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CounterClient({self.address!r})"
