@@ -1,13 +1,12 @@
 """``AsyncCounterClient``: the client library for asyncio (no gevent): the
-same calls, errors and connection pool as ``CounterClient``, with
-``asyncio`` streams. One connection carries one call at a time, so replies
-never cross between tasks.
+same calls, errors and connection pool as ``CounterClient``, over asyncio
+protocols. One connection carries one call at a time, so replies never cross
+between tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections.abc import Iterable
 from types import TracebackType
@@ -28,7 +27,6 @@ from .calls import (
 from .errors import CounterError, Unavailable
 
 _READ_FRAME = encode_request(0)
-_Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class _ConnectionEnded(Exception):
@@ -37,45 +35,102 @@ class _ConnectionEnded(Exception):
         self.why, self.data = why, data
 
 
-async def _connect(where: Target) -> _Stream:
+class _Connection(asyncio.Protocol):
+    """One connection, carrying one call at a time: the replies arrive in
+    ``buffer`` and wake the call once all of them are there (a protocol
+    rather than streams: no task or stream machinery per call)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.ended: str | None = None  # why the connection is unusable
+        self._waiter: asyncio.Future | None = None
+        self._expected = 0
+        self.deadline = 0.0  # loop time by which the call in progress must be answered
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self._waiter is None:
+            self.ended = "the server sent bytes nobody asked for"
+        elif len(self.buffer) >= self._expected:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        self.ended = self.ended or "the server closed the connection"
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.ended is None:
+            self.ended = (
+                "the server closed the connection"
+                if exc is None
+                else f"the connection broke ({_reason(exc)})"
+            )
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def time_out(self) -> None:
+        """The watchdog's verdict: no reply by the deadline."""
+        self.ended = "no reply within the timeout"
+        self._wake()
+
+    @property
+    def waiting(self) -> bool:
+        return self._waiter is not None
+
+    @property
+    def usable(self) -> bool:
+        return self.ended is None and not self.transport.is_closing()
+
+    async def call(self, frames: bytes, expected: int, deadline: float) -> bytes:
+        """Send ``frames`` and wait for ``expected`` reply bytes until the
+        watchdog's ``deadline`` (loop time); _ConnectionEnded (with what
+        arrived) if the connection ends first."""
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._expected, self.deadline = expected, deadline
+        self.transport.write(frames)
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        if len(data) < expected:
+            raise _ConnectionEnded(self.ended or "the connection ended", data)
+        return data
+
+    def close(self) -> None:
+        self.ended = self.ended or "closed"
+        self.transport.close()
+
+
+async def _connect(where: Target) -> _Connection:
+    loop = asyncio.get_running_loop()
     try:
-        return await asyncio.wait_for(
-            asyncio.open_connection(
-                where.host, where.port, ssl=where.tls, server_hostname=where.server_hostname
+        _, connection = await asyncio.wait_for(
+            loop.create_connection(
+                _Connection, where.host, where.port, ssl=where.tls,
+                server_hostname=where.server_hostname,
             ),
             where.timeout,
-        )
+        )  # fmt: skip
     except asyncio.TimeoutError:
         raise Unavailable(f"cannot connect to {where.address}: timed out") from None
     except ssl.SSLError as exc:
         raise Unavailable(f"TLS with {where.address} failed: {_reason(exc)}") from None
     except OSError as exc:
         raise Unavailable(f"cannot connect to {where.address}: {_reason(exc)}") from None
+    return connection
 
 
 def _reason(exc: BaseException) -> str:
     return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-
-
-async def _exchange(stream: _Stream, frames: bytes, expected: int, timeout: float) -> bytes:
-    reader, writer = stream
-    try:
-        writer.write(frames)
-        await asyncio.wait_for(writer.drain(), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise _ConnectionEnded(f"sending failed ({_reason(exc) or 'timed out'})", b"") from None
-    try:
-        return await asyncio.wait_for(reader.readexactly(expected), timeout)
-    except asyncio.IncompleteReadError as exc:
-        raise _ConnectionEnded("the server closed the connection", exc.partial) from None
-    except asyncio.TimeoutError:
-        raise _ConnectionEnded("no reply within the timeout", b"") from None
-    except OSError as exc:
-        raise _ConnectionEnded(f"the connection broke ({_reason(exc)})", b"") from None
-
-
-def _close(stream: _Stream) -> None:
-    stream[1].close()
 
 
 class AsyncCounterClient:
@@ -98,7 +153,9 @@ class AsyncCounterClient:
         self._target = target(address, timeout, tls, tls_ca, tls_cert, tls_key, server_hostname)
         self._pool_size = check_pool_size(pool_size)
         self._slots: asyncio.Semaphore | None = None  # made in the running loop
-        self._idle: list[_Stream] = []
+        self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()
+        self._watchdog: asyncio.Task | None = None
         self._closed = False
 
     @property
@@ -131,64 +188,83 @@ class AsyncCounterClient:
             return []
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._pool_size)
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch())
         where = self._target
         async with self._slots:
-            stream = await self._borrow()
+            connection = await self._borrow()
+            self._busy.add(connection)
+            deadline = asyncio.get_running_loop().time() + where.timeout
             try:
-                data = await _exchange(stream, frames, len(checked) * REPLY_SIZE, where.timeout)
+                data = await connection.call(frames, len(checked) * REPLY_SIZE, deadline)
             except _ConnectionEnded as ended:
-                _close(stream)
+                connection.close()
                 replies = decode_call(ended.data)
                 value = await self._value_now(checked, replies)
                 raise ended_early(where.address, checked, replies, value, ended.why) from None
             except BaseException:  # cancelled mid-call: the connection is out of step
-                _close(stream)
+                connection.close()
                 raise
-            self._give_back(stream)
+            finally:
+                self._busy.discard(connection)
+            self._give_back(connection)
         return decode_call(data)
+
+    async def _watch(self) -> None:
+        """Times out calls past their deadline: one timer for the client
+        instead of one per call."""
+        loop = asyncio.get_running_loop()
+        period = min(self._target.timeout / 4, 0.25)
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for connection in list(self._busy):
+                if connection.waiting and connection.deadline <= now:
+                    connection.time_out()
 
     async def _value_now(self, increments: list[int], replies: list[int]) -> int | None:
         if increments[len(replies)] == 0:
             return None
         try:
-            stream = await _connect(self._target)
+            connection = await _connect(self._target)
         except Unavailable:
             return None
+        self._busy.add(connection)
+        deadline = asyncio.get_running_loop().time() + self._target.timeout
         try:
-            reply = await _exchange(stream, _READ_FRAME, REPLY_SIZE, self._target.timeout)
-            return decode_call(reply)[0]
+            return decode_call(await connection.call(_READ_FRAME, REPLY_SIZE, deadline))[0]
         except _ConnectionEnded:
             return None
         finally:
-            _close(stream)
+            self._busy.discard(connection)
+            connection.close()
 
-    async def _borrow(self) -> _Stream:
+    async def _borrow(self) -> _Connection:
         while True:
             if self._closed:
                 raise Unavailable(f"the client of {self.address} is closed")
             if not self._idle:
                 return await _connect(self._target)
-            stream = self._idle.pop()
-            reader, writer = stream
-            if not (reader.at_eof() or writer.is_closing()):  # closed by the server
-                return stream
-            _close(stream)
+            connection = self._idle.pop()
+            if connection.usable:  # not closed by the server while idle
+                return connection
+            connection.close()
 
-    def _give_back(self, stream: _Stream) -> None:
+    def _give_back(self, connection: _Connection) -> None:
         if self._closed:
-            _close(stream)
+            connection.close()
         else:
-            self._idle.append(stream)
+            self._idle.append(connection)
 
     async def close(self) -> None:
         """Close every idle connection; calls after it raise ``Unavailable``."""
         self._closed = True
+        if self._watchdog is not None and not self._busy:
+            self._watchdog.cancel()
         idle, self._idle = self._idle, []
-        for _, writer in idle:
-            writer.close()
-        for _, writer in idle:
-            with contextlib.suppress(OSError):  # ssl.SSLError is an OSError
-                await writer.wait_closed()
+        for connection in idle:
+            connection.close()
+        await asyncio.sleep(0)  # let the transports finish closing
 
     async def __aenter__(self) -> AsyncCounterClient:
         return self

@@ -62,16 +62,23 @@ def check_pool_size(pool_size: int) -> int:
     return pool_size
 
 
+_COMMON_FRAMES = {n: encode_request(n) for n in range(2)}  # reads and increments of 1
+
+
 def encode_call(increments: Iterable[int]) -> tuple[list[int], bytes]:
     """The checked increments and their frames; ValueError (nothing sent)
     for an increment that is not a whole number in 0..2^64 - 1."""
     checked = list(increments)
+    frames = []
     for n in checked:
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise ValueError(f"an increment must be an int, got {n!r}")
+        if type(n) is not int:  # bool is an int subclass, and not an increment
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise ValueError(f"an increment must be an int, got {n!r}")
+            n = int(n)
         if not 0 <= n <= MAX_COUNTER:
             raise ValueError(f"an increment must be between 0 and 2^64 - 1, got {n}")
-    return checked, b"".join(encode_request(n) for n in checked)
+        frames.append(_COMMON_FRAMES.get(n) or encode_request(n))
+    return checked, b"".join(frames)
 
 
 def decode_call(data: bytes) -> list[int]:

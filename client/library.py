@@ -69,6 +69,17 @@ def _reason(exc: BaseException) -> str:
 def _still_open(sock: socket.socket) -> bool:
     """False if an idle connection was closed by the server meanwhile (or
     holds bytes nobody asked for): it must not carry a frame."""
+    raw = getattr(sock, "_sock", None)
+    if raw is not None and hasattr(sock, "_read_event") and not isinstance(sock, ssl.SSLSocket):
+        # A plain gevent socket (monkey-patched): its own socket is
+        # non-blocking, so one peek answers without gevent's select.
+        try:
+            raw.recv(1, socket.MSG_PEEK)  # EOF or stray bytes: not usable
+            return False
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
     try:
         if not select.select([sock], [], [], 0)[0]:
             return True

@@ -12,8 +12,6 @@ import sys
 import threading
 
 import pytest
-from support import REPO_ROOT, exchange, free_port, start_server
-
 from counter_server.client import (
     AsyncCounterClient,
     Indeterminate,
@@ -21,6 +19,7 @@ from counter_server.client import (
     Unavailable,
 )
 from counter_server.protocol import MAX_COUNTER
+from support import REPO_ROOT, exchange, free_port, start_server
 
 TASKS = """
 import asyncio, json, sys

@@ -14,8 +14,6 @@ import threading
 import time
 
 import pytest
-from support import REPO_ROOT, exchange, free_port, start_server
-
 from counter_server.client import (
     CounterClient,
     CounterError,
@@ -24,6 +22,7 @@ from counter_server.client import (
     Unavailable,
 )
 from counter_server.protocol import MAX_COUNTER
+from support import REPO_ROOT, exchange, free_port, start_server
 
 
 def test_increment_read_and_increment_many(server):
@@ -93,9 +92,7 @@ def test_greenlets_under_monkey_patching(server):
     assert json.loads(result.stdout) == list(range(1, 4001))
 
 
-@pytest.mark.parametrize(
-    "bad", [-1, MAX_COUNTER + 1, 1.5, "1", True, None], ids=lambda v: repr(v)
-)
+@pytest.mark.parametrize("bad", [-1, MAX_COUNTER + 1, 1.5, "1", True, None], ids=lambda v: repr(v))
 def test_bad_increments_raise_value_error_before_anything_is_sent(server, bad):
     with CounterClient(f"127.0.0.1:{server.port}") as counter:
         with pytest.raises(ValueError):
@@ -122,7 +119,7 @@ def test_bad_addresses_raise_value_error(address):
 
 def test_nothing_listening_is_unavailable():
     with CounterClient(f"127.0.0.1:{free_port()}") as counter:
-        with pytest.raises(Unavailable, match="cannot connect to 127.0.0.1:.*refused"):
+        with pytest.raises(Unavailable, match=r"cannot connect to 127\.0\.0\.1:.*refused"):
             counter.increment()
         with pytest.raises(Unavailable):
             counter.read()
@@ -223,9 +220,9 @@ def test_tls_with_a_context_and_with_paths(pki):
             assert counter.increment() == 1
         with CounterClient(f"127.0.0.1:{server.port}", tls_ca=pki["ca"]) as counter:
             assert counter.increment() == 2
-        with CounterClient(f"127.0.0.1:{server.port}", tls_ca=pki["stranger_ca"]) as counter:
-            with pytest.raises(Unavailable, match="TLS with .* failed"):
-                counter.increment()
+        stranger = CounterClient(f"127.0.0.1:{server.port}", tls_ca=pki["stranger_ca"])
+        with stranger, pytest.raises(Unavailable, match=r"TLS with .* failed"):
+            stranger.increment()
     finally:
         server.stop()
 
@@ -238,8 +235,8 @@ def test_mutual_tls(pki):
             address, tls_ca=pki["ca"], tls_cert=pki["client_cert"], tls_key=pki["client_key"]
         ) as counter:
             assert counter.increment() == 1
-        with CounterClient(address, tls_ca=pki["ca"]) as counter:  # no client certificate
-            with pytest.raises(CounterError):
-                counter.increment()
+        anonymous = CounterClient(address, tls_ca=pki["ca"])  # no client certificate
+        with anonymous, pytest.raises(CounterError):
+            anonymous.increment()
     finally:
         server.stop()
