@@ -25,7 +25,7 @@ from counter_server.common.cli import (
 )
 from counter_server.server.admission import Network, parse_network
 from counter_server.server.store.durable import FSYNC_MODES
-from counter_server.server.store.redis_url import Backend, parse_backend
+from counter_server.server.store.urls import AnyBackend, parse_backend
 from counter_server.server.timeouts import Timeouts
 
 __doc__ = """Counter server: one shared 64-bit counter that many clients add to at
@@ -70,13 +70,16 @@ Options:
   --tls-key FILE           The private key of --tls-cert (PEM).
   --tls-client-ca FILE     Require client certificates signed by this CA
                            (mutual TLS).
-  --backend URL            Keep the counter in Redis, shared by every instance
-                           using it: redis://[USER:PASSWORD@]HOST:PORT/DB?key=NAME,
+  --backend URL            Keep the counter in a shared store, for every instance
+                           using it (default: this process's memory). etcd
+                           (survives partitions):
+                           etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/KEY,
+                           etcds://...?ca=FILE for TLS. Redis:
+                           redis://[USER:PASSWORD@]HOST:PORT/DB?key=NAME,
                            rediss://... for TLS (&ca=FILE), or
                            redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB?key=NAME
-                           to follow failovers; &replicas=N replies only once N
-                           replicas have the increment (default: this process's
-                           memory).
+                           to follow failovers; &replicas=N (or all) replies only
+                           once N replicas have the increment.
   --state-file PATH        Keep the counter in this file so it survives restarts
                            and crashes (memory only when not given).
   --fsync MODE             With --state-file: always (a reply only once its
@@ -118,7 +121,7 @@ class ServerSettings:
     state_file: str | None
     fsync: str
     processes: int
-    backend: Backend | None
+    backend: AnyBackend | None
     ready_file: str | None = None
 
 
@@ -145,7 +148,7 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     if (args["--tls-cert"] is None) != (args["--tls-key"] is None):
         usage_exit(__doc__, "--tls-cert and --tls-key go together")
     if args["--backend"] is not None and args["--state-file"] is not None:
-        usage_exit(__doc__, "--backend and --state-file: Redis keeps the counter, choose one")
+        usage_exit(__doc__, "--backend and --state-file: the backend keeps the counter, choose one")
     if args["--fsync"] != "everysec" and args["--state-file"] is None:
         usage_exit(__doc__, "--fsync: needs --state-file")
     ready_dir = os.path.dirname(os.path.abspath(args["--ready-file"] or "."))

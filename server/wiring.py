@@ -23,9 +23,10 @@ from counter_server.server.peers import PeerTable, SharedAdmission, SharedRateLi
 from counter_server.server.ratelimit import RateLimiter
 from counter_server.server.store import CounterStore, MemoryCounterStore
 from counter_server.server.store.durable import DurableCounterStore
-from counter_server.server.store.redis_url import BackendError
+from counter_server.server.store.etcd_url import EtcdBackend
 from counter_server.server.store.shared import SharedCounter
 from counter_server.server.store.statefile import StateFile, StateFileError
+from counter_server.server.store.urls import AnyBackend, BackendError
 
 LISTEN_BACKLOG = 1024  # connections the kernel queues while the pool is full
 
@@ -67,7 +68,7 @@ def claim(settings: ServerSettings) -> Claimed:
             metrics_listener = open_listener(settings.metrics_host, settings.metrics_port)
             opened.append(metrics_listener)
         if settings.backend is not None:
-            redis_backend().check_backend(settings.backend)
+            backend_module(settings.backend).check_backend(settings.backend)
         state, initial, existed = None, 0, False
         if settings.state_file is not None:
             state = StateFile(settings.state_file)
@@ -86,7 +87,7 @@ def open_store(
     """The store stack the settings ask for: Redis; or memory (this
     process's, or ``shared`` by the workers), made durable by the state file."""
     if settings.backend is not None:
-        return redis_backend().RedisCounterStore(settings.backend)
+        return backend_module(settings.backend).open_store(settings.backend)
     if shared is None:
         core: CounterStore = MemoryCounterStore(claimed.initial)
         on_disk = claimed.initial
@@ -98,11 +99,14 @@ def open_store(
     return DurableCounterStore(claimed.state, core, settings.fsync, on_disk=on_disk)
 
 
-def redis_backend():
-    """``server.store.redis_backend``, imported on first use: loading redis-py
-    takes a seventh of a second, which instances without ``--backend`` skip."""
-    from counter_server.server.store import redis_backend as module
-
+def backend_module(backend: AnyBackend):
+    """``server.store.redis_backend`` or ``etcd_backend``, imported on first
+    use: loading redis-py takes a seventh of a second, which instances
+    without ``--backend`` skip."""
+    if isinstance(backend, EtcdBackend):
+        from counter_server.server.store import etcd_backend as module
+    else:
+        from counter_server.server.store import redis_backend as module
     return module
 
 
@@ -110,7 +114,7 @@ def describe_origin(settings: ServerSettings, claimed: Claimed, store: CounterSt
     """Where the counter came from, for the start-up line ("" for memory)."""
     if settings.backend is not None and store is not None:
         backend = settings.backend
-        return f"counter {store.current_value()} in Redis {backend.url} key {backend.key}"
+        return f"counter {store.current_value()} in {backend.kind} {backend.url}"
     if claimed.state is None:
         return ""
     how = (

@@ -1,11 +1,13 @@
-"""``--backend`` URLs: ``redis://``, ``rediss://`` and their ``+sentinel``
-forms, parsed into a ``Backend`` without importing redis-py (the server's
-command line parses them; only an instance that uses Redis loads the client,
-``server.store.redis_backend``)."""
+"""Redis ``--backend`` URLs: ``redis://``, ``rediss://`` and their
+``+sentinel`` forms, parsed into a ``Backend`` without importing redis-py
+(only an instance that uses Redis loads the client,
+``server.store.redis_backend``). ``server.store.urls`` dispatches on the
+scheme."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 WAIT_TIMEOUT_MS = 1000  # default longest WAIT for replicas
@@ -14,10 +16,6 @@ USAGE = (
     "redis://[USER:PASSWORD@]HOST:PORT/DB?key=NAME (rediss:// for TLS) or "
     "redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE/DB?key=NAME"
 )
-
-
-class BackendError(Exception):
-    """The backend cannot be used at start (bad password, no sentinel answers); one line."""
 
 
 @dataclass(frozen=True)
@@ -36,9 +34,11 @@ class Backend:
     replicas: int  # WAIT for this many replicas before replying
     replica_timeout_ms: int
 
+    kind: ClassVar[str] = "Redis"  # in messages
 
-def parse_backend(raw: str) -> Backend:
-    """The ``--backend`` URL; ValueError (one line) if it is not usable."""
+
+def parse_redis(raw: str) -> Backend:
+    """A Redis ``--backend`` URL; ValueError (one line) if it is not usable."""
     parts = urlsplit(raw)
     if parts.scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {parts.scheme + '://' if parts.scheme else ''!r}: "

@@ -1,0 +1,357 @@
+"""The counter in etcd (v3), so instances share it and keep it through
+partitions: etcd commits through Raft, so a write it confirms is on a
+majority of the cluster, and a member cut off from the majority cannot
+confirm anything (``--backend etcd://HOST:PORT[,HOST:PORT...]/KEY``).
+
+Client: etcd3gw (OpenStack's client for etcd's JSON gateway, plain HTTP with
+requests, so gevent's monkey-patching makes it cooperative; the gRPC clients
+need grpcio, which does not cooperate with gevent).
+
+Batching as for Redis (``server.store.batching``): each flush is one
+compare-and-swap transaction carrying the flush's sum: "if the key still
+holds the value we last saw, set it to that value plus the sum; otherwise
+tell us what it holds". Replies are computed from the value the swap
+replaced. A failed compare means another instance (or worker) wrote first:
+the flush retries at once from the value etcd returned, so nothing is
+acknowledged twice and nothing is lost. Comparing the value (not the
+revision) is safe because the counter only rises; a value below the one
+confirmed here is the lost-increments case.
+
+Range: the key holds the decimal value, 0 to 2^64 - 1, as the protocol.
+
+Outages: the endpoints are tried in turn; a request that fails or times out
+(a member cut off from the majority cannot commit) moves to the next
+endpoint. A transaction whose answer was lost may or may not have been
+applied: not acknowledged, and the next flush learns the truth from the
+compare.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import ssl
+from collections.abc import Sequence
+
+import requests
+import requests.adapters
+from counter_server.protocol import MAX_COUNTER
+from counter_server.server.store.base import Figure, StoreUnavailable, advance
+from counter_server.server.store.batching import Batch, BatchingStore, WentBack
+from counter_server.server.store.etcd_url import EtcdBackend
+from counter_server.server.store.urls import BackendError
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import Etcd3Exception
+
+log = logging.getLogger("counter.etcd")
+
+# An etcd request unanswered within this is given up and the next endpoint
+# tried: a commit takes milliseconds; an election about a second.
+REQUEST_TIMEOUT = 1.0
+SWAP_ATTEMPTS = 64  # compares lost to other writers in a row before a flush gives up
+_AUTH_ERRORS = ("invalid auth token", "user name is empty", "authentication failed")
+
+
+class EtcdUnavailable(Exception):
+    """No endpoint could confirm the request; the message says why (one line)."""
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+class _VerifyingAdapter(requests.adapters.HTTPAdapter):
+    """HTTPS with an SSL context of our own that trusts ``ca`` (the
+    system's CAs when None): a CA given only as the session's ``verify``
+    was not applied under gevent's monkey-patching here (requests 2.34)."""
+
+    def __init__(self, ca: str | None) -> None:
+        self._context = ssl.create_default_context(cafile=ca)
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["ssl_context"] = self._context
+        return super().init_poolmanager(*args, **kwargs)
+
+
+class EtcdCluster:
+    """The cluster's endpoints, one etcd3gw client each, used in turn: a
+    request that fails moves to the next endpoint. With a user, an auth
+    token is taken (and taken again when etcd says it expired)."""
+
+    def __init__(self, backend: EtcdBackend, timeout: float = REQUEST_TIMEOUT) -> None:
+        self.backend = backend
+        self._clients = []
+        for host, port in backend.hosts:
+            session = requests.Session()
+            if backend.tls:
+                session.verify = backend.ca or True
+                session.mount("https://", _VerifyingAdapter(backend.ca))
+            self._clients.append(Etcd3Client(
+                host=host, port=port, protocol="https" if backend.tls else "http",
+                timeout=timeout, api_path="/v3/", session=session,
+            ))  # fmt: skip
+        self._current = 0
+        self._key = _b64(backend.key)
+
+    @property
+    def endpoint(self) -> str:
+        client = self._clients[self._current]
+        return f"{client.host}:{client.port}"
+
+    def _post(self, path: str, body: dict) -> dict:
+        """POST to the current endpoint; EtcdUnavailable after trying every
+        endpoint once. Errors that are etcd's answer (not a failed
+        request) are raised as Etcd3Exception from the endpoint that gave them."""
+        problems = []
+        for _ in range(len(self._clients)):
+            client = self._clients[self._current]
+            try:
+                return self._authorized(client, path, body)
+            except requests.RequestException as exc:
+                problems.append(f"{client.host}:{client.port}: {_describe(exc)}")
+            except Etcd3Exception as exc:
+                text = _describe(exc)
+                if _definitive(text):
+                    raise
+                problems.append(f"{client.host}:{client.port}: {text}")
+            self._current = (self._current + 1) % len(self._clients)
+        raise EtcdUnavailable("; ".join(problems))
+
+    def _authorized(self, client: Etcd3Client, path: str, body: dict) -> dict:
+        if self.backend.username and "Authorization" not in client.session.headers:
+            self._authenticate(client)
+        try:
+            return client.post(client.get_url(path), json=body)
+        except Etcd3Exception as exc:
+            if not self.backend.username or not any(e in _describe(exc) for e in _AUTH_ERRORS):
+                raise
+        self._authenticate(client)  # the token expired: once more with a new one
+        return client.post(client.get_url(path), json=body)
+
+    def _authenticate(self, client: Etcd3Client) -> None:
+        client.session.headers.pop("Authorization", None)
+        answer = client.post(
+            client.get_url("/auth/authenticate"),
+            json={"name": self.backend.username, "password": self.backend.password},
+        )
+        client.session.headers["Authorization"] = answer["token"]
+
+    def read(self) -> int | None:
+        """The key's value (linearizable: only a majority can answer), None
+        if it does not exist; ValueError if it holds something else."""
+        answer = self._post("/kv/range", {"key": self._key})
+        kvs = answer.get("kvs") or []
+        return _counter(self.backend.key, kvs[0]) if kvs else None
+
+    def swap(self, expected: int | None, new: int) -> tuple[bool, int | None]:
+        """Set the key to ``new`` if it holds ``expected`` (None: absent).
+        (True, new) if it did; (False, what it holds) if not."""
+        if expected is None:
+            compare = {"key": self._key, "result": "EQUAL", "target": "VERSION", "version": "0"}
+        else:
+            compare = {"key": self._key, "result": "EQUAL", "target": "VALUE",
+                       "value": _b64(str(expected))}  # fmt: skip
+        answer = self._post("/kv/txn", {
+            "compare": [compare],
+            "success": [{"request_put": {"key": self._key, "value": _b64(str(new))}}],
+            "failure": [{"request_range": {"key": self._key}}],
+        })  # fmt: skip
+        if answer.get("succeeded"):
+            return True, new
+        kvs = answer["responses"][0]["response_range"].get("kvs") or []
+        return False, _counter(self.backend.key, kvs[0]) if kvs else None
+
+    def versions(self) -> list[str]:
+        """Each endpoint's answer to /version (no auth, no quorum needed)."""
+        found = []
+        for client in self._clients:
+            try:
+                answer = client.session.get(f"{client.base_url}/version", timeout=client.timeout)
+                found.append(f"{client.host}:{client.port} etcd {answer.json()['etcdserver']}")
+            except (requests.RequestException, ValueError, KeyError) as exc:
+                found.append(f"{client.host}:{client.port}: {_describe(exc)}")
+        return found
+
+
+def _counter(key: str, kv: dict) -> int:
+    raw = base64.b64decode(kv.get("value", ""))
+    if not raw.isdigit() or int(raw) > MAX_COUNTER:
+        raise ValueError(f"etcd key {key!r} holds {raw[:40]!r}, not a counter (0..2^64 - 1)")
+    return int(raw)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: etcd's own error text where it sent one, else what failed."""
+    text = str(exc)
+    if isinstance(exc, Etcd3Exception):
+        text = exc.detail_text or " ".join(str(a) for a in exc.args) or type(exc).__name__
+        try:
+            answer = json.loads(text)
+            text = answer.get("error") or answer.get("message") or text
+        except (ValueError, AttributeError):
+            pass
+    low = text.lower()
+    if "certificate_verify_failed" in low or "certificate verify failed" in low:
+        return "TLS failed: the server's certificate does not verify"
+    if "ssl" in low and ("wrong version" in low or "record layer" in low or "eof" in low):
+        return "TLS failed (is it a TLS endpoint?)"
+    if "read timed out" in low or "connect timeout" in low or "timed out" in low:
+        return "timed out"
+    if "connection refused" in low:
+        return "connection refused"
+    if "max retries exceeded" in low or "failed to establish" in low:
+        return "cannot connect"
+    return text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+
+
+def _definitive(text: str) -> bool:
+    """An answer another endpoint would give too (authentication, rights)."""
+    low = text.lower()
+    return any(word in low for word in ("auth", "permission denied", "user name"))
+
+
+def check_backend(backend: EtcdBackend) -> None:
+    """At start: BackendError (one line) if no endpoint answers, TLS does not
+    verify, the password is refused, or the key holds something that is not
+    a counter. A cluster that answers but has no quorum yet is not an error:
+    the server starts and acknowledges once it has one."""
+    try:
+        cluster = EtcdCluster(backend)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise BackendError(f"etcd {backend.url}: cannot load ca={backend.ca}: {reason}") from None
+    answers = cluster.versions()
+    if not any(" etcd " in answer for answer in answers):
+        raise BackendError(f"etcd {backend.url}: no endpoint answers ({'; '.join(answers)})")
+    try:
+        cluster.read()
+    except EtcdUnavailable as exc:
+        if "auth" in str(exc).lower() or "user" in str(exc).lower():
+            raise BackendError(f"etcd {backend.url}: {exc}") from None
+        log.warning("etcd %s cannot confirm reads yet (%s); serving once it can", backend.url, exc)
+    except Etcd3Exception as exc:
+        raise BackendError(f"etcd {backend.url}: {_auth_message(backend, exc)}") from None
+    except requests.RequestException as exc:
+        raise BackendError(f"etcd {backend.url}: {_describe(exc)}") from None
+    except ValueError as exc:
+        raise BackendError(str(exc)) from None
+
+
+def _auth_message(backend: EtcdBackend, exc: Etcd3Exception) -> str:
+    text = _describe(exc)
+    if "user name is empty" in text:
+        return "etcd requires a user and password (etcd://USER:PASSWORD@...)"
+    if "authentication is not enabled" in text:
+        return "a user and password were given but etcd has no authentication enabled"
+    if "authentication failed" in text:
+        return f"authentication failed for user {backend.username!r}"
+    return text
+
+
+class EtcdCounterStore(BatchingStore):
+    """``CounterStore`` whose counter is one etcd key."""
+
+    service = "etcd"
+    errors_caught = (EtcdUnavailable, Etcd3Exception, ValueError)
+
+    def __init__(self, backend: EtcdBackend) -> None:
+        super().__init__(backend.key, log)
+        self.backend = backend
+        self._cluster = EtcdCluster(backend)
+        self._seen: int | None = None  # what the key held when last seen (None: absent)
+        self._seen_known = False  # False until read, and after an unknown outcome
+        self.conflicts = 0
+        self._start()
+
+    def current_value(self) -> int:
+        """Ask etcd (for the start-up and stop lines); the last known value if it cannot answer."""
+        try:
+            self._learn(self._cluster.read())
+        except (*self.errors_caught,) as exc:
+            log.warning("etcd: cannot read %s: %s", self.key, exc)
+        return self._last_value
+
+    def _learn(self, value: int | None) -> None:
+        self._seen, self._seen_known = value, True
+        self._last_value = max(self._last_value, value or 0)
+
+    def _ping(self) -> None:
+        self._read_value()
+
+    def _read_value(self) -> int:
+        value = self._cluster.read()
+        if self._in_flight == 0:  # what the next swap compares against
+            self._seen, self._seen_known = value, True
+        return value or 0
+
+    def _restore_hint(self, value: int) -> str:
+        return f"etcdctl put {self.key} {value}"
+
+    def _flush(self, batch: Batch) -> None:
+        """One compare-and-swap for the whole batch (retried from the value
+        etcd returns while other writers win the compare)."""
+        confirmed = self._last_value  # before this flush's swap is sent
+        try:
+            if self._lost is not None and not self._restored():
+                self._finish(batch, error=self._lost)
+                return
+            if not self._seen_known:
+                self._seen, self._seen_known = self._cluster.read(), True
+            for _ in range(SWAP_ATTEMPTS):
+                before = self._seen or 0
+                if before < confirmed:
+                    raise WentBack(before)
+                replies, after = self._replies(batch.reads, before)
+                self.round_trips += 1
+                self._seen_known = False  # until the answer says otherwise
+                swapped, holds = self._cluster.swap(self._seen, after)
+                self._seen, self._seen_known = holds, True
+                if swapped:
+                    break
+                self.conflicts += 1
+            else:
+                raise StoreUnavailable(f"lost the compare to other writers {SWAP_ATTEMPTS} times")
+        except WentBack as exc:
+            self._went_back(batch, exc.before, confirmed)
+            return
+        except (*self.errors_caught, StoreUnavailable) as exc:
+            self._fail(batch, exc)
+            return
+        self.reads_batched += len(batch.reads)
+        self._healthy()
+        batch.replies.extend(replies)
+        self._last_value = max(self._last_value, after)
+        self._finish(batch)
+
+    @staticmethod
+    def _replies(reads: Sequence[Sequence[int]], value: int) -> tuple[list[list[int]], int]:
+        """Each read's replies from ``value`` (a read that would pass 2^64 - 1
+        gets the frames that fit, and is refused from there), and the value
+        after them all."""
+        replies = []
+        for increments in reads:
+            applied = advance(value, increments)
+            replies.append(applied)
+            if applied:
+                value = applied[-1]
+        return replies, value
+
+    def figures(self) -> list[Figure]:
+        return [
+            *super().figures(),
+            Figure("backend_compare_conflicts",
+                   "Compare-and-swaps lost to another writer and retried (etcd).",
+                   self.conflicts),
+        ]  # fmt: skip
+
+    def close(self) -> bool:
+        self._drain()
+        self.current_value()
+        return True
+
+
+def open_store(backend: EtcdBackend) -> EtcdCounterStore:
+    """The store of an instance (``server.wiring`` calls it)."""
+    return EtcdCounterStore(backend)

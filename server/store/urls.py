@@ -1,0 +1,30 @@
+"""``--backend URL``: which shared store keeps the counter, parsed without
+importing any client library (``redis_url`` for Redis and Sentinel,
+``etcd_url`` for etcd)."""
+
+from __future__ import annotations
+
+from counter_server.server.store.etcd_url import SCHEMES as ETCD_SCHEMES
+from counter_server.server.store.etcd_url import USAGE as ETCD_USAGE
+from counter_server.server.store.etcd_url import EtcdBackend, parse_etcd
+from counter_server.server.store.redis_url import SCHEMES as REDIS_SCHEMES
+from counter_server.server.store.redis_url import USAGE as REDIS_USAGE
+from counter_server.server.store.redis_url import Backend, parse_redis
+
+AnyBackend = Backend | EtcdBackend
+
+
+class BackendError(Exception):
+    """The backend cannot be used at start (bad password, nobody answers,
+    TLS that does not verify); the message is one line."""
+
+
+def parse_backend(raw: str) -> AnyBackend:
+    """The ``--backend`` URL; ValueError (one line) if it is not usable."""
+    scheme = raw.partition("://")[0] if "://" in raw else ""
+    if scheme in ETCD_SCHEMES:
+        return parse_etcd(raw)
+    if scheme in REDIS_SCHEMES:
+        return parse_redis(raw)
+    shown = repr(scheme + "://") if scheme else "none"
+    raise ValueError(f"unknown scheme {shown}: expected {REDIS_USAGE}, or {ETCD_USAGE}")

@@ -1,0 +1,264 @@
+"""--backend etcd://...: instances sharing one counter in a real etcd cluster
+(three members on loopback, started by each test; .ci/run installs
+etcd-server and etcd-client)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+from counter_server.protocol import MAX_COUNTER
+from support import (
+    EtcdCluster,
+    connect,
+    exchange,
+    frames,
+    http_get,
+    metric,
+    recv_replies,
+    run_server_command,
+    start_server,
+    wait_until,
+)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("etcd") is None or shutil.which("etcdctl") is None,
+    reason="etcd is not installed (apt-get install etcd-server etcd-client)",
+)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    members = EtcdCluster(tmp_path)
+    members.start()
+    try:
+        members.wait_healthy()
+        yield members
+    finally:
+        members.kill()
+
+
+def try_increment(port: int, n: int = 1) -> int | None:
+    with connect(port) as sock:
+        sock.sendall(frames(n))
+        data = b""
+        while len(data) < 8:
+            chunk = sock.recv(8 - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return int.from_bytes(data, "big")
+
+
+class Load:
+    """Connections incrementing by 1 (pipelined or not), reconnecting when
+    closed; every acknowledged reply kept with its time."""
+
+    def __init__(self, ports: list[int], connections: int, depth: int = 1) -> None:
+        self.replies: list[tuple[float, int]] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(ports[i % len(ports)], depth))
+            for i in range(connections)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, port: int, depth: int) -> None:
+        while not self.stop.is_set():
+            try:
+                with connect(port) as sock:
+                    while not self.stop.is_set():
+                        sock.sendall(frames(*[1] * depth))
+                        got = recv_replies(sock, depth)
+                        now = time.monotonic()
+                        with self.lock:
+                            self.replies.extend((now, v) for v in got)
+            except (OSError, AssertionError):
+                self.stop.wait(0.05)
+
+    def finish(self) -> list[int]:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+        return [v for _, v in self.replies]
+
+    def last_reply(self) -> float:
+        with self.lock:
+            return max((t for t, _ in self.replies), default=0.0)
+
+
+def test_two_instances_share_one_exact_counter_and_compares_are_retried(cluster):
+    servers = [start_server("--backend", cluster.url(), "--metrics-port", "0") for _ in range(2)]
+    try:
+        load = Load([s.port for s in servers], 16, depth=3)
+        time.sleep(3)
+        values = load.finish()
+        assert len(values) > 300, "too little traffic to prove anything"
+        assert sorted(values) == list(range(1, len(values) + 1)), "a value lost or given twice"
+        assert int(cluster.get()) == len(values)
+        conflicts = sum(
+            metric(s.metrics_url(), "counter_server_backend_compare_conflicts_total")
+            for s in servers
+        )
+        assert conflicts > 0, "the instances never raced: the retry path is untested"
+    finally:
+        for server in servers:
+            server.stop()
+    for server in servers:
+        assert "Traceback" not in server.stderr
+
+
+def test_the_counter_at_its_maximum_refuses_overflow(cluster):
+    cluster.ctl("put", "counter", str(MAX_COUNTER - 2))
+    server = start_server("--backend", cluster.url())
+    try:
+        assert exchange(server.port, 1, 1) == (MAX_COUNTER - 1, MAX_COUNTER)
+        assert try_increment(server.port) is None  # refused: closed without a reply
+        assert exchange(server.port, 0) == (MAX_COUNTER,)
+    finally:
+        server.stop()
+    assert cluster.get() == str(MAX_COUNTER)
+
+
+def test_a_key_that_is_not_a_counter(cluster):
+    cluster.ctl("put", "counter", "hello")
+    result = run_server_command("--backend", cluster.url())
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result
+    assert "holds b'hello', not a counter" in result.stderr
+    cluster.ctl("put", "counter", "5")
+    server = start_server("--backend", cluster.url(), "--metrics-port", "0")
+    try:
+        assert try_increment(server.port) == 6
+        cluster.ctl("put", "counter", "oops")  # an operator's mistake, while it runs
+        assert try_increment(server.port) is None
+        status, body = http_get(server.metrics_url("/healthz"))
+        assert status == 503 and "not a counter" in body
+        assert cluster.get() == "oops", "the server overwrote what it does not understand"
+        cluster.ctl("put", "counter", "6")
+        wait_until(lambda: try_increment(server.port) == 7, 5, "serving again")
+    finally:
+        server.stop()
+
+
+def test_the_key_set_lower_is_refused_until_restored(cluster):
+    server = start_server("--backend", cluster.url(), "--metrics-port", "0")
+    try:
+        assert exchange(server.port, *[1] * 20)[-1] == 20
+        cluster.ctl("put", "counter", "3")
+        assert try_increment(server.port) is None
+        status, body = http_get(server.metrics_url("/healthz"))
+        assert status == 503 and "went back to 3, below 20" in body, body
+        assert cluster.get() == "3"
+        cluster.ctl("put", "counter", "20")
+        wait_until(lambda: try_increment(server.port) == 21, 5, "acknowledging again")
+    finally:
+        server.stop()
+    assert "etcdctl put counter 20" in server.stderr
+
+
+def test_health_follows_the_cluster_without_traffic(cluster):
+    server = start_server("--backend", cluster.url(), "--metrics-port", "0")
+    try:
+        assert try_increment(server.port) == 1
+        cluster.kill()
+        gone = time.monotonic()
+        wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 503, 5, "503")
+        assert time.monotonic() - gone <= 3.0
+        assert try_increment(server.port) is None
+        cluster.start()
+        wait_until(lambda: try_increment(server.port) == 2, 20, "serving again")
+        assert http_get(server.metrics_url("/healthz"))[0] == 200
+    finally:
+        server.stop()
+
+
+def test_an_instance_started_without_quorum_serves_once_there_is_one(cluster):
+    cluster.kill("m1", "m2")
+    server = start_server("--backend", cluster.url(), "--metrics-port", "0")
+    try:
+        assert "cannot confirm reads yet" in server.stderr_path.read_text()
+        wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 503, 5, "503")
+        assert try_increment(server.port) is None
+        cluster.start("m1", "m2")
+        wait_until(lambda: try_increment(server.port) == 1, 20, "serving with a quorum")
+    finally:
+        server.stop()
+    assert "Traceback" not in server.stderr
+
+
+def test_a_leader_change_under_load_with_processes(cluster):
+    server = start_server("--backend", cluster.url(), "--processes", "2")
+    try:
+        load = Load([server.port], 8)
+        time.sleep(1.5)
+        leader = cluster.leader()
+        assert leader
+        killed_at = time.monotonic()
+        cluster.kill(leader)
+        wait_until(lambda: load.last_reply() > killed_at + 0.2, 10, "acknowledging again")
+        resumed = load.last_reply() - killed_at
+        time.sleep(0.5)
+        values = load.finish()
+    finally:
+        server.stop()
+    assert len(values) == len(set(values)), "a value given twice"
+    final = int(cluster.get())
+    assert final >= max(values)
+    # Increments whose answer was lost may be applied without a reply; none
+    # acknowledged is missing.
+    assert set(values) <= set(range(1, final + 1))
+    print(f"\nleader killed: acknowledging again {resumed:.1f}s later; {len(values)} replies")
+
+
+def test_start_up_errors_are_one_line():
+    from support import free_port
+
+    nobody = f"etcd://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/counter"
+    result = run_server_command("--backend", nobody)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result
+    assert "no endpoint answers" in result.stderr and "connection refused" in result.stderr
+
+
+def test_authentication(cluster):
+    assert cluster.ctl("user", "add", "root:rootpw").returncode == 0
+    assert cluster.ctl("auth", "enable").returncode == 0
+    wrong = run_server_command("--backend", cluster.url(userinfo="root:nope@"))
+    assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1, wrong
+    assert "authentication failed for user 'root'" in wrong.stderr
+    assert "nope" not in wrong.stderr
+    missing = run_server_command("--backend", cluster.url())
+    assert missing.returncode == 1 and "requires a user and password" in missing.stderr, missing
+    server = start_server("--backend", cluster.url(userinfo="root:rootpw@"))
+    try:
+        assert exchange(server.port, 1, 2) == (1, 3)
+    finally:
+        server.stop()
+    assert "rootpw" not in server.stdout + server.stderr
+    assert cluster.get(user="root:rootpw") == "3"
+
+
+def test_tls(tmp_path, pki):
+    members = EtcdCluster(
+        tmp_path, 1, "--cert-file", pki["server_cert"], "--key-file", pki["server_key"],
+        scheme="https",
+    )  # fmt: skip
+    members.ca = pki["ca"]
+    members.start()
+    try:
+        members.wait_healthy()
+        stranger = run_server_command("--backend", members.url(query=f"?ca={pki['stranger_ca']}"))
+        assert stranger.returncode == 1 and stranger.stderr.count("\n") == 1, stranger
+        assert "does not verify" in stranger.stderr
+        plain = run_server_command("--backend", members.url().replace("etcds://", "etcd://"))
+        assert plain.returncode == 1 and plain.stderr.count("\n") == 1, plain
+        server = start_server("--backend", members.url(query=f"?ca={pki['ca']}"))
+        try:
+            assert exchange(server.port, 4) == (4,)
+        finally:
+            server.stop()
+    finally:
+        members.kill()
