@@ -32,6 +32,7 @@ noticed within ``COMMAND_TIMEOUT``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -62,13 +63,14 @@ CONNECT_TIMEOUT = 1.0  # to Redis
 # costs this before the next one is asked (they answer in milliseconds).
 SENTINEL_TIMEOUT = 0.3
 FLUSHERS = 2  # round trips to Redis in flight at once
+REPLICA_SET_SECONDS = 1.0  # replicas=all: how often the sentinels are asked for the set
 
 
 def client_for(backend: Backend, with_wait: bool = True) -> redis.Redis:
     """A redis-py client for ``backend``'s primary (found through the
     sentinels). Its command timeout allows for WAIT (``replicas=``) unless
     ``with_wait`` is False: the client that only PINGs and GETs."""
-    waits = with_wait and backend.replicas
+    waits = with_wait and backend.waits
     options = {
         "db": backend.database,
         "username": backend.username,
@@ -82,7 +84,12 @@ def client_for(backend: Backend, with_wait: bool = True) -> redis.Redis:
     if backend.service is None:
         host, port = backend.hosts[0]
         return redis.Redis(host=host, port=port, **options)
-    sentinel = Sentinel(
+    return sentinels_for(backend).master_for(backend.service, **options)
+
+
+def sentinels_for(backend: Backend) -> Sentinel:
+    """redis-py's Sentinel over the URL's sentinels."""
+    return Sentinel(
         list(backend.hosts),
         sentinel_kwargs={
             "socket_timeout": SENTINEL_TIMEOUT,
@@ -90,7 +97,6 @@ def client_for(backend: Backend, with_wait: bool = True) -> redis.Redis:
             "retry": Retry(NoBackoff(), 0),  # ask the next sentinel instead
         },
     )
-    return sentinel.master_for(backend.service, **options)
 
 
 def check_backend(backend: Backend) -> None:
@@ -134,7 +140,12 @@ class RedisCounterStore(BatchingStore):
         self._pool = self._redis.connection_pool
         # PINGs and GETs never wait for replicas: a hung primary costs them
         # COMMAND_TIMEOUT, whatever WAIT's timeout.
-        self._checks = client_for(backend, with_wait=False) if backend.replicas else self._redis
+        self._checks = client_for(backend, with_wait=False) if backend.waits else self._redis
+        # replicas=all: every replica any sentinel has listed for a primary.
+        self._sentinels = sentinels_for(backend) if backend.all_replicas else None
+        self._replica_sets: dict[tuple[str, int], set[tuple[str, int]]] = {}
+        self._replicas_asked = 0.0  # when the sentinels were last asked
+        self._primary: tuple[str, int] | None = None  # as the sentinels named it then
         self._connections: dict = {}  # flusher greenlet -> its own connection
         self.replica_shortfalls = 0
         self._start()
@@ -168,7 +179,7 @@ class RedisCounterStore(BatchingStore):
                 raise after
             if after - sum(sums) < confirmed:
                 raise WentBack(after - sum(sums))
-            self._check_wait(results[1:])
+            self._check_wait(results[1:], results[-1] if self.backend.waits else 0)
         except WentBack as exc:
             self._went_back(batch, exc.before, confirmed)
             return
@@ -200,13 +211,16 @@ class RedisCounterStore(BatchingStore):
                     raise WentBack(result - total)
                 batch.replies.append(advance(result - total, increments, REDIS_MAX))
                 self._last_value = max(self._last_value, result)
-        if self.backend.replicas:
-            self._check_wait([self._redis.execute_command("WAIT", *self._wait_args())])
+        if self.backend.waits:
+            needed = self._needed_replicas()
+            self._check_wait([self._redis.execute_command("WAIT", *self._wait_args(needed))],
+                             needed)  # fmt: skip
         self._finish(batch)
 
     def _incrby(self, total: int) -> list:
-        """[the total after INCRBY (or the error Redis answered), WAIT's count]."""
-        if not self.backend.replicas:
+        """[the total after INCRBY (or the error Redis answered), WAIT's
+        count, the replicas WAIT asked for]."""
+        if not self.backend.waits:
             # Straight on this flusher's own connection, kept between round
             # trips: far less client work per round trip (often one read's
             # worth) than Redis.execute_command, the pool or a pipeline.
@@ -219,10 +233,11 @@ class RedisCounterStore(BatchingStore):
             except BaseException:
                 self._drop_connections()
                 raise
+        needed = self._needed_replicas()  # before anything is sent
         pipe = self._redis.pipeline(transaction=False)
         pipe.incrby(self.key, total)
-        self._queue_wait(pipe)
-        return pipe.execute(raise_on_error=False)
+        pipe.execute_command("WAIT", *self._wait_args(needed))
+        return [*pipe.execute(raise_on_error=False), needed]
 
     def _connection(self):
         """The calling flusher's connection. Dropped after any failure, so a
@@ -244,25 +259,59 @@ class RedisCounterStore(BatchingStore):
             connection.disconnect()
             self._pool.release(connection)
 
-    def _wait_args(self) -> tuple[int, int]:
-        return self.backend.replicas, self.backend.replica_timeout_ms
+    def _wait_args(self, needed: int) -> tuple[int, int]:
+        return needed, self.backend.replica_timeout_ms
 
-    def _queue_wait(self, pipe) -> None:
-        if self.backend.replicas:
-            pipe.execute_command("WAIT", *self._wait_args())
+    def _needed_replicas(self) -> int:
+        """How many replicas WAIT must count: ``replicas=N``; with
+        ``replicas=all``, every replica the sentinels have listed for the
+        current primary (the largest set seen, so a replica cut off and
+        dropped from the primary's own list still counts). StoreUnavailable
+        if the sentinels cannot be asked or know no replica."""
+        if not self.backend.all_replicas:
+            return self.backend.replicas
+        now = time.monotonic()
+        if now - self._replicas_asked >= REPLICA_SET_SECONDS or not self._replica_sets:
+            self._ask_sentinels()
+            self._replicas_asked = now
+        primary = self._primary
+        known = self._replica_sets.get(primary, set()) - {primary}
+        if not known:
+            raise StoreUnavailable(
+                f"replicas=all: the sentinels know no replica of {self.backend.service!r}"
+            )
+        return len(known)
 
-    def _check_wait(self, results: list) -> None:
-        """StoreUnavailable unless WAIT saw enough replicas (the increment is
-        applied on the primary, but not acknowledged: a failover could lose it)."""
-        if not self.backend.replicas:
+    def _ask_sentinels(self) -> None:
+        """Add what each sentinel lists as the primary's replicas to the set."""
+        try:
+            self._primary = self._sentinels.discover_master(self.backend.service)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"replicas=all: cannot ask the sentinels: {exc}") from None
+        answered = 0
+        for sentinel in self._sentinels.sentinels:
+            try:
+                listed = sentinel.sentinel_slaves(self.backend.service)
+            except redis.RedisError:
+                continue
+            answered += 1
+            known = self._replica_sets.setdefault(self._primary, set())
+            known.update((replica["ip"], int(replica["port"])) for replica in listed)
+        if not answered:
+            raise StoreUnavailable("replicas=all: no sentinel lists the replicas")
+
+    def _check_wait(self, results: list, needed: int) -> None:
+        """StoreUnavailable unless WAIT saw ``needed`` replicas (the increment
+        is applied on the primary, but not acknowledged: a failover could lose it)."""
+        if not self.backend.waits:
             return
         copies = results[0]
         if isinstance(copies, Exception):
             raise copies
-        if copies < self.backend.replicas:
+        if copies < needed:
             self.replica_shortfalls += 1
             raise StoreUnavailable(
-                f"only {copies} of {self.backend.replicas} replicas confirmed within "
+                f"only {copies} of {needed} replicas confirmed within "
                 f"{self.backend.replica_timeout_ms} ms"
             )
 

@@ -15,6 +15,7 @@ SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
 USAGE = (
     "redis://[USER:PASSWORD@]HOST:PORT/DB?key=NAME (rediss:// for TLS) or "
     "redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE/DB?key=NAME"
+    " (&replicas=N or &replicas=all)"
 )
 
 
@@ -33,6 +34,12 @@ class Backend:
     ca: str | None  # CA file for TLS
     replicas: int  # WAIT for this many replicas before replying
     replica_timeout_ms: int
+    all_replicas: bool = False  # replicas=all: every replica the sentinels know
+
+    @property
+    def waits(self) -> bool:
+        """True if replies wait for replicas (WAIT after each INCRBY)."""
+        return self.replicas > 0 or self.all_replicas
 
     kind: ClassVar[str] = "Redis"  # in messages
 
@@ -77,8 +84,14 @@ def parse_redis(raw: str) -> Backend:
         raise ValueError("key= must not be empty")
     replicas = query.get("replicas", "0")
     timeout = query.get("replica_timeout_ms", str(WAIT_TIMEOUT_MS))
+    all_replicas = replicas == "all"
+    if all_replicas:
+        if not sentinel:
+            raise ValueError("replicas=all needs redis+sentinel:// (the sentinels know the set)")
+        replicas = "0"
     if not replicas.isdigit() or not timeout.isdigit() or int(timeout) < 1:
-        raise ValueError("replicas= and replica_timeout_ms= must be whole numbers")
+        raise ValueError("replicas= (a whole number or all) and replica_timeout_ms= "
+                         "(a whole number) are not usable")  # fmt: skip
     tls = parts.scheme.startswith("rediss")
     if "ca" in query and not tls:
         raise ValueError("ca= needs rediss:// (or rediss+sentinel://)")
@@ -87,4 +100,5 @@ def parse_redis(raw: str) -> Backend:
         url=shown, key=key, database=int(database), hosts=tuple(hosts), service=service,
         username=unquote(username) or None, password=unquote(password) or None, tls=tls,
         ca=query.get("ca"), replicas=int(replicas), replica_timeout_ms=int(timeout),
+        all_replicas=all_replicas,
     )  # fmt: skip

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from support import (
     RedisServer,
+    closed_without_reply,
+    connect,
     exchange,
     frames,
     free_port,
@@ -338,3 +340,61 @@ def test_an_unreachable_sentinel_set_is_one_line_exit_1():
     assert result.returncode == 1, result
     assert result.stderr.count("\n") == 1 and "no sentinel knows the primary" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_replicas_all_waits_for_every_replica_the_sentinels_know(tmp_path):
+    # A replica that went away is dropped from the primary's own list at
+    # once (or after repl-timeout when cut off); WAIT for "the replicas
+    # connected now" would then acknowledge with one copy fewer.
+    with replicated_set(tmp_path) as (primary, replicas, sentinels):
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
+        url = f"redis+sentinel://{hosts}/primary/0?key=counter&replicas=all"
+        server = start_server("--backend", url, "--metrics-port", "0")
+        try:
+            assert exchange(server.port, 1, 1) == (1, 2)
+            replicas[1].kill()
+            wait_until(lambda: "connected_slaves:1" in primary.cli("info", "replication"), 10,
+                       "the primary dropped the dead replica")  # fmt: skip
+            with connect(server.port) as sock:
+                sock.sendall(frames(1))
+                assert closed_without_reply(sock), "acknowledged on 1 of the 2 replicas"
+            status, body = http_get(server.metrics_url("/healthz"))
+            assert status == 503 and "only 1 of 2 replicas" in body, body
+            replicas[1].start()
+            wait_until(lambda: try_exchange(server.port) is not None, 15, "acknowledging again")
+        finally:
+            server.stop()
+        assert "Traceback" not in server.stderr
+
+
+def try_exchange(port: int) -> int | None:
+    try:
+        return exchange(port, 1)[0]
+    except (OSError, AssertionError):
+        return None
+
+
+def test_replicas_all_refuses_when_the_sentinels_know_no_replica(tmp_path):
+    (tmp_path / "alone").mkdir()
+    alone = RedisServer(tmp_path / "alone")
+    alone.start()
+    sentinel = Sentinel(tmp_path, alone.port)
+    try:
+        wait_until(lambda: sentinel.primary() == str(alone.port), 15, "sentinel watching")
+        url = f"redis+sentinel://127.0.0.1:{sentinel.port}/primary/0?replicas=all"
+        server = start_server("--backend", url, "--metrics-port", "0")
+        try:
+            assert try_exchange(server.port) is None
+            status, body = http_get(server.metrics_url("/healthz"))
+            assert status == 503 and "know no replica" in body, body
+        finally:
+            server.stop()
+        assert alone.cli("get", "counter") == "", "incremented without a replica to confirm it"
+    finally:
+        sentinel.kill()
+        alone.kill()
+
+
+def test_replicas_all_needs_sentinel():
+    result = run_server_command("--backend", "redis://127.0.0.1:6379/0?replicas=all")
+    assert result.returncode == 2 and "replicas=all needs redis+sentinel://" in result.stderr
