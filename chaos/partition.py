@@ -1,0 +1,516 @@
+"""Partition run, in the manner of Jepsen: hosts made of network namespaces
+on a bridge, the store's nodes spread over them, two counter instances on
+hosts of their own, clients that record every reply, and faults (nemeses)
+between them. Then, per backend and nemesis: increments acknowledged, lost
+(acknowledged but not in the final value), values handed out twice, the
+final value against the highest acknowledged, and the longest time without
+an acknowledgement.
+
+Hosts (10.77.N.1-6 on a bridge): h1-h3 hold the store (etcd: one member each;
+Redis: h1 the primary and a sentinel, h2 a replica, h3 a replica and a
+sentinel, h4 a sentinel), h5 and h6 a counter instance and its clients each.
+
+Nemeses:
+  kill     kill -9 the primary (etcd: the leader), restarted at the heal
+  isolate  cut the primary's host off from every other host
+  split    Redis: {primary, one replica} cut off from {the other replica, the
+           sentinels' majority}; etcd: the leader cut off from both followers.
+           The instances still reach every host.
+
+Needs root (ip netns, veth, a bridge), etcd, redis-server and
+redis-sentinel. Everything it creates is removed at the end, Ctrl-C included.
+
+Usage:
+  partition.py [--backends LIST] [--nemeses LIST] [--before SECS] [--fault SECS]
+               [--after SECS] [--connections N] [--json]
+  partition.py --record ADDRESS --out FILE --connections N
+  partition.py -h | --help
+
+Options:
+  --backends LIST   Comma-separated: etcd, redis-replicas-1, redis-replicas-all.
+                    [default: etcd,redis-replicas-1,redis-replicas-all]
+  --nemeses LIST    Comma-separated: kill, isolate, split. [default: kill,isolate,split]
+  --before SECS     Seconds of load before the fault. [default: 5]
+  --fault SECS      Seconds the fault lasts before the heal. [default: 25]
+  --after SECS      Seconds of load after the heal. [default: 10]
+  --connections N   Client connections per instance. [default: 4]
+  --json            Print the results as JSON lines instead of a table.
+  --record ADDRESS  (internal) record replies from ADDRESS until SIGTERM.
+  --out FILE        (internal) where the recorder writes them.
+
+Exit status: 0 when every run finished (whatever it measured), 1 if a run
+could not be set up, 2 when this machine cannot make the hosts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from counter_server.common.cli import convert, parse_args, positive_int
+from counter_server.protocol import decode_replies, encode_request
+from counter_server.server.launcher import start_server
+
+BOGUS_MAC = "02:00:00:00:00:01"  # neighbour entries pointing here drop silently
+PORT = 8080
+SETTLE_SECONDS = 60  # at most, for the store to settle after the heal
+
+
+class CannotRun(Exception):
+    """This machine cannot make the hosts (not root, no ip netns)."""
+
+
+# --- hosts ------------------------------------------------------------------
+
+
+class Network:
+    """A bridge and ``count`` hosts (network namespaces) on it."""
+
+    def __init__(self, count: int) -> None:
+        tag = os.getpid() % 10000
+        self.bridge = f"cpb{tag}"
+        self.subnet = f"10.77.{tag % 250}"
+        self.hosts = [f"cp{tag}h{i}" for i in range(1, count + 1)]
+        self.made: list[str] = []  # namespaces made, for the teardown
+        self.cuts: set[tuple[int, int]] = set()
+
+    def ip(self, host: int) -> str:
+        return f"{self.subnet}.{host}"
+
+    def run_in(self, host: int) -> list[str]:
+        """The prefix that runs a command on ``host``."""
+        return ["ip", "netns", "exec", self.hosts[host - 1]]
+
+    def create(self) -> None:
+        if os.geteuid() != 0:
+            raise CannotRun("needs root (ip netns, veth pairs, a bridge)")
+        if shutil.which("ip") is None:
+            raise CannotRun("needs ip (apt-get install iproute2)")
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("link", "set", self.bridge, "up")
+        for number, name in enumerate(self.hosts, 1):
+            _ip("netns", "add", name)
+            self.made.append(name)
+            outside = f"{name}v"
+            _ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", name)
+            _ip("link", "set", outside, "master", self.bridge, "up")
+            _ip("-n", name, "addr", "add", f"{self.ip(number)}/24", "dev", "eth0")
+            _ip("-n", name, "link", "set", "eth0", "up")
+            _ip("-n", name, "link", "set", "lo", "up")
+
+    def cut(self, side_a: list[int], side_b: list[int]) -> None:
+        """Every packet between the two sides silently dropped."""
+        for a, b in itertools.product(side_a, side_b):
+            for here, there in ((a, b), (b, a)):
+                _ip("-n", self.hosts[here - 1], "neigh", "replace", self.ip(there),
+                    "lladdr", BOGUS_MAC, "dev", "eth0", "nud", "permanent")  # fmt: skip
+                self.cuts.add((here, there))
+
+    def heal(self) -> None:
+        for here, there in sorted(self.cuts):
+            _ip("-n", self.hosts[here - 1], "neigh", "del", self.ip(there), "dev", "eth0",
+                check=False)  # fmt: skip
+        self.cuts.clear()
+
+    def teardown(self) -> None:
+        for name in self.made:
+            _ip("netns", "del", name, check=False)
+        self.made.clear()
+        _ip("link", "del", self.bridge, check=False)
+
+
+def _ip(*args: str, check: bool = True) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and result.returncode:
+        raise CannotRun(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+class Processes:
+    """Every process a run starts, killed by PID at the end."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], log: str) -> subprocess.Popen:
+        with (self.workdir / log).open("ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)
+                    proc.kill()
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {seconds:g} s")
+        time.sleep(0.1)
+
+
+# --- the stores ---------------------------------------------------------------
+
+
+class EtcdStore:
+    """Three etcd members on h1-h3."""
+
+    name = "etcd"
+    hosts = (1, 2, 3)
+
+    def __init__(self, net: Network, procs: Processes) -> None:
+        self.net, self.procs = net, procs
+        self.members: dict[int, subprocess.Popen] = {}
+
+    def url(self) -> str:
+        return "etcd://" + ",".join(f"{self.net.ip(h)}:2379" for h in self.hosts) + "/counter"
+
+    def start(self, host: int | None = None, state: str = "new") -> None:
+        cluster = ",".join(f"m{h}=http://{self.net.ip(h)}:2380" for h in self.hosts)
+        for h in [host] if host else self.hosts:
+            ip = self.net.ip(h)
+            self.members[h] = self.procs.start(
+                [*self.net.run_in(h), "etcd", "--name", f"m{h}",
+                 "--data-dir", str(self.procs.workdir / f"etcd-{h}"),
+                 "--listen-client-urls", f"http://{ip}:2379", "--advertise-client-urls",
+                 f"http://{ip}:2379", "--listen-peer-urls", f"http://{ip}:2380",
+                 "--initial-advertise-peer-urls", f"http://{ip}:2380",
+                 "--initial-cluster", cluster, "--initial-cluster-state", state,
+                 "--heartbeat-interval", "100", "--election-timeout", "1000"],
+                f"etcd-{h}.log",
+            )  # fmt: skip
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        endpoints = ",".join(f"http://{self.net.ip(h)}:2379" for h in self.hosts)
+        return subprocess.run(
+            [*self.net.run_in(5), "etcdctl", "--endpoints", endpoints, "--command-timeout",
+             "2s", *args], capture_output=True, text=True,
+            env={**os.environ, "ETCDCTL_API": "3"}, timeout=30,
+        )  # fmt: skip
+
+    def ready(self) -> None:
+        wait_for(lambda: self.primary() is not None, 30, "an etcd leader")
+
+    def primary(self) -> int | None:
+        """The leader's host."""
+        result = self.ctl("endpoint", "status", "-w", "json")
+        try:
+            for status in json.loads(result.stdout):
+                if status["Status"]["leader"] == status["Status"]["header"]["member_id"]:
+                    ip = status["Endpoint"].split("//")[1].split(":")[0]
+                    return int(ip.rsplit(".", 1)[1])
+        except (ValueError, KeyError, IndexError):
+            return None
+        return None
+
+    def kill_primary(self) -> int:
+        leader = self.primary()
+        self.members[leader].kill()
+        self.members[leader].wait()
+        return leader
+
+    def restart(self, host: int) -> None:
+        self.start(host, state="existing")
+
+    def split(self, leader: int) -> tuple[list[int], list[int]]:
+        return [leader], [h for h in self.hosts if h != leader]
+
+    def final(self) -> int:
+        def read() -> int | None:
+            result = self.ctl("get", "counter", "--print-value-only")
+            return int(result.stdout.strip()) if result.stdout.strip().isdigit() else None
+
+        wait_for(lambda: read() is not None, SETTLE_SECONDS, "etcd answering after the heal")
+        return read()
+
+
+class RedisStore:
+    """Primary (h1) and a sentinel, replica (h2), replica and a sentinel (h3),
+    a sentinel (h4)."""
+
+    hosts = (1, 2, 3, 4)
+
+    def __init__(self, net: Network, procs: Processes, replicas: str) -> None:
+        self.net, self.procs, self.replicas = net, procs, replicas
+        self.name = f"redis-replicas-{replicas}"
+        self.servers: dict[int, subprocess.Popen] = {}
+        self.sentinel_hosts = (1, 3, 4)
+
+    def url(self) -> str:
+        sentinels = ",".join(f"{self.net.ip(h)}:26379" for h in self.sentinel_hosts)
+        return f"redis+sentinel://{sentinels}/primary/0?key=counter&replicas={self.replicas}"
+
+    def _server(self, host: int, *extra: str) -> None:
+        ip = self.net.ip(host)
+        self.servers[host] = self.procs.start(
+            [*self.net.run_in(host), "redis-server", "--bind", ip, "--port", "6379",
+             "--save", "", "--appendonly", "no", "--protected-mode", "no",
+             "--repl-diskless-sync-delay", "0", "--replica-announce-ip", ip,
+             "--dir", str(self.procs.workdir), "--dbfilename", f"dump-{host}.rdb", *extra],
+            f"redis-{host}.log",
+        )  # fmt: skip
+
+    def start(self) -> None:
+        self._server(1)
+        for host in (2, 3):
+            self._server(host, "--replicaof", self.net.ip(1), "6379")
+        wait_for(lambda: self.cli(1, "info", "replication").count("state=online") == 2, 30,
+                 "both replicas in sync")  # fmt: skip
+        for host in self.sentinel_hosts:
+            config = self.procs.workdir / f"sentinel-{host}.conf"
+            config.write_text(
+                f"port 26379\nbind {self.net.ip(host)}\nprotected-mode no\n"
+                f"sentinel announce-ip {self.net.ip(host)}\n"
+                f"sentinel monitor primary {self.net.ip(1)} 6379 2\n"
+                "sentinel down-after-milliseconds primary 1000\n"
+                "sentinel failover-timeout primary 4000\n"
+            )
+            self.procs.start([*self.net.run_in(host), "redis-sentinel", str(config)],
+                             f"sentinel-{host}.log")  # fmt: skip
+
+    def cli(self, host: int, *args: str, port: int = 6379) -> str:
+        result = subprocess.run(
+            [*self.net.run_in(5), "redis-cli", "-h", self.net.ip(host), "-p", str(port), *args],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        return result.stdout.strip()
+
+    def ready(self) -> None:
+        wait_for(lambda: all(self.cli(h, "sentinel", "get-master-addr-by-name", "primary",
+                                      port=26379).startswith(self.net.ip(1))
+                             for h in self.sentinel_hosts), 30, "sentinels watching")  # fmt: skip
+        time.sleep(2)  # the sentinels discover each other and the replicas
+
+    def primary(self) -> int | None:
+        for h in self.sentinel_hosts:
+            answer = self.cli(h, "sentinel", "get-master-addr-by-name", "primary", port=26379)
+            if answer:
+                return int(answer.split()[0].rsplit(".", 1)[1])
+        return None
+
+    def kill_primary(self) -> int:
+        primary = self.primary()
+        self.servers[primary].kill()
+        self.servers[primary].wait()
+        return primary
+
+    def restart(self, host: int) -> None:
+        self._server(host)  # empty; the sentinels make it a replica of the new primary
+
+    def split(self, primary: int) -> tuple[list[int], list[int]]:
+        # {primary, replica on h2} against {replica + sentinel on h3, sentinel on h4}.
+        return [1, 2], [3, 4]
+
+    def final(self) -> int:
+        def read() -> int | None:
+            primary = self.primary()
+            if primary is None:
+                return None
+            role = self.cli(primary, "role")
+            value = self.cli(primary, "get", "counter")
+            return int(value) if role.startswith("master") and value.isdigit() else None
+
+        wait_for(lambda: read() is not None, SETTLE_SECONDS, "a Redis primary after the heal")
+        time.sleep(3)  # the sentinels settle which primary wins
+        return read()
+
+
+# --- clients ------------------------------------------------------------------
+
+
+def record(address: str, out: str, connections: int) -> int:
+    """(Inside an instance's host) connections incrementing by 1 until
+    SIGTERM, reconnecting when closed; every reply written to ``out`` as
+    [[time, value], ...] (monotonic clock, shared by every namespace)."""
+    host, port = address.rsplit(":", 1)
+    stop = threading.Event()
+    replies: list[tuple[float, int]] = []
+    lock = threading.Lock()
+    frame = encode_request(1)
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection((host, int(port)), timeout=2) as sock:
+                    while not stop.is_set():
+                        sock.sendall(frame)
+                        data = b""
+                        while len(data) < 8:
+                            chunk = sock.recv(8 - len(data))
+                            if not chunk:
+                                raise ConnectionError("closed")
+                            data += chunk
+                        value = decode_replies(data)[0]
+                        with lock:
+                            replies.append((time.monotonic(), value))
+            except OSError:
+                stop.wait(0.05)
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threads = [threading.Thread(target=run) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    while not stop.is_set():
+        stop.wait(0.2)
+    for thread in threads:
+        thread.join(5)
+    Path(out).write_text(json.dumps(replies))
+    return 0
+
+
+# --- one run --------------------------------------------------------------------
+
+
+def run_one(backend: str, nemesis: str, timing: dict, connections: int) -> dict:
+    """Set up hosts and a store, load, fault, heal, and measure."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"partition-{backend}-{nemesis}-"))
+    net, procs = Network(6), Processes(workdir)
+    servers, recorders = [], []
+    try:
+        net.create()
+        store = EtcdStore(net, procs) if backend == "etcd" else \
+            RedisStore(net, procs, backend.rsplit("-", 1)[1])  # fmt: skip
+        store.start()
+        store.ready()
+        for host in (5, 6):
+            servers.append(start_server(
+                "--host", net.ip(host), "--port", str(PORT), "--backend", store.url(),
+                "--multiplier", "5", "--log-level", "warning", cwd=workdir,
+                prefix=net.run_in(host),
+            ))  # fmt: skip
+        for host in (5, 6):
+            out = workdir / f"replies-{host}.json"
+            recorders.append((out, procs.start(
+                [*net.run_in(host), sys.executable, __file__, "--record",
+                 f"{net.ip(host)}:{PORT}", "--out", str(out), "--connections", str(connections)],
+                f"recorder-{host}.log",
+            )))  # fmt: skip
+        time.sleep(timing["before"])
+        fault_at = time.monotonic()
+        primary = store.primary()
+        if nemesis == "kill":
+            primary = store.kill_primary()
+        elif nemesis == "isolate":
+            net.cut([primary], [h for h in range(1, 7) if h != primary])
+        else:
+            net.cut(*store.split(primary))
+        time.sleep(timing["fault"])
+        healed_at = time.monotonic()
+        if nemesis == "kill":
+            store.restart(primary)
+        net.heal()
+        time.sleep(timing["after"])
+        ended_at = time.monotonic()
+        for _, proc in recorders:
+            proc.send_signal(signal.SIGTERM)
+        for _, proc in recorders:
+            proc.wait(30)
+        final = store.final()
+        replies = [tuple(r) for out, _ in recorders for r in json.loads(out.read_text())]
+        return measure(backend, nemesis, replies, final, fault_at, healed_at, ended_at)
+    finally:
+        for server in servers:
+            with contextlib.suppress(Exception):
+                server.stop(10)
+        procs.kill_all()
+        net.teardown()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(backend: str, nemesis: str, replies: list, final: int, fault_at: float,
+            healed_at: float, ended_at: float) -> dict:  # fmt: skip
+    """The checker: a counter's acknowledged increments must all be in the
+    final value, and every reply value is handed out once. The longest time
+    without an acknowledgement counts up to the end of the load."""
+    values = [v for _, v in replies]
+    times = sorted(t for t, _ in replies)
+    acknowledged = len(values)
+    after_fault = [t for t in times if t >= fault_at]
+    before = [t for t in times if t < fault_at]
+    resumed = after_fault[0] - fault_at if after_fault else None
+    gaps = [b - a for a, b in itertools.pairwise([*times, ended_at])]
+    return {
+        "backend": backend,
+        "nemesis": nemesis,
+        "acknowledged": acknowledged,
+        "lost": max(0, acknowledged - final),
+        "twice": acknowledged - len(set(values)),
+        "final": final,
+        "highest_acknowledged": max(values, default=0),
+        "longest_without_acks_s": round(max(gaps, default=0.0), 1),
+        "first_ack_after_fault_s": None if resumed is None else round(resumed, 1),
+        "acks_during_fault": sum(1 for t in after_fault if t < healed_at),
+        "acks_after_heal": sum(1 for t in after_fault if t >= healed_at),
+        "acks_before_fault": len(before),
+    }
+
+
+COLUMNS = ("backend", "nemesis", "acknowledged", "lost", "twice", "final",
+           "highest_acknowledged", "longest_without_acks_s", "first_ack_after_fault_s")  # fmt: skip
+
+
+def main() -> int:
+    args = parse_args(__doc__)
+    if args["--record"]:
+        return record(args["--record"], args["--out"], int(args["--connections"]))
+    timing = {name: convert(__doc__, f"--{name}", args[f"--{name}"], positive_int)
+              for name in ("before", "fault", "after")}  # fmt: skip
+    connections = convert(__doc__, "--connections", args["--connections"], positive_int)
+    backends = args["--backends"].split(",")
+    nemeses = args["--nemeses"].split(",")
+    for name in backends:
+        if name not in ("etcd", "redis-replicas-1", "redis-replicas-all"):
+            print(f"partition.py: unknown backend {name!r}", file=sys.stderr)
+            return 2
+    for name in nemeses:
+        if name not in ("kill", "isolate", "split"):
+            print(f"partition.py: unknown nemesis {name!r}", file=sys.stderr)
+            return 2
+    if not args["--json"]:
+        print("  ".join(f"{c:>12}" if i > 1 else f"{c:<18}" for i, c in enumerate(COLUMNS)))
+    failed = False
+    for backend, nemesis in itertools.product(backends, nemeses):
+        try:
+            result = run_one(backend, nemesis, timing, connections)
+        except CannotRun as exc:
+            print(f"partition.py: {exc}", file=sys.stderr)
+            return 2
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            print(f"partition.py: {backend} {nemesis}: could not run: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        if args["--json"]:
+            print(json.dumps(result), flush=True)
+        else:
+            print("  ".join(f"{result[c]!s:>12}" if i > 1 else f"{result[c]!s:<18}"
+                            for i, c in enumerate(COLUMNS)), flush=True)  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # teardown on SIGTERM too
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
