@@ -9,8 +9,11 @@
 #   DURATION    seconds each client sends for                (default 10)
 #   MULTIPLIER  connections per client = NumCPU x MULTIPLIER (default 1)
 #   PIPELINE    frames in flight per connection              (default 1)
+#   TIMEOUT     seconds a client waits for a reply           (default 10)
 #   SERVER      HOST:PORT of a running server; when unset, spam.sh starts
 #               our server on a free loopback port and stops it at the end
+#   METRICS     that server's /metrics URL, to warn when its pool is smaller
+#               than the connections the run opens
 #   PYTHON      interpreter (default: the repo's .venv/bin/python, else python3)
 set -uo pipefail
 
@@ -19,7 +22,9 @@ CLIENTS="${CLIENTS:-70}"
 DURATION="${DURATION:-10}"
 MULTIPLIER="${MULTIPLIER:-1}"
 PIPELINE="${PIPELINE:-1}"
+TIMEOUT="${TIMEOUT:-10}"
 SERVER="${SERVER:-}"
+METRICS="${METRICS:-}"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -37,7 +42,9 @@ Settings come from the environment:
   DURATION    seconds each client sends for                (default 10)
   MULTIPLIER  connections per client = NumCPU x MULTIPLIER (default 1)
   PIPELINE    frames in flight per connection              (default 1)
+  TIMEOUT     seconds a client waits for a reply           (default 10)
   SERVER      HOST:PORT of a running server (default: start one)
+  METRICS     its /metrics URL: warns when its pool is smaller than the run
   PYTHON      interpreter (default: the repo's .venv/bin/python, else python3)
 
 Example: CLIENTS=10 DURATION=5 ./spam.sh
@@ -50,7 +57,7 @@ case "${1:-}" in
 esac
 
 die() { echo "spam.sh: $*" >&2; exit 2; }
-for name in CLIENTS DURATION MULTIPLIER PIPELINE; do
+for name in CLIENTS DURATION MULTIPLIER PIPELINE TIMEOUT; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || die "$name must be a positive integer, got '${!name}'"
 done
 
@@ -95,8 +102,9 @@ if [[ -z "$SERVER" ]]; then
     SERVER_PID=$!
     for _ in $(seq 1 200); do
         if [[ -s "$WORKDIR/ready.json" ]]; then
-            PORT="$(cd "$ROOT" && "$PYTHON" -c 'import sys; from counter_server.server.banner import read_ready_file
-print(read_ready_file(sys.argv[1]).port)' "$WORKDIR/ready.json")"
+            read -r PORT POOL < <(cd "$ROOT" && "$PYTHON" -c 'import sys
+from counter_server.server.banner import read_ready_file
+ready = read_ready_file(sys.argv[1]); print(ready.port, ready.pool)' "$WORKDIR/ready.json")
             break
         fi
         kill -0 "$SERVER_PID" 2>/dev/null || break
@@ -111,6 +119,16 @@ print(read_ready_file(sys.argv[1]).port)' "$WORKDIR/ready.json")"
     WHERE="started by spam.sh, pid $SERVER_PID"
 else
     WHERE="given by SERVER"
+    POOL=""
+    if [[ -n "$METRICS" ]]; then
+        POOL="$(cd "$ROOT" && "$PYTHON" -m counter_server.client.spam_report --pool-from "$METRICS")"
+    fi
+fi
+NCPU="$(cd "$ROOT" && "$PYTHON" -c 'from counter_server.common.cli import cpu_count; print(cpu_count())')"
+CONNECTIONS=$((CLIENTS * NCPU * MULTIPLIER))
+if [[ -n "${POOL:-}" && "$POOL" -lt "$CONNECTIONS" ]]; then
+    echo "spam.sh: note: the server serves $POOL connections at once and this run opens" \
+         "$CONNECTIONS: the rest wait, and frames that time out on a client may still be applied"
 fi
 
 BEFORE="$(client --get)" || { echo "spam.sh: cannot read the counter at $SERVER" >&2; exit 1; }
@@ -124,6 +142,7 @@ for i in $(seq 1 "$CLIENTS"); do
     timeout --signal=TERM $((DURATION + 60)) \
         "$PYTHON" "$ROOT/client/client.py" --serverAddress "$SERVER" --json \
         --multiplier "$MULTIPLIER" --pipeline "$PIPELINE" --duration "$DURATION" \
+        --timeout "$TIMEOUT" \
         >"$WORKDIR/client-$i.json" 2>"$WORKDIR/client-$i.err" </dev/null &
     CLIENT_PIDS+=($!)
 done

@@ -8,19 +8,23 @@ its CPU is reported too. The 40-connection ping-pong scenario also measures
 our server driven by our Python client (its CPU in the load column) and our
 server with --processes 2 (all its processes on CPU 0). Runs alternate
 between the targets and the median of --runs is printed, with our ratios to
-Redis and to the floor, and written to bench/results.md and bench/results.png.
+Redis and to the floor, and written as results.md (and results.png when
+matplotlib is installed) to a new folder under bench/out/ (not tracked; the
+path is printed at the end), or over the committed bench/results.md and
+results.png with --update.
 
 Needs: cc (gcc), redis-server and redis-benchmark (Debian: apt-get install
-redis-server), matplotlib (pip install -r requirements-bench.txt).
+redis-server); for the chart, matplotlib (pip install -r requirements-bench.txt).
 
 Usage:
-  run.py [--duration SECS] [--runs N] [--only NAME]
+  run.py [--duration SECS] [--runs N] [--only NAME] [--update]
   run.py -h | --help
 
 Options:
   --duration SECS  Seconds per run. [default: 8]
   --runs N         Runs per scenario and server; the median is kept. [default: 3]
   --only NAME      Run only the scenarios whose name contains NAME.
+  --update         Write over the committed bench/results.md and results.png.
 """
 
 from __future__ import annotations
@@ -105,12 +109,6 @@ def main() -> int:
     args, duration, runs = options(__doc__)
     scenarios = [s for s in SCENARIOS if not args["--only"] or args["--only"] in s[0]]
     raise_file_limit()
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise SystemExit(
-            "bench: matplotlib missing: pip install -r requirements-bench.txt"
-        ) from None
     workdir = tempfile.mkdtemp(prefix="bench-")
     loadgen = build_loadgen(workdir)
     targets = {
@@ -133,7 +131,7 @@ def main() -> int:
         medians = {target: median_of(runs_) for target, runs_ in measured.items()}
         rows.append((name, medians))
         print_rows(name, medians)
-    write_results(rows, where, duration, runs)
+    write_results(rows, where, duration, runs, output_folder(args["--update"]))
     return 0
 
 
@@ -171,12 +169,16 @@ def print_rows(scenario: str, medians: dict) -> None:
         )
 
 
-def write_results(rows: list, machine: str, duration: int, runs: int) -> None:
-    import matplotlib
+def output_folder(update: bool) -> Path:
+    """bench/ itself with --update, else a new bench/out/<time>/ (untracked)."""
+    if update:
+        return ROOT / "bench"
+    folder = ROOT / "bench" / "out" / time.strftime("%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def write_results(rows: list, machine: str, duration: int, runs: int, folder: Path) -> None:
     lines = [
         "# Benchmark: our server vs Redis INCR and the C floor",
         "",
@@ -203,7 +205,15 @@ def write_results(rows: list, machine: str, duration: int, runs: int) -> None:
                 f"{m['client_us_per_request']:.1f} | "
                 f"{m['p99_ms']:.2f} | {versus}"
             )
-    (ROOT / "bench" / "results.md").write_text("\n".join(lines) + "\n")
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"wrote {folder / 'results.md'} (no chart: pip install -r requirements-bench.txt)",
+              flush=True)  # fmt: skip
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(9, 4.5))
     names = [name for name, _ in rows]
@@ -217,8 +227,8 @@ def write_results(rows: list, machine: str, duration: int, runs: int) -> None:
     axis.set_title("Counter server vs Redis INCR and a C floor, server pinned to one CPU")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(ROOT / "bench" / "results.png", dpi=100)
-    print("wrote bench/results.md and bench/results.png", flush=True)
+    figure.savefig(folder / "results.png", dpi=100)
+    print(f"wrote {folder / 'results.md'} and {folder / 'results.png'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -79,12 +79,15 @@ class CannotRun(Exception):
 class Network:
     """A bridge and ``count`` hosts (network namespaces) on it."""
 
+    made = 0  # networks made by this process: each run has names of its own
+
     def __init__(self, count: int) -> None:
-        tag = os.getpid() % 10000
+        Network.made += 1
+        tag = f"{os.getpid() % 1000}{Network.made}"
         self.bridge = f"cpb{tag}"
-        self.subnet = f"10.77.{tag % 250}"
+        self.subnet = f"10.77.{int(tag) % 250}"
         self.hosts = [f"cp{tag}h{i}" for i in range(1, count + 1)]
-        self.made: list[str] = []  # namespaces made, for the teardown
+        self.created: list[str] = []  # namespaces made, for the teardown
         self.cuts: set[tuple[int, int]] = set()
 
     def ip(self, host: int) -> str:
@@ -103,7 +106,7 @@ class Network:
         _ip("link", "set", self.bridge, "up")
         for number, name in enumerate(self.hosts, 1):
             _ip("netns", "add", name)
-            self.made.append(name)
+            self.created.append(name)
             outside = f"{name}v"
             _ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", name)
             _ip("link", "set", outside, "master", self.bridge, "up")
@@ -126,9 +129,10 @@ class Network:
         self.cuts.clear()
 
     def teardown(self) -> None:
-        for name in self.made:
+        for name in self.created:
+            _ip("link", "del", f"{name}v", check=False)
             _ip("netns", "del", name, check=False)
-        self.made.clear()
+        self.created.clear()
         _ip("link", "del", self.bridge, check=False)
 
 

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if tls is _TLS_ERROR:
         return 1
     if args["--get"]:
-        return _print_counter(host, port, timeout, tls)
+        return _print_counter(host, port, timeout, tls, args["--json"])
     settings = LoadSettings(
         host=host,
         port=port,
@@ -126,9 +126,10 @@ def _tls_context(args: dict):
         return _TLS_ERROR
 
 
-def _print_counter(host: str, port: int, timeout: float, tls) -> int:
+def _print_counter(host: str, port: int, timeout: float, tls, as_json: bool) -> int:
     try:
-        print(read_counter(host, port, timeout, tls))
+        value = read_counter(host, port, timeout, tls)
+        print(json.dumps({"server": f"{host}:{port}", "value": value}) if as_json else value)
     except OSError as exc:
         print(
             f"error: cannot read the counter from {host}:{port}: {exc.strerror or exc}",

@@ -16,6 +16,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import gevent
+from counter_server.common.cli import plural
 from counter_server.common.sockets import reader, shut_down
 from counter_server.protocol import REPLY_SIZE, encode_request
 from gevent.event import Event
@@ -26,6 +27,7 @@ RECV_SIZE = 64 * 1024
 # Error kinds, as counted and reported.
 REFUSED = "refused"  # connection refused or unreachable
 TLS_ALERT = b"\x15\x03"  # the first bytes of a TLS alert record
+TLS_HANDSHAKE = b"\x16\x03"  # ... and of a TLS handshake record
 CLOSED = "closed"  # the server closed or reset the connection with replies owed
 SHORT_REPLY = "short_reply"  # the connection ended partway through a reply
 NOT_INCREASING = "not_increasing"  # a reply not above the previous one (value > 0)
@@ -162,19 +164,37 @@ class LoadRun:
                 # only after the handshake, at the first read or write.
                 self._fail(result, TLS, f"TLS: {_tls_reason(exc)}", owed)
             else:
-                detail = f"connection lost: {exc.strerror or exc}{self._tls_hint(result)}"
+                reset = isinstance(exc, ConnectionResetError)
+                detail = f"connection lost: {exc.strerror or exc}{self._tls_hint(result, reset)}"
                 self._fail(result, CLOSED, detail, owed)
         finally:
             sock.close()
 
-    def _tls_hint(self, result: ConnectionResult, received: bytes = b"") -> str:
-        """A hint to add --tls when a plain connection fails before its first
-        reply the way a TLS server makes it fail (a reset, or a TLS alert)."""
-        if self.settings.tls is not None or result.acknowledged:
+    def _tls_hint(
+        self, result: ConnectionResult, reset: bool = False, received: bytes = b""
+    ) -> str:
+        """A hint to add --tls only where TLS is the likely cause: a plain
+        connection that got TLS bytes, or was reset before its first reply
+        (what our TLS server does to a plain client)."""
+        if self.settings.tls is not None:
             return ""
-        if received.startswith(TLS_ALERT):
-            return " (the server answered with a TLS alert: add --tls)"
-        return " (if the server uses TLS, add --tls)"
+        if received[:2] in (TLS_ALERT, TLS_HANDSHAKE):
+            return " (the server answered in TLS: add --tls)"
+        if reset and not result.acknowledged:
+            return " (reset before any reply: if the server uses TLS, add --tls)"
+        return ""
+
+    def _closed_detail(self, result: ConnectionResult, owed: int, received: bytes) -> str:
+        """What is known when the server closed a connection with replies owed."""
+        replies = plural(result.acknowledged, "reply", "replies")
+        detail = (
+            f"the server closed the connection after {replies}, "
+            f"with {plural(owed, 'reply', 'replies')} owed"
+        )
+        if received.startswith(b"HTTP/"):
+            return f"{detail} (it answered in HTTP: is this the metrics port?)"
+        hint = self._tls_hint(result, received=received)
+        return detail + (hint or "; the server's log says why (an overflow, a limit, its store)")
 
     def _exchange(self, sock: socket.socket, result: ConnectionResult) -> None:
         settings = self.settings
@@ -199,8 +219,7 @@ class LoadRun:
                 if result.timed_out:  # the watchdog shut the socket down
                     raise TimeoutError
                 kind = SHORT_REPLY if pending else CLOSED
-                detail = f"server closed the connection with {owed} replies owed"
-                self._fail(result, kind, detail + self._tls_hint(result, pending), owed)
+                self._fail(result, kind, self._closed_detail(result, owed, pending), owed)
                 return
             now = time.perf_counter()
             data = pending + chunk if pending else chunk
@@ -209,7 +228,8 @@ class LoadRun:
             if not count:
                 continue
             if count > owed:
-                self._fail(result, EXTRA_REPLY, f"{count - owed} replies for frames never sent")
+                extra = plural(count - owed, "reply", "replies")
+                self._fail(result, EXTRA_REPLY, f"{extra} for frames never sent")
                 return
             values = struct.unpack_from(f">{count}Q", data)
             if must_increase:

@@ -27,8 +27,10 @@ def parse_args(
     doc: str, argv: list[str] | None = None, version: str | None = None
 ) -> ParsedOptions:
     """Parse ``argv`` against the docopt ``doc``; exit 2 with usage on a
-    mistake (``unknown option --bogus``), 0 after ``--version`` if given."""
-    given = list(sys.argv[1:] if argv is None else argv)
+    mistake (``unknown option --bogus``), 0 after ``--version`` if given.
+    Go's flag forms of the long options are accepted too (``-port 8080``,
+    ``-port=8080``: one dash or two, as the Go original takes them)."""
+    given = go_flags(doc, list(sys.argv[1:] if argv is None else argv))
     try:
         return docopt(doc, given, version=version)
     except DocoptExit as exc:
@@ -39,6 +41,30 @@ def parse_args(
         if not detail or detail.lower().startswith("usage:") or "unmatched" in detail:
             detail = "unexpected arguments: " + " ".join(given)
         usage_exit(doc, detail)
+
+
+def go_flags(doc: str, argv: list[str]) -> list[str]:
+    """``argv`` with ``-name`` and ``-name=VALUE`` written ``--name...`` where
+    ``--name`` is one of ``doc``'s long options; one-letter options such as
+    ``-h`` and the values of options are untouched."""
+    options = [option for option in parse_options(doc) if option.longer]
+    longs = {option.longer for option in options}
+    with_value = {option.longer for option in options if option.argcount}
+    rewritten: list[str] = []
+    expecting_value = False
+    for index, token in enumerate(argv):
+        if token == "--":
+            return rewritten + argv[index:]
+        if expecting_value:
+            rewritten.append(token)
+            expecting_value = False
+            continue
+        name = token.split("=", 1)[0]
+        if token.startswith("-") and not token.startswith("--") and f"-{name}" in longs:
+            token, name = f"-{token}", f"-{name}"
+        expecting_value = name in with_value and "=" not in token
+        rewritten.append(token)
+    return rewritten
 
 
 def unknown_option(doc: str, argv: list[str]) -> str | None:
@@ -198,12 +224,16 @@ def _int(text: str, what: str = "an integer", raw: str | None = None) -> int:
         raise UsageError(f"must be {what}, got {raw if raw is not None else text!r}") from None
 
 
-def plural(count: int, noun: str) -> str:
-    """``1 connection``, ``2 connections``, ``1,000 connections``."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """``1 connection``, ``2 connections``, ``1,000 connections``; ``many``
+    for an irregular plural (``plural(2, "reply", "replies")``)."""
+    return f"{count:,} {noun if count == 1 else many or noun + 's'}"
 
 
 def format_address(address: tuple) -> str:
-    """``host:port``, or ``[host]:port`` for IPv6, from a socket address tuple."""
+    """``host:port``, or ``[host]:port`` for IPv6, from a socket address
+    tuple; an IPv4 client of a dual-stack socket (``::ffff:1.2.3.4``) as IPv4."""
     host, port = address[0], address[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -35,6 +35,7 @@ class Ready:
     workers: list[int] = field(default_factory=list)  # --processes: the workers' pids
     initial: int = 0  # the counter when the server started
     origin: str = ""  # where the counter came from, for people ("resumed at 5 from ...")
+    dual_stack: bool = False  # an IPv6 socket that takes IPv4 clients too
 
     @property
     def address(self) -> str:
@@ -52,7 +53,8 @@ def startup_line(ready: Ready) -> str:
     else:
         how = f"{pool}, pid {ready.pid}"
     origin = f", {ready.origin}" if ready.origin else ""
-    return f"Counter server listening on {ready.address} ({how}{origin})"
+    families = " (IPv4 and IPv6)" if ready.dual_stack else ""
+    return f"Counter server listening on {ready.address}{families} ({how}{origin})"
 
 
 def write_ready_file(path: str, ready: Ready) -> None:

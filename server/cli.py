@@ -37,14 +37,16 @@ Usage:
   server.py --version
 
 Options:
-  --port PORT              TCP port: 8080 or :8080 (0 picks a free one). [default: 8080]
+  --port PORT              TCP port: 8080, :8080, or HOST:PORT to listen on one
+                           address (0 picks a free port). [default: 8080]
   --host HOST              Address to listen on: 0.0.0.0 is every IPv4
-                           interface, :: every IPv6 and IPv4 one. [default: 0.0.0.0]
+                           interface, :: every IPv6 and IPv4 one (default: ::
+                           where the machine has IPv6, else 0.0.0.0).
   --multiplier N           Serve at most NumCPU x N connections at once; more
                            wait until a slot frees. [default: 20]
-  --processes N            Worker processes sharing the port (SO_REUSEPORT) and
-                           one counter in shared memory, each with its own pool;
-                           auto = NumCPU. [default: 1]
+  --processes N            Worker processes (or auto = NumCPU) sharing the one
+                           listening socket (never SO_REUSEPORT) and one counter
+                           in shared memory, each with its own pool. [default: 1]
   --shutdown-timeout SECS  On SIGINT/SIGTERM, wait at most this long for owed
                            replies before closing connections. [default: 10]
   --idle-timeout SECS      Close a connection that sends nothing for this long
@@ -101,7 +103,7 @@ Options:
 class ServerSettings:
     """Everything the command line decides."""
 
-    host: str
+    host: str | None  # None: every interface (dual-stack where there is IPv6)
     port: int
     multiplier: int
     shutdown_timeout: float
@@ -138,7 +140,10 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     def seconds_or_off(option: str) -> float | None:
         return value(option, non_negative_float) or None
 
-    processes = cpu_count() if args["--processes"] == "auto" else value("--processes", positive_int)
+    processes = value("--processes", process_count)
+    host, port = value("--port", listen_port)
+    if host is not None and args["--host"] is not None:
+        usage_exit(__doc__, f"--port {args['--port']} names the host already: drop --host")
     rate = optional("--rate", positive_rate)
     burst = optional("--burst", positive_int)
     if burst is not None and rate is None:
@@ -157,8 +162,8 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     if args["--tls-client-ca"] is not None and args["--tls-cert"] is None:
         usage_exit(__doc__, "--tls-client-ca: needs --tls-cert and --tls-key")
     return ServerSettings(
-        host=args["--host"],
-        port=value("--port", port_number),
+        host=host if host is not None else args["--host"],
+        port=port,
         multiplier=value("--multiplier", positive_int),
         shutdown_timeout=value("--shutdown-timeout", non_negative_float),
         metrics_host=args["--metrics-host"],
@@ -185,6 +190,29 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         backend=optional("--backend", parse_backend),
         ready_file=args["--ready-file"],
     )
+
+
+def process_count(raw: str) -> int:
+    """--processes: a whole number >= 1, or auto (one per CPU)."""
+    if raw == "auto":
+        return cpu_count()
+    try:
+        return positive_int(raw)
+    except ValueError:
+        raise ValueError(f"must be a whole number >= 1 or auto, got {raw!r}") from None
+
+
+def listen_port(raw: str) -> tuple[str | None, int]:
+    """--port: ``8080``, Go's ``:8080``, or ``HOST:PORT`` (``[IPv6]:PORT``) as
+    Go's -port takes it: (the host it names or None, the port)."""
+    if ":" not in raw or raw.startswith(":"):
+        return None, port_number(raw)
+    host, _, port = raw.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:8080, got {raw!r}")
+    return host, port_number(port)
 
 
 def prefix_length(raw: str) -> int:

@@ -98,9 +98,11 @@ def start_server(
     script: str | Path | None = None,
     max_files: int | None = None,
     prefix: Sequence[str] = (),
+    host: str | None = "127.0.0.1",
 ) -> ServerProcess:
-    """Start the server (on a free loopback port unless ``args`` name one)
-    and wait until it is ready. ``prefix`` goes before the interpreter
+    """Start the server (on a free port of ``host`` unless ``args`` name
+    them; ``host=None`` keeps the server's default, every interface) and
+    wait until it is ready. ``prefix`` goes before the interpreter
     (``taskset -c 0``); ``max_files`` caps its open file descriptors."""
     workdir = Path(cwd or tempfile.mkdtemp(prefix="counter-server-"))
     scratch = Path(tempfile.mkdtemp(prefix="counter-launch-"))
@@ -110,8 +112,8 @@ def start_server(
     argv = [*prefix, sys.executable, str(script or SERVER_SCRIPT), *args]
     if "--port" not in args:
         argv += ["--port", "0"]
-    if "--host" not in args:
-        argv += ["--host", "127.0.0.1"]
+    if "--host" not in args and host is not None:
+        argv += ["--host", host]
     argv += ["--ready-file", str(ready_path)]
 
     def limit_files() -> None:

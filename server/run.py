@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -294,9 +295,14 @@ def _ready(
     host, port = claimed.listener.getsockname()[:2]
     if origin is None:
         origin = describe_origin(settings, claimed, store)  # asks Redis for its value
+    listener = claimed.listener
+    dual_stack = listener.family == socket.AF_INET6 and not listener.getsockopt(
+        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
+    )
     return Ready(
         host=host,
         port=port,
+        dual_stack=dual_stack,
         pool=pool_size(settings),
         cpus=cpu_count(),
         multiplier=settings.multiplier,

@@ -29,6 +29,8 @@ from counter_server.server.store.statefile import StateFile, StateFileError
 from counter_server.server.store.urls import AnyBackend, BackendError
 
 LISTEN_BACKLOG = 1024  # connections the kernel queues while the pool is full
+# Why "::" cannot be opened on a machine without IPv6: then IPv4 only.
+_NO_IPV6 = (os.strerror(errno.EAFNOSUPPORT).lower(), os.strerror(errno.EADDRNOTAVAIL).lower())
 
 
 class ListenError(OSError):
@@ -170,10 +172,20 @@ def pool_size(settings: ServerSettings) -> int:
     return cpu_count() * settings.multiplier
 
 
-def open_listener(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (IPv6 if ``host`` has a colon);
-    ListenError with a one-line reason if it cannot be opened. Never
-    SO_REUSEPORT: a port already served by anyone is refused."""
+def open_listener(host: str | None, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv6 if ``host`` has a colon;
+    None: every interface, IPv4 and IPv6 on one dual-stack socket where the
+    machine has IPv6, else IPv4 only); ListenError with a one-line reason if
+    it cannot be opened. Never SO_REUSEPORT: a port already served by anyone
+    is refused."""
+    if host is None:
+        if socket.has_dualstack_ipv6():
+            try:
+                return open_listener("::", port)
+            except ListenError as exc:
+                if not any(why in str(exc) for why in _NO_IPV6):
+                    raise
+        host = "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server(

@@ -108,35 +108,115 @@ def test_ctrl_c_leaves_no_process_behind():
     assert not our_processes(marker)
 
 
-def report(acked: int, errors: int = 0) -> dict:
+def report(acked: int, errors: int = 0, sent: int | None = None, **kinds: int) -> dict:
     return {
         "increments_acknowledged": acked,
         "requests_acknowledged": acked,
-        "errors_total": errors,
-        "connections_failed": 1 if errors else 0,
-        "first_error": "boom" if errors else None,
+        "requests_sent": acked if sent is None else sent,
+        "increment": 1,
+        "errors": {"timeout": errors, **kinds},
+        "errors_total": errors + sum(kinds.values()),
+        "connections_failed": 1 if errors or kinds else 0,
+        "first_error": "boom" if errors or kinds else None,
         "started_at": 100.0,
         "finished_at": 102.0,
         "latency_us": {"p99": 1500},
     }
 
 
-def test_verdict_passes_only_when_sums_match():
-    good = verdict(10, 40, 2, [report(10), report(20)], missing=0)
-    assert good["ok"] and good["moved"] == 30 and good["replies_per_second"] == 15.0
-    off = verdict(10, 41, 2, [report(10), report(20)], missing=0)
-    assert not off["ok"]
-    assert off["problems"] == [
-        "the counter moved by 31 but clients acknowledged 30 (difference +1)"
+def test_verdict_is_the_range_acknowledged_to_acknowledged_plus_unanswered():
+    exact = verdict(10, 40, 2, [report(10), report(20)], missing=0)
+    assert exact["ok"] and exact["moved"] == 30 and exact["replies_per_second"] == 15.0
+    # Three frames timed out on a client; two of them were applied anyway.
+    late = verdict(10, 42, 2, [report(10, errors=3, sent=13), report(20)], missing=0)
+    assert late["ok"] and late["unanswered"] == 3, late
+    too_many = verdict(10, 44, 2, [report(10, errors=3, sent=13), report(20)], missing=0)
+    assert not too_many["ok"]
+    assert too_many["problems"] == [
+        "too many: the counter moved by 34, above acknowledged + unanswered = 33 "
+        "(upper bound broken by 1)"
+    ]
+    lost = verdict(10, 39, 2, [report(10), report(20)], missing=0)
+    assert not lost["ok"]
+    assert lost["problems"] == [
+        "lost: the counter moved by 29, below the 30 increments acknowledged "
+        "(lower bound broken by 1)"
     ]
 
 
-def test_verdict_counts_failed_and_missing_clients():
-    summary = verdict(0, 30, 3, [report(10), report(20, errors=2)], missing=1)
+def test_verdict_counts_failed_and_missing_clients_and_wrong_replies():
+    summary = verdict(0, 30, 3, [report(10), report(20, errors=2, sent=22)], missing=1)
     assert not summary["ok"]
     assert summary["clients_ok"] == 1 and summary["clients_failed"] == 2
     assert any("1 of 3 clients produced no report" in p for p in summary["problems"])
-    assert any("first: boom" in p for p in summary["problems"])
+    assert any("first: boom" in n for n in summary["notes"])  # timeouts: noted, not failed
+    wrong = verdict(0, 30, 2, [report(10), report(20, not_increasing=1)], missing=0)
+    assert not wrong["ok"] and "received wrong replies" in wrong["problems"][0]
+
+
+def test_a_pool_smaller_than_the_run_is_noted_and_the_range_holds():
+    # 2 clients x 2 CPUs x 2 connections against a pool of 2: most
+    # connections wait in the listen queue, their frames time out on the
+    # client, and the server applies them when it reaches them.
+    server = start_server("--multiplier", "1", "--metrics-port", "0")
+    try:
+        result = run_spam({
+            "CLIENTS": "2", "DURATION": "3", "MULTIPLIER": "2", "TIMEOUT": "1",
+            "SERVER": f"127.0.0.1:{server.port}", "METRICS": server.metrics_url(),
+        })  # fmt: skip
+        out = result.stdout
+        assert "the server serves 2 connections at once and this run opens 8" in out, out
+        assert "acknowledged <= moved <= acknowledged + unanswered" in out
+        assert result.returncode == 0 and "RESULT: OK" in out, out + result.stderr
+    finally:
+        server.stop()
+
+
+LOSING_SERVER = """
+import socket, sys, threading
+sys.path.insert(0, sys.argv[1])
+from counter_server.protocol import decode_request, encode_reply
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+state = {"value": 0, "reads": 0}
+lock = threading.Lock()
+def serve(conn):
+    with conn:
+        while True:
+            frame = b""
+            while len(frame) < 16:
+                chunk = conn.recv(16 - len(frame))
+                if not chunk:
+                    return
+                frame += chunk
+            n = decode_request(frame)
+            with lock:
+                if n == 0:
+                    state["reads"] += 1
+                    # It forgets 5 increments between the first read and the last.
+                    reply = state["value"] - (5 if state["reads"] > 1 else 0)
+                else:
+                    state["value"] += n
+                    reply = state["value"]
+            conn.sendall(encode_reply(max(reply, 0)))
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+def test_a_server_that_loses_increments_fails_the_run():
+    fake = subprocess.Popen([sys.executable, "-c", LOSING_SERVER, str(REPO_ROOT)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        port = int(fake.stdout.readline())
+        result = run_spam({"CLIENTS": "1", "DURATION": "1", "SERVER": f"127.0.0.1:{port}"})
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "RESULT: FAILED" in result.stdout
+        assert "lost: the counter moved by" in result.stdout
+    finally:
+        fake.kill()
+        fake.wait()
 
 
 def test_spam_help_prints_usage_and_runs_nothing():
