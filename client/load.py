@@ -194,7 +194,7 @@ class LoadRun:
         if received.startswith(b"HTTP/"):
             return f"{detail} (it answered in HTTP: is this the metrics port?)"
         hint = self._tls_hint(result, received=received)
-        return detail + (hint or "; the server's log says why (an overflow, a limit, its store)")
+        return detail + (hint or "; check the server's log for the reason")
 
     def _exchange(self, sock: socket.socket, result: ConnectionResult) -> None:
         settings = self.settings
@@ -227,6 +227,10 @@ class LoadRun:
             pending = data[count * REPLY_SIZE :]
             if not count:
                 continue
+            if last < 0 and data.startswith(b"HTTP/"):
+                detail = "the server answered in HTTP: is this the metrics port?"
+                self._fail(result, CLOSED, detail, owed)
+                return
             if count > owed:
                 extra = plural(count - owed, "reply", "replies")
                 self._fail(result, EXTRA_REPLY, f"{extra} for frames never sent")

@@ -205,7 +205,7 @@ def process_count(raw: str) -> int:
 def listen_port(raw: str) -> tuple[str | None, int]:
     """--port: ``8080``, Go's ``:8080``, or ``HOST:PORT`` (``[IPv6]:PORT``) as
     Go's -port takes it: (the host it names or None, the port)."""
-    if ":" not in raw or raw.startswith(":"):
+    if ":" not in raw or (raw.startswith(":") and raw.count(":") == 1):
         return None, port_number(raw)
     host, _, port = raw.rpartition(":")
     if host.startswith("[") and host.endswith("]"):

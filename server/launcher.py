@@ -110,9 +110,10 @@ def start_server(
     ready_path = scratch / "ready.json"
     out, err = out_path.open("w"), err_path.open("w")
     argv = [*prefix, sys.executable, str(script or SERVER_SCRIPT), *args]
-    if "--port" not in args:
+    named = {arg.split("=", 1)[0].lstrip("-") for arg in args if arg.startswith("-")}
+    if "port" not in named:
         argv += ["--port", "0"]
-    if "--host" not in args and host is not None:
+    if "host" not in named and host is not None:
         argv += ["--host", host]
     argv += ["--ready-file", str(ready_path)]
 

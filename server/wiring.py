@@ -116,7 +116,10 @@ def describe_origin(settings: ServerSettings, claimed: Claimed, store: CounterSt
     """Where the counter came from, for the start-up line ("" for memory)."""
     if settings.backend is not None and store is not None:
         backend = settings.backend
-        return f"counter {store.current_value()} in {backend.kind} {backend.url}"
+        value = store.current_value()
+        if value is None:
+            return f"{backend.kind} {backend.url} not reachable yet: serving once it is"
+        return f"counter {value} in {backend.kind} {backend.url}"
     if claimed.state is None:
         return ""
     how = (

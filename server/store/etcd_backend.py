@@ -265,12 +265,13 @@ class EtcdCounterStore(BatchingStore):
         self.conflicts = 0
         self._start()
 
-    def current_value(self) -> int:
-        """Ask etcd (for the start-up and stop lines); the last known value if it cannot answer."""
+    def current_value(self) -> int | None:
+        """Ask etcd (for the start-up and stop lines); None if it cannot answer."""
         try:
             self._learn(self._cluster.read())
-        except (*self.errors_caught,) as exc:
+        except self.errors_caught as exc:
             log.warning("etcd: cannot read %s: %s", self.key, exc)
+            return None
         return self._last_value
 
     def _learn(self, value: int | None) -> None:

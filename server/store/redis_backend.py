@@ -106,22 +106,51 @@ def check_backend(backend: Backend) -> None:
     client = client_for(backend)
     try:
         client.ping()
-    except redis.AuthenticationError as exc:
-        raise BackendError(f"Redis {backend.url}: authentication failed: {exc}") from None
-    except redis.sentinel.MasterNotFoundError as exc:
+    except redis.sentinel.MasterNotFoundError:
         raise BackendError(
-            f"Redis {backend.url}: no sentinel knows the primary {backend.service!r}: {exc}"
+            f"Redis {backend.url}: no sentinel knows the primary {backend.service!r} "
+            f"({'; '.join(_ask_each_sentinel(backend))})"
         ) from None
-    except redis.ResponseError as exc:
-        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-            raise BackendError(f"Redis {backend.url}: authentication failed: {exc}") from None
-        raise BackendError(f"Redis {backend.url}: {exc}") from None
+    except (redis.AuthenticationError, redis.ResponseError) as exc:
+        raise BackendError(f"Redis {backend.url}: {_refusal(backend, exc)}") from None
     except redis.ConnectionError as exc:
         if backend.tls and "SSL" in str(exc).upper():
             raise BackendError(f"Redis {backend.url}: TLS failed: {exc}") from None
         log.warning("Redis %s is not reachable yet (%s); serving once it is", backend.url, exc)
     finally:
         client.close()
+
+
+def _refusal(backend: Backend, exc: Exception) -> str:
+    """What Redis's refusal at start means, in one phrase."""
+    text = str(exc)
+    if "NOAUTH" in text or "HELLO must be called" in text or "Authentication required" in text:
+        return "Redis requires a password (redis://:PASSWORD@HOST:PORT/DB, or USER:PASSWORD@)"
+    if "WRONGPASS" in text or "invalid password" in text or "invalid username" in text:
+        who = f"user {backend.username!r}" if backend.username else "the password"
+        return f"authentication failed: Redis refused {who}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _ask_each_sentinel(backend: Backend) -> list[str]:
+    """Why each sentinel of the URL gave no primary, one phrase each."""
+    answers = []
+    for host, port in backend.hosts:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        sentinel = redis.Redis(host=host, port=port, socket_timeout=SENTINEL_TIMEOUT,
+                               socket_connect_timeout=SENTINEL_TIMEOUT,
+                               retry=Retry(NoBackoff(), 0))  # fmt: skip
+        try:
+            known = sentinel.sentinel_get_master_addr_by_name(backend.service)
+            answers.append(f"{where}: " + ("has it" if known else "does not monitor it"))
+        except redis.ConnectionError as exc:
+            reason = "connection refused" if "refused" in str(exc).lower() else "unreachable"
+            answers.append(f"{where}: {reason}")
+        except redis.RedisError as exc:
+            answers.append(f"{where}: {str(exc).splitlines()[0][:80]}")
+        finally:
+            sentinel.close()
+    return answers
 
 
 class RedisCounterStore(BatchingStore):
@@ -150,12 +179,13 @@ class RedisCounterStore(BatchingStore):
         self.replica_shortfalls = 0
         self._start()
 
-    def current_value(self) -> int:
-        """Ask Redis (for the start-up and stop lines); the last known value if it is down."""
+    def current_value(self) -> int | None:
+        """Ask Redis (for the start-up and stop lines); None if it cannot answer."""
         try:
-            self._last_value = int(self._checks.get(self.key) or 0)
+            self._last_value = max(self._last_value, int(self._checks.get(self.key) or 0))
         except redis.RedisError as exc:
             log.warning("Redis: cannot read %s: %s", self.key, exc)
+            return None
         return self._last_value
 
     def _flush(self, batch: Batch) -> None:

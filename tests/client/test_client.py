@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 import pytest
-from support import CLIENT_SCRIPT, read_counter, run_client, start_client, start_server
+from counter_server.protocol import MAX_COUNTER
+from support import CLIENT_SCRIPT, exchange, read_counter, run_client, start_client, start_server
 
 REPORT_FIELDS = {
     "server": str,
@@ -283,3 +284,38 @@ def test_progress_line_on_a_terminal(server):
 def test_no_progress_line_when_not_on_a_terminal(server):
     result = run_client("--serverAddress", address(server), "--duration", "1.5")
     assert "replies/s," not in result.stderr
+
+
+def test_a_refused_overflow_is_not_blamed_on_tls(server):
+    exchange(server.port, MAX_COUNTER - 1)
+    result = run_client("--serverAddress", f"127.0.0.1:{server.port}", "--multiplier", "1",
+                        "--duration", "1", "--json")  # fmt: skip
+    report = json.loads(result.stdout)
+    first = report["first_error"]
+    assert "--tls" not in first and "--tls" not in result.stderr, first
+    assert "after 1 reply, with 1 reply owed" in first or "after 0 replies" in first, first
+    assert "check the server's log for the reason" in first
+
+
+def test_an_http_server_is_recognised():
+    # An HTTP server that answers anything it cannot parse with a 400.
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(64)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        result = run_client("--serverAddress", f"127.0.0.1:{listener.getsockname()[1]}",
+                            "--multiplier", "1", "--duration", "1", "--json")  # fmt: skip
+        first = json.loads(result.stdout)["first_error"]
+        assert "answered in HTTP: is this the metrics port?" in first and "--tls" not in first
+    finally:
+        listener.close()

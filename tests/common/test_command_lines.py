@@ -3,6 +3,7 @@ messages that say what is wrong, and a missing virtualenv."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -94,3 +95,140 @@ def test_without_the_virtualenv_one_line_names_the_package(command):
     assert "the Python package gevent is not installed" in result.stderr
     assert "pip install -r requirements.txt" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- Go users ---------------------------------------------------------------------
+
+
+def test_go_flag_forms_start_the_server():
+    from support import exchange, start_server
+
+    server = start_server("-port", "0", "-multiplier", "3")
+    try:
+        assert server.pool_size == 3 * len(__import__("os").sched_getaffinity(0))
+        assert exchange(server.port, 2) == (2,)
+    finally:
+        server.stop()
+
+
+def test_go_forms_of_the_client_flags(server_for_cli):
+    result = run(COMMANDS["client"], f"-serverAddress=127.0.0.1:{server_for_cli.port}", "-get")
+    assert result.returncode == 0 and result.stdout.strip() == "0", result.stderr
+    result = run(COMMANDS["client"], "-serverAddress", f"127.0.0.1:{server_for_cli.port}",
+                 "--get", "--json")  # fmt: skip
+    assert json.loads(result.stdout) == {"server": f"127.0.0.1:{server_for_cli.port}", "value": 0}
+
+
+def test_port_with_a_host_listens_on_that_address():
+    from support import exchange, start_server
+
+    server = start_server("--port", "127.0.0.1:0", host=None)
+    try:
+        assert server.ready.host == "127.0.0.1"
+        assert exchange(server.port, 1) == (1,)
+    finally:
+        server.stop()
+    both = run(COMMANDS["server"], "--port", "127.0.0.1:8080", "--host", "::1")
+    assert both.returncode == 2 and "names the host already: drop --host" in both.stderr
+    bare = run(COMMANDS["server"], "--port", "::1:8080")
+    assert bare.returncode == 2 and "in brackets" in bare.stderr
+
+
+def test_dash_h_is_still_help():
+    result = run(COMMANDS["server"], "-h")
+    assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+def test_the_default_listens_on_ipv4_and_ipv6_and_shows_ipv4_clients_as_ipv4():
+    import socket
+
+    from support import exchange, start_server
+
+    server = start_server("--max-conns-per-ip", "5", host=None)
+    try:
+        assert "(IPv4 and IPv6)" in server.stdout_path.read_text()
+        with socket.create_connection(("::1", server.port), timeout=5):
+            pass
+        assert exchange(server.port, 1) == (1,)  # over IPv4
+    finally:
+        server.stop()
+    assert "connection from 127.0.0.1:" in server.stderr and "::ffff:" not in server.stderr
+
+
+def test_without_ipv6_the_default_falls_back_to_ipv4(monkeypatch):
+    import socket
+
+    from counter_server.server import wiring
+
+    monkeypatch.setattr(socket, "has_dualstack_ipv6", lambda: False)
+    listener = wiring.open_listener(None, 0)
+    try:
+        assert listener.family == socket.AF_INET and listener.getsockname()[0] == "0.0.0.0"
+    finally:
+        listener.close()
+
+
+# --- server messages ------------------------------------------------------------------
+
+
+def test_help_says_what_processes_do():
+    result = run(COMMANDS["server"], "--help")
+    assert "port (SO_REUSEPORT)" not in result.stdout and "never SO_REUSEPORT" in result.stdout
+    bad = run(COMMANDS["server"], "--processes", "abc")
+    assert bad.returncode == 2 and "a whole number >= 1 or auto, got 'abc'" in bad.stderr
+
+
+def test_an_unreachable_sentinel_set_says_what_was_tried_in_one_line():
+    from support import free_port
+
+    ports = [free_port(), free_port()]
+    hosts = ",".join(f"127.0.0.1:{p}" for p in ports)
+    result = run(COMMANDS["server"], "--backend", f"redis+sentinel://{hosts}/primary/0")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert all(f"127.0.0.1:{p}: connection refused" in result.stderr for p in ports)
+    assert len(result.stderr) < 300 and "<redis" not in result.stderr
+
+
+@pytest.fixture
+def server_for_cli():
+    from support import start_server
+
+    server = start_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_with_password(tmp_path):
+    import shutil
+
+    from support import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    redis = RedisServer(tmp_path, "--requirepass", "s3cret", password="s3cret")
+    redis.start()
+    yield redis
+    redis.kill()
+
+
+def test_a_missing_password_is_named(redis_with_password):
+    result = run(COMMANDS["server"], "--backend", redis_with_password.url())
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "Redis requires a password" in result.stderr and "HELLO" not in result.stderr
+    wrong = redis_with_password.url().replace("redis://", "redis://:nope@")
+    result = run(COMMANDS["server"], "--backend", wrong)
+    assert result.returncode == 1 and "Redis refused the password" in result.stderr
+    assert "nope" not in result.stderr
+
+
+def test_redis_down_at_start_is_said_plainly():
+    from support import free_port, start_server
+
+    server = start_server("--backend", f"redis://127.0.0.1:{free_port()}/0?key=counter")
+    try:
+        line = server.stdout_path.read_text()
+        assert "not reachable yet: serving once it is" in line and "counter 0" not in line
+        assert line.lower().count("counter") == 2, line  # "Counter server", "?key=counter"
+    finally:
+        server.stop()
