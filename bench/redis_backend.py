@@ -1,18 +1,20 @@
-"""Instances sharing a counter in Redis: one instance against two, each driven
-by bench/loadgen.c (40 connections in all), ping-pong and 64 in flight, and one
-instance with the memory store as the reference of the same run; all
-unpinned on this machine's cores, with redis-server (no persistence) beside
-them. Runs alternate; median of --runs. Prints replies/s, the instances' CPU
-per reply and how busy the machine was, and the ratios: Redis backend /
-memory store, and two instances / one.
+"""Instances sharing a counter in Redis (and, with --etcd, in etcd): one
+instance against two, each driven by bench/loadgen.c (40 connections in all),
+ping-pong and 64 in flight, and one instance with the memory store as the
+reference of the same run; all unpinned on this machine's cores, with
+redis-server (no persistence) and the etcd members beside them. Runs
+alternate; median of --runs. Prints replies/s, the instances' CPU per reply
+and how busy the machine was, and the ratios: Redis backend / memory store,
+two instances / one, and etcd / Redis.
 
 Usage:
-  redis_backend.py [--duration SECS] [--runs N]
+  redis_backend.py [--duration SECS] [--runs N] [--etcd MEMBERS]
   redis_backend.py -h | --help
 
 Options:
   --duration SECS  Seconds per run. [default: 5]
   --runs N         Runs per setting; the median is kept. [default: 3]
+  --etcd MEMBERS   Also an etcd cluster of this many members on loopback.
 """
 
 from __future__ import annotations
@@ -73,17 +75,66 @@ def run_instances(
             server.stop()
 
 
+def start_etcd(workdir: str, members: int) -> tuple[list[subprocess.Popen], str]:
+    """An etcd cluster on loopback (data in ``workdir``): its processes and URL."""
+    import time
+
+    from bench.base import free_port
+
+    clients = [free_port() for _ in range(members)]
+    peers = [free_port() for _ in range(members)]
+    cluster = ",".join(f"m{i}=http://127.0.0.1:{peers[i]}" for i in range(members))
+    procs = [
+        subprocess.Popen(
+            [
+                "etcd",
+                "--name",
+                f"m{i}",
+                "--data-dir",
+                f"{workdir}/etcd-{i}",
+                "--listen-client-urls",
+                f"http://127.0.0.1:{clients[i]}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{clients[i]}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peers[i]}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peers[i]}",
+                "--initial-cluster",
+                cluster,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for i in range(members)
+    ]
+    endpoints = ",".join(f"127.0.0.1:{port}" for port in clients)
+    for _ in range(200):
+        healthy = subprocess.run(
+            ["etcdctl", "--endpoints", endpoints, "endpoint", "health"],
+            capture_output=True, env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+        if healthy.returncode == 0:
+            return procs, f"etcd://{endpoints}/bench"
+        time.sleep(0.1)
+    raise SystemExit("bench: etcd did not become healthy")
+
+
 def main() -> int:
-    _, duration, runs = options(__doc__)
+    args, duration, runs = options(__doc__)
     raise_file_limit()
     workdir = tempfile.mkdtemp(prefix="bench-redis-")
     loadgen = build_loadgen(workdir)
     server, port = start_redis(workdir)
+    etcd: list[subprocess.Popen] = []
     try:
         print(f"unpinned, 40 connections in all, {duration}s per run, median of {runs}")
         url = f"redis://127.0.0.1:{port}/0?key=bench"
         settings = {"memory, 1 instance": (None, 1), "Redis, 1 instance": (url, 1),
                     "Redis, 2 instances": (url, 2)}  # fmt: skip
+        if args["--etcd"]:
+            etcd, etcd_url = start_etcd(workdir, int(args["--etcd"]))
+            settings.update({"etcd, 1 instance": (etcd_url, 1), "etcd, 2 instances": (etcd_url, 2)})
         for name, depth in (("ping-pong", 1), ("64 in flight", 64)):
             rates: dict[str, list[float]] = {label: [] for label in settings}
             costs: dict[str, list[float]] = {label: [] for label in settings}
@@ -107,11 +158,19 @@ def main() -> int:
             redis_one, redis_two = medians["Redis, 1 instance"], medians["Redis, 2 instances"]
             print(
                 f"{name:<14} Redis / memory {redis_one / medians['memory, 1 instance']:.2f}x, "
-                f"2 instances / 1 {redis_two / redis_one:.2f}x",
+                f"2 instances / 1 {redis_two / redis_one:.2f}x"
+                + (
+                    f", etcd / Redis {medians['etcd, 1 instance'] / redis_one:.2f}x (1 instance),"
+                    f" {medians['etcd, 2 instances'] / redis_two:.2f}x (2)"
+                    if etcd
+                    else ""
+                ),
                 flush=True,
             )
     finally:
         stop_process(server)
+        for proc in etcd:
+            stop_process(proc)
     return 0
 
 

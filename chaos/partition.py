@@ -471,7 +471,8 @@ def measure(backend: str, nemesis: str, replies: list, final: int, fault_at: flo
 
 
 COLUMNS = ("backend", "nemesis", "acknowledged", "lost", "twice", "final",
-           "highest_acknowledged", "longest_without_acks_s", "first_ack_after_fault_s")  # fmt: skip
+           "highest_acknowledged", "longest_without_acks_s", "acks_during_fault",
+           "acks_after_heal")  # fmt: skip
 
 
 def main() -> int:

@@ -20,7 +20,7 @@ REQUIRED = {
     "pythonjsonlogger": "python-json-logger",
     "redis": "redis",
     "hdrh": "hdrhistogram",
-    "etcd3gw": "etcd3gw",
+    "urllib3": "urllib3",
 }
 INSTALL = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
 
