@@ -105,7 +105,7 @@ def start_etcd(workdir: str, members: int) -> tuple[list[subprocess.Popen], str]
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         for i in range(members)
     ]
     endpoints = ",".join(f"127.0.0.1:{port}" for port in clients)

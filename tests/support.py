@@ -176,6 +176,15 @@ def exchange(port: int, *increments: int) -> tuple[int, ...]:
         return recv_replies(sock, len(increments))
 
 
+def try_increment(port: int, n: int = 1) -> int | None:
+    """The reply to one increment on a new connection, or None if the server
+    closed it without one (a refusal, its store unavailable)."""
+    with connect(port) as sock:
+        sock.sendall(frames(n))
+        replies, whole = recv_some_replies(sock, 1)
+        return replies[0] if whole else None
+
+
 def read_counter(port: int) -> int:
     return exchange(port, 0)[0]
 

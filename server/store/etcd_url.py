@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from counter_server.server.store.redis_url import parse_hosts
+
 SCHEMES = ("etcd", "etcds")
 DEFAULT_PORT = 2379
 USAGE = "etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/KEY (etcds://...?ca=FILE for TLS)"
@@ -43,15 +45,7 @@ def parse_etcd(raw: str) -> EtcdBackend:
     username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
     if username and not password:
         raise ValueError(f"a user needs a password (USER:PASSWORD@) in {USAGE}")
-    hosts = []
-    for item in hostlist.split(","):
-        host, sep, port = item.rpartition(":")
-        host = host.strip("[]") if sep else item
-        if not host:
-            raise ValueError(f"a host is missing in {raw!r}: expected {USAGE}")
-        if sep and not port.isdigit():
-            raise ValueError(f"bad port {port!r} in {raw!r}")
-        hosts.append((host, int(port) if sep else DEFAULT_PORT))
+    hosts = parse_hosts(hostlist, DEFAULT_PORT, raw, USAGE)
     key = unquote(parts.path.lstrip("/"))
     if not key:
         raise ValueError(f"the key is missing: expected {USAGE}")

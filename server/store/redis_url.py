@@ -44,6 +44,21 @@ class Backend:
     kind: ClassVar[str] = "Redis"  # in messages
 
 
+def parse_hosts(hostlist: str, default_port: int, raw: str, usage: str) -> list[tuple[str, int]]:
+    """``HOST[:PORT],...`` (``[IPv6]:PORT``) of a backend URL; ValueError
+    naming the URL ``raw`` and the ``usage`` if a host or port is unusable."""
+    hosts = []
+    for item in hostlist.split(","):
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]") if sep else item
+        if not host:
+            raise ValueError(f"a host is missing in {raw!r}: expected {usage}")
+        if sep and not port.isdigit():
+            raise ValueError(f"bad port {port!r} in {raw!r}")
+        hosts.append((host, int(port) if sep else default_port))
+    return hosts
+
+
 def parse_redis(raw: str) -> Backend:
     """A Redis ``--backend`` URL; ValueError (one line) if it is not usable."""
     parts = urlsplit(raw)
@@ -53,15 +68,7 @@ def parse_redis(raw: str) -> Backend:
     sentinel = parts.scheme.endswith("+sentinel")
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
-    hosts = []
-    for item in hostlist.split(","):
-        host, sep, port = item.rpartition(":")
-        host = host.strip("[]") if sep else item
-        if not host:
-            raise ValueError(f"a host is missing in {raw!r}: expected {USAGE}")
-        if sep and not port.isdigit():
-            raise ValueError(f"bad port {port!r} in {raw!r}")
-        hosts.append((host, int(port) if sep else 26379 if sentinel else 6379))
+    hosts = parse_hosts(hostlist, 26379 if sentinel else 6379, raw, USAGE)
     if not sentinel and len(hosts) != 1:
         raise ValueError("several hosts need redis+sentinel://")
     path = parts.path.split("/")[1:]  # "/SERVICE/DB" or "/DB"

@@ -20,6 +20,7 @@ from support import (
     recv_replies,
     run_server_command,
     start_server,
+    try_increment,
     wait_until,
 )
 
@@ -38,18 +39,6 @@ def cluster(tmp_path):
         yield members
     finally:
         members.kill()
-
-
-def try_increment(port: int, n: int = 1) -> int | None:
-    with connect(port) as sock:
-        sock.sendall(frames(n))
-        data = b""
-        while len(data) < 8:
-            chunk = sock.recv(8 - len(data))
-            if not chunk:
-                return None
-            data += chunk
-        return int.from_bytes(data, "big")
 
 
 class Load:

@@ -19,6 +19,7 @@ from support import (
     http_get,
     metric,
     start_server,
+    try_increment,
     wait_until,
 )
 
@@ -43,19 +44,6 @@ def instance(redis_server):
     yield server
     server.stop()
     assert "Traceback" not in server.stderr
-
-
-def try_increment(port: int) -> int | None:
-    """The reply to one increment, or None if the connection was closed without it."""
-    with connect(port, timeout=10) as sock:
-        sock.sendall(frames(1))
-        data = b""
-        while len(data) < 8:
-            chunk = sock.recv(8 - len(data))
-            if not chunk:
-                return None
-            data += chunk
-        return int.from_bytes(data, "big")
 
 
 def test_connections_killed_again_and_again_never_end_acknowledgements(redis_server, instance):

@@ -29,6 +29,7 @@ from support import (
     recv_replies,
     run_server_command,
     start_server,
+    try_increment,
     wait_until,
 )
 
@@ -361,17 +362,10 @@ def test_replicas_all_waits_for_every_replica_the_sentinels_know(tmp_path):
             status, body = http_get(server.metrics_url("/healthz"))
             assert status == 503 and "only 1 of 2 replicas" in body, body
             replicas[1].start()
-            wait_until(lambda: try_exchange(server.port) is not None, 15, "acknowledging again")
+            wait_until(lambda: try_increment(server.port) is not None, 15, "acknowledging again")
         finally:
             server.stop()
         assert "Traceback" not in server.stderr
-
-
-def try_exchange(port: int) -> int | None:
-    try:
-        return exchange(port, 1)[0]
-    except (OSError, AssertionError):
-        return None
 
 
 def test_replicas_all_refuses_when_the_sentinels_know_no_replica(tmp_path):
@@ -384,7 +378,7 @@ def test_replicas_all_refuses_when_the_sentinels_know_no_replica(tmp_path):
         url = f"redis+sentinel://127.0.0.1:{sentinel.port}/primary/0?replicas=all"
         server = start_server("--backend", url, "--metrics-port", "0")
         try:
-            assert try_exchange(server.port) is None
+            assert try_increment(server.port) is None
             status, body = http_get(server.metrics_url("/healthz"))
             assert status == 503 and "know no replica" in body, body
         finally:
