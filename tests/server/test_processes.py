@@ -141,7 +141,7 @@ def test_auto_starts_one_worker_per_cpu():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--processes", "0"], "--processes: must be a positive integer"),
+        (["--processes", "0"], "--processes: must be a whole number >= 1 or auto"),
         (["--processes", "many"], "--processes: must be"),
     ],
 )

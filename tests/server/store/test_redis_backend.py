@@ -167,7 +167,7 @@ def test_overflow_at_the_redis_limit_applies_the_frames_that_fit(redis_server):
         (["--backend", "redis+sentinel://h:1,h:2//0"], "--backend: the Sentinel service name"),
         (["--backend", "redis://h:1,h:2/0"], "--backend: several hosts need redis+sentinel://"),
         (["--backend", "redis://h:1/0?ca=x"], "--backend: ca= needs rediss://"),
-        (["--backend", "redis://h:1/0?replicas=x"], "--backend: replicas= and"),
+        (["--backend", "redis://h:1/0?replicas=x"], "--backend: replicas= (a whole number or all)"),
         (["--backend", "redis://h:1/0?color=red"], "--backend: unknown option color="),
         (["--backend", "redis://h:1/0", "--state-file", "s"], "choose one"),
     ],
