@@ -52,7 +52,7 @@ def test_connections_killed_again_and_again_never_end_acknowledgements(redis_ser
     # hundred outages the instance never acknowledges again.
     admin = redis.Redis(port=redis_server.port)
     refused = 0
-    for _ in range(400):
+    for _ in range(600):
         admin.client_kill_filter(_type="normal", skipme=True)
         if try_increment(instance.port) is None:
             refused += 1
