@@ -11,28 +11,23 @@ import ssl
 from collections.abc import Iterable
 from types import TracebackType
 
-from counter_server.protocol import REPLY_SIZE, encode_request
+from counter_server.protocol import REPLY_SIZE
 
 from .calls import (
     DEFAULT_POOL_SIZE,
     DEFAULT_TIMEOUT,
     READ_ATTEMPTS,
+    READ_FRAME,
+    ConnectionEnded,
     Target,
     check_pool_size,
     decode_call,
     encode_call,
     ended_early,
+    reason,
     target,
 )
 from .errors import CounterError, Unavailable
-
-_READ_FRAME = encode_request(0)
-
-
-class _ConnectionEnded(Exception):
-    def __init__(self, why: str, data: bytes) -> None:
-        super().__init__(why)
-        self.why, self.data = why, data
 
 
 class _Connection(asyncio.Protocol):
@@ -67,7 +62,7 @@ class _Connection(asyncio.Protocol):
             self.ended = (
                 "the server closed the connection"
                 if exc is None
-                else f"the connection broke ({_reason(exc)})"
+                else f"the connection broke ({reason(exc)})"
             )
         self._wake()
 
@@ -90,7 +85,7 @@ class _Connection(asyncio.Protocol):
 
     async def call(self, frames: bytes, expected: int, deadline: float) -> bytes:
         """Send ``frames`` and wait for ``expected`` reply bytes until the
-        watchdog's ``deadline`` (loop time); _ConnectionEnded (with what
+        watchdog's ``deadline`` (loop time); ConnectionEnded (with what
         arrived) if the connection ends first."""
         self._waiter = asyncio.get_running_loop().create_future()
         self._expected, self.deadline = expected, deadline
@@ -102,7 +97,7 @@ class _Connection(asyncio.Protocol):
         data = bytes(self.buffer)
         self.buffer.clear()
         if len(data) < expected:
-            raise _ConnectionEnded(self.ended or "the connection ended", data)
+            raise ConnectionEnded(self.ended or "the connection ended", data)
         return data
 
     def close(self) -> None:
@@ -123,14 +118,10 @@ async def _connect(where: Target) -> _Connection:
     except asyncio.TimeoutError:
         raise Unavailable(f"cannot connect to {where.address}: timed out") from None
     except ssl.SSLError as exc:
-        raise Unavailable(f"TLS with {where.address} failed: {_reason(exc)}") from None
+        raise Unavailable(f"TLS with {where.address} failed: {reason(exc)}") from None
     except OSError as exc:
-        raise Unavailable(f"cannot connect to {where.address}: {_reason(exc)}") from None
+        raise Unavailable(f"cannot connect to {where.address}: {reason(exc)}") from None
     return connection
-
-
-def _reason(exc: BaseException) -> str:
-    return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
 
 
 class AsyncCounterClient:
@@ -197,7 +188,7 @@ class AsyncCounterClient:
             deadline = asyncio.get_running_loop().time() + where.timeout
             try:
                 data = await connection.call(frames, len(checked) * REPLY_SIZE, deadline)
-            except _ConnectionEnded as ended:
+            except ConnectionEnded as ended:
                 connection.close()
                 replies = decode_call(ended.data)
                 value = await self._value_now(checked, replies)
@@ -232,8 +223,8 @@ class AsyncCounterClient:
         self._busy.add(connection)
         deadline = asyncio.get_running_loop().time() + self._target.timeout
         try:
-            return decode_call(await connection.call(_READ_FRAME, REPLY_SIZE, deadline))[0]
-        except _ConnectionEnded:
+            return decode_call(await connection.call(READ_FRAME, REPLY_SIZE, deadline))[0]
+        except ConnectionEnded:
             return None
         finally:
             self._busy.discard(connection)

@@ -19,6 +19,23 @@ from .errors import CounterError, Indeterminate, Refused
 DEFAULT_TIMEOUT = 5.0  # seconds for a connect, a TLS handshake, or a call's replies
 DEFAULT_POOL_SIZE = 4  # persistent connections per client
 READ_ATTEMPTS = 3  # a read() is tried this many times, each on a fresh connection after a failure
+READ_FRAME = encode_request(0)
+
+
+class ConnectionEnded(Exception):
+    """A call's connection ended (closed, reset, timed out) before every
+    reply came: ``why``, and the bytes that did arrive."""
+
+    def __init__(self, why: str, data: bytes) -> None:
+        super().__init__(why)
+        self.why, self.data = why, data
+
+
+def reason(exc: BaseException) -> str:
+    """A socket or TLS failure as a short phrase."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
 
 
 @dataclass(frozen=True)
@@ -71,10 +88,8 @@ def encode_call(increments: Iterable[int]) -> tuple[list[int], bytes]:
     checked = list(increments)
     frames = []
     for n in checked:
-        if type(n) is not int:  # bool is an int subclass, and not an increment
-            if isinstance(n, bool) or not isinstance(n, int):
-                raise ValueError(f"an increment must be an int, got {n!r}")
-            n = int(n)
+        if isinstance(n, bool) or not isinstance(n, int):  # bool is an int, not an increment
+            raise ValueError(f"an increment must be an int, got {n!r}")
         if not 0 <= n <= MAX_COUNTER:
             raise ValueError(f"an increment must be between 0 and 2^64 - 1, got {n}")
         frames.append(_COMMON_FRAMES.get(n) or encode_request(n))

@@ -18,30 +18,23 @@ import threading
 from collections.abc import Iterable
 from types import TracebackType
 
-from counter_server.protocol import REPLY_SIZE, encode_request
+from counter_server.protocol import REPLY_SIZE
 
 from .calls import (
     DEFAULT_POOL_SIZE,
     DEFAULT_TIMEOUT,
     READ_ATTEMPTS,
+    READ_FRAME,
+    ConnectionEnded,
     Target,
     check_pool_size,
     decode_call,
     encode_call,
     ended_early,
+    reason,
     target,
 )
 from .errors import CounterError, Unavailable
-
-_READ_FRAME = encode_request(0)
-
-
-class _ConnectionEnded(Exception):
-    """The connection ended (closed, reset, timed out) before every reply came."""
-
-    def __init__(self, why: str, data: bytes) -> None:
-        super().__init__(why)
-        self.why, self.data = why, data
 
 
 def _connect(where: Target) -> socket.socket:
@@ -49,7 +42,7 @@ def _connect(where: Target) -> socket.socket:
     try:
         sock = socket.create_connection((where.host, where.port), timeout=where.timeout)
     except OSError as exc:
-        raise Unavailable(f"cannot connect to {where.address}: {_reason(exc)}") from None
+        raise Unavailable(f"cannot connect to {where.address}: {reason(exc)}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if where.tls is None:
         return sock
@@ -57,13 +50,7 @@ def _connect(where: Target) -> socket.socket:
         return where.tls.wrap_socket(sock, server_hostname=where.server_hostname)
     except (OSError, ssl.SSLError) as exc:
         sock.close()
-        raise Unavailable(f"TLS with {where.address} failed: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return "timed out"
-    return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise Unavailable(f"TLS with {where.address} failed: {reason(exc)}") from None
 
 
 def _still_open(sock: socket.socket) -> bool:
@@ -96,22 +83,22 @@ def _still_open(sock: socket.socket) -> bool:
 
 
 def _exchange(sock: socket.socket, frames: bytes, expected: int, timeout: float) -> bytes:
-    """Send ``frames`` and read ``expected`` reply bytes; _ConnectionEnded
+    """Send ``frames`` and read ``expected`` reply bytes; ConnectionEnded
     (with what arrived) if the connection ends first."""
     sock.settimeout(timeout)
     try:
         sock.sendall(frames)
     except OSError as exc:
-        raise _ConnectionEnded(f"sending failed ({_reason(exc)})", b"") from None
+        raise ConnectionEnded(f"sending failed ({reason(exc)})", b"") from None
     data = bytearray()
     while len(data) < expected:
         try:
             chunk = sock.recv(expected - len(data))
         except OSError as exc:
             why = "no reply within the timeout" if isinstance(exc, TimeoutError) else None
-            raise _ConnectionEnded(why or f"the connection broke ({_reason(exc)})", data) from None
+            raise ConnectionEnded(why or f"the connection broke ({reason(exc)})", data) from None
         if not chunk:
-            raise _ConnectionEnded("the server closed the connection", bytes(data))
+            raise ConnectionEnded("the server closed the connection", bytes(data))
         data += chunk
     return bytes(data)
 
@@ -188,7 +175,7 @@ class CounterClient:
             sock = self._borrow()
             try:
                 data = _exchange(sock, frames, len(checked) * REPLY_SIZE, where.timeout)
-            except _ConnectionEnded as ended:
+            except ConnectionEnded as ended:
                 sock.close()
                 replies = decode_call(ended.data)
                 raise ended_early(
@@ -210,8 +197,8 @@ class CounterClient:
         except Unavailable:
             return None
         try:
-            return decode_call(_exchange(sock, _READ_FRAME, REPLY_SIZE, self._target.timeout))[0]
-        except _ConnectionEnded:
+            return decode_call(_exchange(sock, READ_FRAME, REPLY_SIZE, self._target.timeout))[0]
+        except ConnectionEnded:
             return None
         finally:
             sock.close()

@@ -39,8 +39,10 @@ log = logging.getLogger("counter.server")
 ACCEPT_RETRY_SECONDS = 0.1  # pause accepting this long when out of descriptors
 BALANCE_PAUSE = PAUSE  # how long a worker ahead of the others stops accepting
 HANDSHAKE_TIMEOUT = 10.0  # seconds for a TLS handshake when --frame-timeout is 0
-# accept() errors that mean "no descriptors or memory now", not a bug.
-_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# accept() errors that mean "no descriptors now" (per process, system-wide)...
+OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE}
+# ... or "no descriptors or memory now": not a bug.
+_OUT_OF_RESOURCES = OUT_OF_DESCRIPTORS | {errno.ENOBUFS, errno.ENOMEM}
 
 
 class _Connection:
@@ -59,7 +61,20 @@ class _Connection:
         self.refusal: InvalidFrame | None = None
 
 
-class _Acceptor(StreamServer):
+class PausingAcceptor:
+    """For a gevent StreamServer: stop accepting for a while, then resume
+    (unless the server was closed meanwhile)."""
+
+    def pause_accepting(self, seconds: float) -> None:
+        self.stop_accepting()
+        gevent.spawn_later(seconds, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if not self.closed:
+            self.start_accepting()
+
+
+class _Acceptor(PausingAcceptor, StreamServer):
     """gevent's StreamServer, but running out of file descriptors while
     accepting pauses accepting briefly and is reported in one log line,
     instead of a traceback per attempt; and, when other worker processes
@@ -80,8 +95,7 @@ class _Acceptor(StreamServer):
         if balance is not None:
             if not self._paused and balance.ahead(self._worker):
                 self._paused = True
-                self.stop_accepting()
-                gevent.spawn_later(BALANCE_PAUSE, self._resume_accepting)
+                self.pause_accepting(BALANCE_PAUSE)
                 return None
             self._paused = False
         try:
@@ -92,13 +106,8 @@ class _Acceptor(StreamServer):
             if exc.errno not in _OUT_OF_RESOURCES:
                 raise
             self._on_accept_error(exc)
-            self.stop_accepting()
-            gevent.spawn_later(ACCEPT_RETRY_SECONDS, self._resume_accepting)
+            self.pause_accepting(ACCEPT_RETRY_SECONDS)
             return None
-
-    def _resume_accepting(self) -> None:
-        if not self.closed:
-            self.start_accepting()
 
 
 class CounterServer:

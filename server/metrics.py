@@ -7,7 +7,6 @@ in the style of prometheus_client's custom collectors.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -16,7 +15,12 @@ from collections.abc import Callable, Iterable, Iterator
 import gevent
 from counter_server.common.cli import format_address
 from counter_server.protocol import REPLY_SIZE
-from counter_server.server.lifecycle import CounterServer
+from counter_server.server.lifecycle import (
+    ACCEPT_RETRY_SECONDS,
+    OUT_OF_DESCRIPTORS,
+    CounterServer,
+    PausingAcceptor,
+)
 from gevent.monkey import get_original
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
@@ -46,8 +50,6 @@ REQUEST_SECONDS = 5.0  # a metrics connection's whole life, request and response
 # (the moment the accept-error alert needs /metrics), they are given up to
 # accept a scrape and taken back after it.
 RESERVED_DESCRIPTORS = 2
-ACCEPT_RETRY_SECONDS = 0.1  # pause accepting this long when even the reserve is gone
-_OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE}
 # The reserve is never watched by the loop, so it is closed at once: gevent's
 # os.close defers the close of a non-regular file to the next loop iteration.
 _close_now = get_original("os", "close")
@@ -189,7 +191,7 @@ def make_app(registry: CollectorRegistry, health: Callable[[], str | None]) -> W
     return app
 
 
-class _BoundedWSGIServer(WSGIServer):
+class _BoundedWSGIServer(PausingAcceptor, WSGIServer):
     """gevent's WSGI server with each connection's whole life bounded: a
     client that sends half a request and waits is closed after the limit;
     and reachable when the process is out of descriptors (a reserve)."""
@@ -203,22 +205,17 @@ class _BoundedWSGIServer(WSGIServer):
         try:
             return super().do_read()
         except OSError as exc:
-            if exc.errno not in _OUT_OF_DESCRIPTORS:
+            if exc.errno not in OUT_OF_DESCRIPTORS:
                 raise
         while self._reserve:
             _close_now(self._reserve.pop())
         try:
             return super().do_read()
         except OSError as exc:
-            if exc.errno not in _OUT_OF_DESCRIPTORS:
+            if exc.errno not in OUT_OF_DESCRIPTORS:
                 raise
-            self.stop_accepting()
-            gevent.spawn_later(ACCEPT_RETRY_SECONDS, self._resume_accepting)
+            self.pause_accepting(ACCEPT_RETRY_SECONDS)
             return None
-
-    def _resume_accepting(self) -> None:
-        if not self.closed:
-            self.start_accepting()
 
     def _refill(self) -> None:
         while len(self._reserve) < RESERVED_DESCRIPTORS:

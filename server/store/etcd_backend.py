@@ -50,7 +50,7 @@ log = logging.getLogger("counter.etcd")
 # tried: a commit takes milliseconds; an election about a second.
 REQUEST_TIMEOUT = 1.0
 SWAP_ATTEMPTS = 64  # compares lost to other writers in a row before a flush gives up
-_AUTH_ERRORS = ("invalid auth token", "user name is empty", "authentication failed")
+UNKNOWN = object()  # what the key holds, before it is read and after an unknown outcome
 
 
 class EtcdUnavailable(Exception):
@@ -228,8 +228,6 @@ def check_backend(backend: EtcdBackend) -> None:
     try:
         cluster.read()
     except EtcdUnavailable as exc:
-        if "auth" in str(exc).lower() or "user" in str(exc).lower():
-            raise BackendError(f"etcd {backend.url}: {exc}") from None
         log.warning("etcd %s cannot confirm reads yet (%s); serving once it can", backend.url, exc)
     except EtcdAnswer as exc:
         raise BackendError(f"etcd {backend.url}: {_auth_message(backend, exc)}") from None
@@ -263,23 +261,20 @@ class EtcdCounterStore(BatchingStore):
         super().__init__(backend.key, log)
         self.backend = backend
         self._cluster = EtcdCluster(backend)
-        self._seen: int | None = None  # what the key held when last seen (None: absent)
-        self._seen_known = False  # False until read, and after an unknown outcome
+        # What the key held when last seen (None: absent), or UNKNOWN.
+        self._seen: object = UNKNOWN
         self.conflicts = 0
         self._start()
 
     def current_value(self) -> int | None:
         """Ask etcd (for the start-up and stop lines); None if it cannot answer."""
         try:
-            self._learn(self._cluster.read())
+            value = self._read_value()
         except self.errors_caught as exc:
             log.warning("etcd: cannot read %s: %s", self.key, exc)
             return None
+        self._last_value = max(self._last_value, value)
         return self._last_value
-
-    def _learn(self, value: int | None) -> None:
-        self._seen, self._seen_known = value, True
-        self._last_value = max(self._last_value, value or 0)
 
     def _ping(self) -> None:
         self._read_value()
@@ -287,7 +282,7 @@ class EtcdCounterStore(BatchingStore):
     def _read_value(self) -> int:
         value = self._cluster.read()
         if self._in_flight == 0:  # what the next swap compares against
-            self._seen, self._seen_known = value, True
+            self._seen = value
         return value or 0
 
     def _restore_hint(self, value: int) -> str:
@@ -303,27 +298,22 @@ class EtcdCounterStore(BatchingStore):
             if self._lost is not None and not self._restored():
                 self._finish(batch, error=self._lost)
                 return
-            if not self._seen_known:
+            if self._seen is UNKNOWN:
                 confirmed = self._last_value
-                self._seen, self._seen_known = self._cluster.read(), True
+                self._seen = self._cluster.read()
                 if (self._seen or 0) < confirmed:
                     raise WentBack(self._seen or 0)
             for _ in range(SWAP_ATTEMPTS):
                 confirmed = self._last_value  # before this request is sent
-                expected = self._seen
+                expected, self._seen = self._seen, UNKNOWN  # until etcd answers
                 replies, after = self._replies(batch.reads, expected or 0)
-                self._seen = after
                 self.round_trips += 1
-                try:
-                    swapped, holds = self._cluster.swap(expected, after)
-                except BaseException:
-                    self._seen_known = False  # the outcome is unknown: read it next time
-                    raise
+                swapped, holds = self._cluster.swap(expected, after)
+                self._seen = holds
                 if swapped:
                     break
                 if (holds or 0) < confirmed:
                     raise WentBack(holds or 0)
-                self._seen = holds
                 self.conflicts += 1
             else:
                 raise StoreUnavailable(f"lost the compare to other writers {SWAP_ATTEMPTS} times")
