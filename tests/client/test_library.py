@@ -240,3 +240,27 @@ def test_mutual_tls(pki):
             anonymous.increment()
     finally:
         server.stop()
+
+
+def test_threads_against_processes_workers_get_one_exact_sequence():
+    # The pooled connections land on different --processes workers.
+    server = start_server("--processes", "2")
+    replies: list[int] = []
+    lock = threading.Lock()
+    try:
+        with CounterClient(f"127.0.0.1:{server.port}", pool_size=6) as counter:
+
+            def work() -> None:
+                mine = [counter.increment() for _ in range(300)]
+                with lock:
+                    replies.extend(mine)
+
+            threads = [threading.Thread(target=work) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert counter.read() == 1800
+    finally:
+        server.stop()
+    assert sorted(replies) == list(range(1, 1801))
