@@ -6,6 +6,7 @@ wrong fails with a message instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,16 +14,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from counter_server.chaos.checker import Verdict, judge
 from counter_server.protocol import REPLY_SIZE, decode_replies, encode_request
 from counter_server.server.launcher import SERVER_SCRIPT, ServerProcess, start_server
 from counter_server.server.store.statefile import Slot, decode_file
 
-__all__ = ["SERVER_SCRIPT", "ServerProcess", "start_server"]
+__all__ = ["SERVER_SCRIPT", "ServerProcess", "Verdict", "judge", "start_server"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The test vectors, cross-checked against the Go library (docs/protocol.md).
@@ -368,3 +371,126 @@ class EtcdCluster:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# --- fault runs ---------------------------------------------------------------
+
+
+class Load:
+    """Connections sending increments of 1, ``depth`` frames at a time, to
+    ``ports`` in turn, reconnecting when a connection ends; every reply kept
+    with its time, and every frame sent without a reply counted (the
+    checker's "unanswered": it may or may not have been applied)."""
+
+    def __init__(self, ports: list[int], connections: int, depth: int = 1) -> None:
+        self.replies: list[tuple[float, int]] = []
+        self.unanswered = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(ports[i % len(ports)], depth), daemon=True)
+            for i in range(connections)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, port: int, depth: int) -> None:
+        while not self.stop.is_set():
+            try:
+                sock = connect(port, timeout=5.0)
+            except OSError:
+                self.stop.wait(0.05)
+                continue
+            with sock:
+                while not self.stop.is_set():
+                    try:
+                        sock.sendall(frames(*[1] * depth))
+                    except OSError:  # nothing of this send reached the server
+                        break
+                    try:
+                        got, whole = recv_some_replies(sock, depth)
+                    except OSError:
+                        got, whole = (), False
+                    now = time.monotonic()
+                    with self.lock:
+                        self.replies.extend((now, v) for v in got)
+                        self.unanswered += depth - len(got)
+                    if not whole:
+                        break
+            self.stop.wait(0.05)
+
+    def finish(self, seconds: float = 30.0) -> list[int]:
+        """Stop, and the reply values received."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(seconds)
+        assert not any(t.is_alive() for t in self.threads), "a load thread did not end"
+        return [v for _, v in self.replies]
+
+    def last_reply(self) -> float:
+        with self.lock:
+            return max((t for t, _ in self.replies), default=0.0)
+
+    def verdict(self, start: int, final: int) -> Verdict:
+        """The checker's verdict on this load (after ``finish``)."""
+        values = [v for _, v in self.replies]
+        return judge(start, final, len(values), self.unanswered, values)
+
+
+def assert_exact(verdict: Verdict) -> None:
+    """Fail with every figure unless the run was exact (both bounds)."""
+    assert verdict.ok, verdict.summary()
+    print(f"\n{verdict.summary()}")
+
+
+class AnswerProxy:
+    """A TCP proxy on loopback in front of ``port`` whose answers can be
+    dropped: requests always pass, and while ``drop`` is set whatever the
+    upstream answers is read and thrown away (a lost answer)."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.drop = threading.Event()
+        self.dropped = 0  # answer bytes thrown away
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
+            except OSError:
+                return
+            server.settimeout(None)
+            self._sockets += [client, server]
+            for source, sink, answers in ((client, server, False), (server, client, True)):
+                thread = threading.Thread(target=self._pump, args=(source, sink, answers),
+                                          daemon=True)  # fmt: skip
+                thread.start()
+                self._threads.append(thread)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if answers and self.drop.is_set():
+                    self.dropped += len(data)
+                    continue
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads:
+            thread.join(5)

@@ -58,13 +58,13 @@ class WentBack(Exception):
 class BatchingStore:
     """``CounterStore`` and ``DeferringStore`` over a remote counter. A
     subclass sets ``service`` (its name in messages) and ``key``, and
-    implements ``_flush(batch)`` (one round trip; then ``_confirmed`` or
-    ``_fail``), ``_ping()`` (raises if the service cannot confirm
-    increments now) and ``_read_value()`` (the key's value now)."""
+    implements ``_flush(batch)`` (one round trip; then ``_finish``,
+    ``_fail`` or ``_went_back``) and ``_read_value()`` (the key's value now;
+    raises one of ``errors_caught`` if the service cannot answer)."""
 
     service = "the store"
     flushers = 1  # round trips in flight at once
-    errors_caught: tuple[type[BaseException], ...] = ()  # what _ping raises on failure
+    errors_caught: tuple[type[BaseException], ...] = ()  # what _read_value raises on failure
 
     def __init__(self, key: str, log: logging.Logger) -> None:
         self.key = key
@@ -142,9 +142,6 @@ class BatchingStore:
     def _flush(self, batch: Batch) -> None:
         raise NotImplementedError
 
-    def _ping(self) -> None:
-        raise NotImplementedError
-
     def _read_value(self) -> int:
         raise NotImplementedError
 
@@ -189,6 +186,11 @@ class BatchingStore:
     def _went_back(self, batch: Batch, before: int, confirmed: int) -> None:
         """The service holds less than this instance confirmed: refuse this
         batch and everything after it until the key is restored."""
+        self._lose(before, confirmed)
+        self._finish(batch, error=self._lost)
+
+    def _lose(self, before: int, confirmed: int) -> None:
+        """Stop trusting the service's value (``before``, below ``confirmed``)."""
         self.went_back += 1
         self._lost = (
             f"{self.service} key {self.key!r} went back to {before}, below {confirmed}, the last "
@@ -201,7 +203,6 @@ class BatchingStore:
             self._restore_hint(confirmed),
             extra={"key": self.key, "store_value": before, "confirmed": confirmed},
         )
-        self._finish(batch, error=self._lost)
 
     def _restore_hint(self, value: int) -> str:
         return f"the key set to {value}"
@@ -233,15 +234,21 @@ class BatchingStore:
         self._unhealthy = None
 
     def _probe(self) -> None:
-        """Whenever no round trip has answered for ``PROBE_SECONDS``: ask the
-        service (and, while its value is not trusted, whether the key was
-        restored), so health follows it without traffic."""
+        """Whenever no round trip has answered for ``PROBE_SECONDS``: read the
+        key, so health follows the service without traffic: unreachable, the
+        key gone or below the value confirmed here (lost increments), or
+        restored."""
         while True:
             gevent.sleep(PROBE_SECONDS)
             if time.monotonic() - self._last_answer < PROBE_SECONDS:
                 continue
+            confirmed = self._last_value  # before the read is sent
             try:
-                self._ping()
+                value = self._read_value()
+            except ValueError as exc:  # the key holds something that is not a counter
+                self._unhealthy = f"{self.service}: {exc}"
+                self._suspect = True
+                continue
             except self.errors_caught as exc:
                 if self._unhealthy is None:
                     self._log.warning("%s: %s; retrying", self.service, exc)
@@ -249,7 +256,9 @@ class BatchingStore:
                 self._suspect = True
                 continue
             self._last_answer = time.monotonic()
-            if self._lost is not None:
+            if self._lost is None and value < confirmed:
+                self._lose(value, confirmed)
+            elif self._lost is not None and value >= self._last_value:
                 self._restored()
             if self._unhealthy is not None:
                 self._log.warning("%s: reachable again", self.service)

@@ -20,13 +20,23 @@ acknowledged twice and nothing is lost. Comparing the value (not the
 revision) is safe because the counter only rises; a value below the one
 confirmed here is the lost-increments case.
 
+Retries are idempotent. Each store (each server process) owns a second key,
+``KEY/writers/ID`` (ID random per process, removed when it stops), and every
+swap also writes a token of its own there and compares that key's revision
+with the one last seen. Only this process writes it, one swap at a time, so
+when a request's answer is lost and the same transaction is re-sent to the
+next endpoint, the re-send's answer tells whose write the key holds: the
+token of this swap means the first send committed (its replies stand, and
+nothing is applied again); another token means it did not and never can
+(the revision it compares has moved on). A writers key that is gone by then
+(deleted by hand) leaves the outcome unknown: not acknowledged, not retried.
+
 Range: the key holds the decimal value, 0 to 2^64 - 1, as the protocol.
 
 Outages: the endpoints are tried in turn; a request that fails or times out
 (a member cut off from the majority cannot commit) moves to the next
-endpoint. A transaction whose answer was lost may or may not have been
-applied: not acknowledged, and the next flush learns the truth from the
-compare.
+endpoint. When no endpoint answers, a swap's outcome is unknown: not
+acknowledged, and not retried (the next flush starts from what etcd holds).
 """
 
 from __future__ import annotations
@@ -34,8 +44,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import secrets
 import ssl
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import urllib3
 from counter_server.protocol import MAX_COUNTER
@@ -50,7 +62,17 @@ log = logging.getLogger("counter.etcd")
 # tried: a commit takes milliseconds; an election about a second.
 REQUEST_TIMEOUT = 1.0
 SWAP_ATTEMPTS = 64  # compares lost to other writers in a row before a flush gives up
-UNKNOWN = object()  # what the key holds, before it is read and after an unknown outcome
+
+
+class Seen(NamedTuple):
+    """The key and this store's writers key, as one answer of etcd's showed them."""
+
+    value: int | None  # the counter (None: the key does not exist)
+    writer_revision: int  # the writers key's mod_revision (0: it does not exist)
+    writer_token: str | None  # what the writers key holds
+
+
+UNKNOWN = None  # what _seen is before the key is read and after an unknown outcome
 
 
 class EtcdUnavailable(Exception):
@@ -85,6 +107,9 @@ class EtcdCluster:
         self._current = 0
         self._token: str | None = None
         self._key = _b64(backend.key)
+        self.writer = f"{backend.key}/writers/{secrets.token_hex(8)}"
+        self._writer = _b64(self.writer)
+        self.resent = False  # whether the last request was sent to more than one endpoint
 
     @property
     def endpoint(self) -> str:
@@ -117,8 +142,9 @@ class EtcdCluster:
         """``path`` on the current endpoint, then the others in turn;
         EtcdUnavailable when none could answer, EtcdAnswer when etcd refused."""
         problems = []
-        for _ in range(len(self._pools)):
+        for attempt in range(len(self._pools)):
             pool = self._pools[self._current]
+            self.resent = attempt > 0
             try:
                 return self._authorized(pool, path, body)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -145,27 +171,51 @@ class EtcdCluster:
     def read(self) -> int | None:
         """The key's value (linearizable: only a majority can answer), None
         if it does not exist; ValueError if it holds something else."""
-        answer = self._post("/v3/kv/range", {"key": self._key})
-        kvs = answer.get("kvs") or []
-        return _counter(self.backend.key, kvs[0]) if kvs else None
+        return self.state().value
 
-    def swap(self, expected: int | None, new: int) -> tuple[bool, int | None]:
-        """Set the key to ``new`` if it holds ``expected`` (None: absent).
-        (True, new) if it did; (False, what it holds) if not."""
-        if expected is None:
+    def state(self) -> Seen:
+        """The key and the writers key, read together (linearizable)."""
+        answer = self._post("/v3/kv/txn", {"success": self._ranges()})
+        return self._seen_in(answer)
+
+    def swap(self, expected: Seen, new: int, token: str) -> tuple[bool, Seen]:
+        """Set the key to ``new`` and the writers key to ``token`` if both
+        are as ``expected`` shows them. (True, what they hold now) if it
+        did; (False, what they hold) if not."""
+        if expected.value is None:
             compare = {"key": self._key, "result": "EQUAL", "target": "VERSION", "version": "0"}
         else:
             compare = {"key": self._key, "result": "EQUAL", "target": "VALUE",
-                       "value": _b64(str(expected))}  # fmt: skip
+                       "value": _b64(str(expected.value))}  # fmt: skip
+        writer = {"key": self._writer, "result": "EQUAL", "target": "MOD",
+                  "mod_revision": str(expected.writer_revision)}  # fmt: skip
         answer = self._post("/v3/kv/txn", {
-            "compare": [compare],
-            "success": [{"request_put": {"key": self._key, "value": _b64(str(new))}}],
-            "failure": [{"request_range": {"key": self._key}}],
+            "compare": [compare, writer],
+            "success": [{"request_put": {"key": self._key, "value": _b64(str(new))}},
+                        {"request_put": {"key": self._writer, "value": _b64(token)}}],
+            "failure": self._ranges(),
         })  # fmt: skip
         if answer.get("succeeded"):
-            return True, new
-        kvs = answer["responses"][0]["response_range"].get("kvs") or []
-        return False, _counter(self.backend.key, kvs[0]) if kvs else None
+            return True, Seen(new, int(answer["header"]["revision"]), token)
+        return False, self._seen_in(answer)
+
+    def forget_writer(self) -> None:
+        """Remove the writers key (at a clean stop)."""
+        self._post("/v3/kv/deleterange", {"key": self._writer})
+
+    def _ranges(self) -> list[dict]:
+        return [{"request_range": {"key": self._key}},
+                {"request_range": {"key": self._writer}}]  # fmt: skip
+
+    def _seen_in(self, answer: dict) -> Seen:
+        counter, writer = (
+            response["response_range"].get("kvs") or [] for response in answer["responses"]
+        )
+        value = _counter(self.backend.key, counter[0]) if counter else None
+        if not writer:
+            return Seen(value, 0, None)
+        token = base64.b64decode(writer[0].get("value", "")).decode(errors="replace")
+        return Seen(value, int(writer[0]["mod_revision"]), token)
 
     def versions(self) -> list[str]:
         """Each endpoint's answer to /version (no auth, no quorum needed)."""
@@ -261,9 +311,10 @@ class EtcdCounterStore(BatchingStore):
         super().__init__(backend.key, log)
         self.backend = backend
         self._cluster = EtcdCluster(backend)
-        # What the key held when last seen (None: absent), or UNKNOWN.
-        self._seen: object = UNKNOWN
+        self._seen: Seen | None = UNKNOWN  # what the next swap compares against
+        self._swaps = 0  # numbers each swap's token
         self.conflicts = 0
+        self.recognised = 0
         self._start()
 
     def current_value(self) -> int | None:
@@ -276,44 +327,45 @@ class EtcdCounterStore(BatchingStore):
         self._last_value = max(self._last_value, value)
         return self._last_value
 
-    def _ping(self) -> None:
-        self._read_value()
-
     def _read_value(self) -> int:
-        value = self._cluster.read()
+        seen = self._cluster.state()
         if self._in_flight == 0:  # what the next swap compares against
-            self._seen = value
-        return value or 0
+            self._seen = seen
+        return seen.value or 0
 
     def _restore_hint(self, value: int) -> str:
         return f"etcdctl put {self.key} {value}"
 
     def _flush(self, batch: Batch) -> None:
-        """One compare-and-swap for the whole batch, retried from the value
-        etcd returns while other writers win the compare. A swap that
-        succeeds proves the value it replaced, so the replies computed from
-        it are exact. Whether the key went back is judged only from etcd's
-        answers, against the value confirmed here before the request was sent."""
+        """One compare-and-swap for the whole batch, retried from what etcd
+        returns while other writers win the compare. A swap that succeeds
+        proves the value it replaced, so the replies computed from it are
+        exact. Whether the key went back is judged only from etcd's answers,
+        against the value confirmed here before the request was sent."""
         try:
             if self._lost is not None and not self._restored():
                 self._finish(batch, error=self._lost)
                 return
             if self._seen is UNKNOWN:
                 confirmed = self._last_value
-                self._seen = self._cluster.read()
-                if (self._seen or 0) < confirmed:
-                    raise WentBack(self._seen or 0)
+                self._seen = self._cluster.state()
+                if (self._seen.value or 0) < confirmed:
+                    raise WentBack(self._seen.value or 0)
             for _ in range(SWAP_ATTEMPTS):
                 confirmed = self._last_value  # before this request is sent
                 expected, self._seen = self._seen, UNKNOWN  # until etcd answers
-                replies, after = self._replies(batch.reads, expected or 0)
+                replies, after = self._replies(batch.reads, expected.value or 0)
                 self.round_trips += 1
-                swapped, holds = self._cluster.swap(expected, after)
-                self._seen = holds
+                self._swaps += 1
+                token = f"{self._swaps} {after}"
+                swapped, seen = self._cluster.swap(expected, after, token)
+                if not swapped and self._cluster.resent:
+                    swapped = self._committed_before(seen, token)
+                self._seen = seen
                 if swapped:
                     break
-                if (holds or 0) < confirmed:
-                    raise WentBack(holds or 0)
+                if (seen.value or 0) < confirmed:
+                    raise WentBack(seen.value or 0)
                 self.conflicts += 1
             else:
                 raise StoreUnavailable(f"lost the compare to other writers {SWAP_ATTEMPTS} times")
@@ -328,6 +380,20 @@ class EtcdCounterStore(BatchingStore):
         batch.replies.extend(replies)
         self._last_value = max(self._last_value, after)
         self._finish(batch)
+
+    def _committed_before(self, seen: Seen, token: str) -> bool:
+        """A re-sent swap failed its compare: whether an earlier send of it
+        committed (its answer lost). StoreUnavailable when that cannot be told."""
+        if seen.writer_token == token:
+            self.recognised += 1
+            log.info("etcd: a swap whose answer was lost had committed; not applied again")
+            return True
+        if seen.writer_token is not None:
+            return False  # not ours: the first send never committed, and never can
+        raise StoreUnavailable(
+            f"the writers key {self._cluster.writer!r} is gone: whether a swap whose answer "
+            "was lost committed cannot be told; not acknowledged"
+        )
 
     @staticmethod
     def _replies(reads: Sequence[Sequence[int]], value: int) -> tuple[list[list[int]], int]:
@@ -348,11 +414,18 @@ class EtcdCounterStore(BatchingStore):
             Figure("backend_compare_conflicts",
                    "Compare-and-swaps lost to another writer and retried (etcd).",
                    self.conflicts),
+            Figure("backend_resent_swaps_recognised",
+                   "Swaps whose answer was lost, found committed when re-sent (etcd):"
+                   " applied once, acknowledged.", self.recognised),
         ]  # fmt: skip
 
     def close(self) -> bool:
         self._drain()
         self.current_value()
+        try:
+            self._cluster.forget_writer()
+        except self.errors_caught as exc:
+            log.warning("etcd: cannot remove %s: %s", self._cluster.writer, exc)
         return True
 
 

@@ -198,6 +198,9 @@ class RedisCounterStore(BatchingStore):
                 self._finish(batch, error=self._lost)
                 return
             confirmed = self._last_value  # before this round trip is sent
+            if sum(sums) > REDIS_MAX:  # not even an argument Redis accepts
+                self._flush_per_read(batch, sums, confirmed)
+                return
             results = self._incrby(sum(sums))
             self.round_trips += 1
             self.reads_batched += len(sums)
@@ -226,15 +229,18 @@ class RedisCounterStore(BatchingStore):
 
     def _flush_per_read(self, batch: Batch, sums: list[int], confirmed: int) -> None:
         """The batch's sum would pass 2^63 - 1: one MULTI/EXEC of an INCRBY per
-        read, so the reads that fit are applied and the one that would pass the
-        limit applies the frames that still fit."""
+        read, so the reads that fit are applied and a read that would pass the
+        limit (or whose own sum Redis cannot even take) applies the frames
+        that still fit and is refused from there."""
         pipe = self._redis.pipeline(transaction=True)
         for total in sums:
-            pipe.incrby(self.key, total)
-        results = pipe.execute(raise_on_error=False)
+            if total <= REDIS_MAX:  # a larger one is refused before it is sent
+                pipe.incrby(self.key, total)
+        answers = iter(pipe.execute(raise_on_error=False))
         self.round_trips += 1
-        for increments, total, result in zip(batch.reads, sums, results, strict=True):
-            if isinstance(result, Exception):
+        for increments, total in zip(batch.reads, sums, strict=True):
+            result = next(answers) if total <= REDIS_MAX else None
+            if result is None or isinstance(result, Exception):
                 batch.replies.append(self._apply_prefix(increments, confirmed))
             else:
                 if result - total < confirmed:
@@ -348,9 +354,6 @@ class RedisCounterStore(BatchingStore):
     def _fail(self, batch: Batch, exc: Exception) -> None:
         self._drop_connections()
         super()._fail(batch, exc)
-
-    def _ping(self) -> None:
-        self._checks.ping()
 
     def _read_value(self) -> int:
         return int(self._checks.get(self.key) or 0)

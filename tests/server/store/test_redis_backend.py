@@ -156,6 +156,7 @@ def test_overflow_at_the_redis_limit_applies_the_frames_that_fit(redis_server):
     finally:
         server.stop()
     assert "overflow" in server.stderr
+    assert "counts up to 2^63 - 1 (Redis's integer range)" in server.stdout + server.stderr
 
 
 @pytest.mark.parametrize(

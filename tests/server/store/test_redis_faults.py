@@ -11,13 +11,17 @@ import time
 import pytest
 import redis
 from support import (
+    Load,
     RedisServer,
+    assert_exact,
     closed_without_reply,
     connect,
     exchange,
     frames,
     http_get,
+    judge,
     metric,
+    recv_some_replies,
     start_server,
     try_increment,
     wait_until,
@@ -149,3 +153,44 @@ def test_health_turns_503_within_2s_of_redis_going_away_without_traffic(redis_se
     assert time.monotonic() - gone <= 2.0
     redis_server.start()
     wait_until(lambda: http_get(instance.metrics_url("/healthz"))[0] == 200, 3, "200 again")
+
+
+def test_redis_restarted_empty_without_traffic_turns_health_503_within_2s(redis_server, tmp_path):
+    redis_server.extra = ["--appendonly", "no"]  # a restart loses everything
+    redis_server.kill()
+    redis_server.start()
+    server = start_server("--backend", redis_server.url(), "--metrics-port", "0")
+    try:
+        assert exchange(server.port, *[1] * 30)[-1] == 30
+        redis_server.kill()
+        redis_server.start()  # empty, and no client sends anything
+        restarted = time.monotonic()
+        wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 503, 5, "503")
+        assert time.monotonic() - restarted <= 2.0, "noticed late"
+        assert "went back to 0, below 30" in http_get(server.metrics_url("/healthz"))[1]
+        assert try_increment(server.port) is None
+        assert redis_server.cli("get", "counter") == "", "an INCRBY was sent to the empty key"
+    finally:
+        server.stop()
+
+
+def test_an_increment_redis_cannot_hold_is_refused_alone(redis_server, instance):
+    # Redis keeps a signed 64-bit integer: INCRBY 2^63 is "not an integer".
+    # The frame that needs it is refused like an overflow, after the replies
+    # owed before it; no other connection loses anything.
+    load = Load([instance.port], 8, depth=3)
+    refused_after: list[int] = []  # the replies to the frames before 2^63
+    try:
+        wait_until(lambda: len(load.replies) > 100, 10, "acknowledging")
+        for _ in range(20):
+            with connect(instance.port) as sock:
+                sock.sendall(frames(1, 2**63, 1))
+                replies, whole = recv_some_replies(sock, 3)
+                assert len(replies) == 1 and not whole, replies
+                refused_after += replies
+    finally:
+        values = load.finish()
+    final = int(redis_server.cli("get", "counter"))
+    assert_exact(judge(0, final, len(values) + 20, load.unanswered, values + refused_after))
+    assert load.unanswered == 0, "another connection lost its replies"
+    assert "overflow" in instance.stderr_path.read_text()
