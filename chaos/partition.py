@@ -1,10 +1,11 @@
 """Partition run, in the manner of Jepsen: hosts made of network namespaces
 on a bridge, the store's nodes spread over them, two counter instances on
 hosts of their own, clients that record every reply, and faults (nemeses)
-between them. Then, per backend and nemesis: increments acknowledged, lost
-(acknowledged but not in the final value), values handed out twice, the
-final value against the highest acknowledged, and the longest time without
-an acknowledgement.
+between them. Then, per backend and nemesis, the checker's verdict
+(chaos/checker.py): increments acknowledged and unanswered (sent, no reply:
+maybe applied), the final value and the range it must lie in, [acknowledged,
+acknowledged + unanswered], how far below (lost) or above (extra) it is,
+values handed out twice, and the longest time without an acknowledgement.
 
 Hosts (10.77.N.1-6 on a bridge): h1-h3 hold the store (etcd: one member each;
 Redis: h1 the primary and a sentinel, h2 a replica, h3 a replica and a
@@ -60,6 +61,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from counter_server.chaos.checker import judge
 from counter_server.common.cli import convert, parse_args, positive_int
 from counter_server.protocol import decode_replies, encode_request
 from counter_server.server.launcher import start_server
@@ -345,19 +347,26 @@ class RedisStore:
 
 def record(address: str, out: str, connections: int) -> int:
     """(Inside an instance's host) connections incrementing by 1 until
-    SIGTERM, reconnecting when closed; every reply written to ``out`` as
-    [[time, value], ...] (monotonic clock, shared by every namespace)."""
+    SIGTERM, reconnecting when closed; written to ``out``: every reply as
+    [time, value] (monotonic clock, shared by every namespace) and how many
+    frames were sent without a reply (the checker's "unanswered")."""
     host, port = address.rsplit(":", 1)
     stop = threading.Event()
     replies: list[tuple[float, int]] = []
+    unanswered = [0]
     lock = threading.Lock()
     frame = encode_request(1)
 
     def run() -> None:
         while not stop.is_set():
             try:
-                with socket.create_connection((host, int(port)), timeout=2) as sock:
-                    while not stop.is_set():
+                sock = socket.create_connection((host, int(port)), timeout=2)
+            except OSError:
+                stop.wait(0.05)
+                continue
+            with sock:
+                while not stop.is_set():
+                    try:
                         sock.sendall(frame)
                         data = b""
                         while len(data) < 8:
@@ -365,11 +374,14 @@ def record(address: str, out: str, connections: int) -> int:
                             if not chunk:
                                 raise ConnectionError("closed")
                             data += chunk
-                        value = decode_replies(data)[0]
+                    except OSError:  # sent, maybe applied, not acknowledged
                         with lock:
-                            replies.append((time.monotonic(), value))
-            except OSError:
-                stop.wait(0.05)
+                            unanswered[0] += 1
+                        break
+                    value = decode_replies(data)[0]
+                    with lock:
+                        replies.append((time.monotonic(), value))
+            stop.wait(0.05)
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threads = [threading.Thread(target=run) for _ in range(connections)]
@@ -379,7 +391,7 @@ def record(address: str, out: str, connections: int) -> int:
         stop.wait(0.2)
     for thread in threads:
         thread.join(5)
-    Path(out).write_text(json.dumps(replies))
+    Path(out).write_text(json.dumps({"replies": replies, "unanswered": unanswered[0]}))
     return 0
 
 
@@ -431,8 +443,11 @@ def run_one(backend: str, nemesis: str, timing: dict, connections: int) -> dict:
         for _, proc in recorders:
             proc.wait(30)
         final = store.final()
-        replies = [tuple(r) for out, _ in recorders for r in json.loads(out.read_text())]
-        return measure(backend, nemesis, replies, final, fault_at, healed_at, ended_at)
+        recorded = [json.loads(out.read_text()) for out, _ in recorders]
+        replies = [tuple(r) for run in recorded for r in run["replies"]]
+        unanswered = sum(run["unanswered"] for run in recorded)
+        return measure(backend, nemesis, replies, unanswered, final,
+                       (fault_at, healed_at, ended_at))  # fmt: skip
     finally:
         for server in servers:
             with contextlib.suppress(Exception):
@@ -442,14 +457,17 @@ def run_one(backend: str, nemesis: str, timing: dict, connections: int) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def measure(backend: str, nemesis: str, replies: list, final: int, fault_at: float,
-            healed_at: float, ended_at: float) -> dict:  # fmt: skip
-    """The checker: a counter's acknowledged increments must all be in the
-    final value, and every reply value is handed out once. The longest time
-    without an acknowledgement counts up to the end of the load."""
+def measure(backend: str, nemesis: str, replies: list, unanswered: int, final: int,
+            moments: tuple[float, float, float]) -> dict:  # fmt: skip
+    """The checker's verdict (``chaos.checker``: the counter from 0 within
+    [acknowledged, acknowledged + unanswered], no value twice, every reply
+    in (0, final]) and the timing: ``moments`` are the fault, the heal and
+    the end of the load; the longest time without an acknowledgement counts
+    up to the end."""
+    fault_at, healed_at, ended_at = moments
     values = [v for _, v in replies]
     times = sorted(t for t, _ in replies)
-    acknowledged = len(values)
+    verdict = judge(0, final, len(values), unanswered, values)
     after_fault = [t for t in times if t >= fault_at]
     before = [t for t in times if t < fault_at]
     resumed = after_fault[0] - fault_at if after_fault else None
@@ -457,10 +475,16 @@ def measure(backend: str, nemesis: str, replies: list, final: int, fault_at: flo
     return {
         "backend": backend,
         "nemesis": nemesis,
-        "acknowledged": acknowledged,
-        "lost": max(0, acknowledged - final),
-        "twice": acknowledged - len(set(values)),
+        "acknowledged": verdict.acknowledged,
+        "unanswered": verdict.unanswered,
         "final": final,
+        "range": f"[{verdict.low}, {verdict.high}]",
+        "in_range": verdict.low <= final <= verdict.high,
+        "lost": max(0, verdict.low - final),
+        "extra": max(0, final - verdict.high),
+        "twice": verdict.twice,
+        "outside": verdict.outside,
+        "ok": verdict.ok,
         "highest_acknowledged": max(values, default=0),
         "longest_without_acks_s": round(max(gaps, default=0.0), 1),
         "first_ack_after_fault_s": None if resumed is None else round(resumed, 1),
@@ -470,8 +494,8 @@ def measure(backend: str, nemesis: str, replies: list, final: int, fault_at: flo
     }
 
 
-COLUMNS = ("backend", "nemesis", "acknowledged", "lost", "twice", "final",
-           "highest_acknowledged", "longest_without_acks_s", "acks_during_fault",
+COLUMNS = ("backend", "nemesis", "acknowledged", "unanswered", "final", "range", "lost",
+           "extra", "twice", "longest_without_acks_s", "acks_during_fault",
            "acks_after_heal")  # fmt: skip
 
 

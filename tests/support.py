@@ -405,7 +405,9 @@ class Load:
                 while not self.stop.is_set():
                     try:
                         sock.sendall(frames(*[1] * depth))
-                    except OSError:  # nothing of this send reached the server
+                    except OSError:  # part of it may have reached the server
+                        with self.lock:
+                            self.unanswered += depth
                         break
                     try:
                         got, whole = recv_some_replies(sock, depth)
@@ -430,6 +432,11 @@ class Load:
     def last_reply(self) -> float:
         with self.lock:
             return max((t for t, _ in self.replies), default=0.0)
+
+    def largest_before(self, moment: float) -> int:
+        """The largest reply value received before ``moment`` (0: none)."""
+        with self.lock:
+            return max((v for t, v in self.replies if t < moment), default=0)
 
     def verdict(self, start: int, final: int) -> Verdict:
         """The checker's verdict on this load (after ``finish``)."""

@@ -7,21 +7,20 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 from support import (
     REPO_ROOT,
-    connect,
+    Load,
+    assert_exact,
     exchange,
-    frames,
     free_port,
     read_counter,
-    recv_some_replies,
     run_server_command,
     stall_server,
     start_server,
+    wait_until,
 )
 
 
@@ -49,48 +48,16 @@ def test_graceful_stop_prints_totals_and_exits_0(signum):
 
 def test_sigterm_under_load_loses_nothing_acknowledged():
     server = start_server()
-    clients = 20
-    received: list[list[int]] = [[] for _ in range(clients)]
-    problems: list[str] = []
-    go = threading.Barrier(clients + 1, timeout=30)
-
-    def client(index: int) -> None:
-        try:
-            sock = connect(server.port)
-        except OSError as exc:
-            problems.append(f"connect: {exc}")
-            return
-        with sock:
-            go.wait()
-            try:
-                while True:
-                    sock.sendall(frames(*[1] * 10))
-                    replies, still_open = recv_some_replies(sock, 10)
-                    received[index].extend(replies)
-                    if not still_open:
-                        return  # server closed: shutdown
-            except OSError:
-                return  # reset or broken pipe after the server closed
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    go.wait()
-    time.sleep(1.0)
+    load = Load([server.port], 20, depth=10)
+    wait_until(lambda: len(load.replies) > 1000, 10, "the load getting going")
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
-    for t in threads:
-        t.join(10)
-        assert not t.is_alive(), "a client hung after the server stopped"
-    assert not problems, problems
+    values = load.finish(10)
     applied, final = server.totals
     assert applied == final  # every frame was an increment of 1 from 0
-    everything = [v for own in received for v in own]
-    assert len(everything) > 1000, "the load did not get going"
-    assert len(set(everything)) == len(everything), "a value was given twice"
-    assert max(everything) <= final, "a client was told of an increment that was not applied"
-    for own in received:
-        assert own == sorted(own)
+    assert_exact(load.verdict(0, final))
+    # Every frame the server applied was answered (the replies owed at shutdown).
+    assert len(values) == applied, f"{applied - len(values)} applied frames never answered"
 
 
 def test_shutdown_timeout_cuts_a_client_that_never_reads():

@@ -5,6 +5,7 @@ etcd-server and etcd-client)."""
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 
 import pytest
@@ -207,6 +208,29 @@ def test_a_transaction_whose_answer_was_lost_is_applied_once(cluster):
     assert_exact(load.verdict(0, int(cluster.get())))
     assert conflicts == 0, f"{conflicts} conflicts with a single writer"
     assert recognised >= 1, "no re-sent swap was found committed: the case was not reached"
+
+
+def test_a_leader_paused_again_and_again_applies_nothing_twice(cluster):
+    # SIGSTOP pulses longer than the request timeout: swaps committed by the
+    # paused leader answer late or never, and are re-sent to other members.
+    server = start_server("--backend", cluster.url(), "--metrics-port", "0")
+    try:
+        load = Load([server.port], 4)
+        wait_until(lambda: len(load.replies) > 50, 10, "acknowledging")
+        for _ in range(4):
+            leader = cluster.procs[cluster.leader() or "m0"]
+            leader.send_signal(signal.SIGSTOP)
+            time.sleep(1.3)
+            leader.send_signal(signal.SIGCONT)
+            time.sleep(0.7)
+        before = len(load.replies)
+        wait_until(lambda: len(load.replies) > before + 20, 20, "acknowledging after the pauses")
+        load.finish()
+    finally:
+        for proc in cluster.procs.values():
+            proc.send_signal(signal.SIGCONT)
+        server.stop()
+    assert_exact(load.verdict(0, int(cluster.get())))
 
 
 def test_start_up_errors_are_one_line():

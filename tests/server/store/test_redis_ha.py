@@ -10,7 +10,6 @@ import itertools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,7 +17,9 @@ from pathlib import Path
 
 import pytest
 from support import (
+    Load,
     RedisServer,
+    assert_exact,
     closed_without_reply,
     connect,
     exchange,
@@ -26,7 +27,6 @@ from support import (
     free_port,
     http_get,
     metric,
-    recv_replies,
     run_server_command,
     start_server,
     try_increment,
@@ -184,37 +184,6 @@ class Sentinel:
         self.proc.wait()
 
 
-class Counting:
-    """Connections incrementing by 1 through a server, reconnecting when it
-    closes them; every acknowledged reply is kept with its time."""
-
-    def __init__(self, port: int, connections: int) -> None:
-        self.port = port
-        self.replies: list[tuple[float, int]] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run) for _ in range(connections)]
-        for thread in self.threads:
-            thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-                    while not self.stop.is_set():
-                        sock.sendall(frames(1))
-                        value = recv_replies(sock, 1)[0]
-                        with self.lock:
-                            self.replies.append((time.monotonic(), value))
-            except (OSError, AssertionError):
-                self.stop.wait(0.05)  # not acknowledged: try again on a new connection
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(30)
-
-
 @contextlib.contextmanager
 def replicated_set(tmp_path: Path):
     """A primary, two replicas in sync and three sentinels watching them:
@@ -253,45 +222,42 @@ def promoted(sentinels, old_port: int) -> bool:
     return any(s.primary() not in ("", str(old_port)) for s in sentinels)
 
 
-def check_history(load, replicas, since: float) -> tuple[int, float]:
-    """No value twice, nothing acknowledged that the new primary lacks;
+def check_history(load: Load, replicas, since: float) -> tuple[int, float]:
+    """The checker's verdict against the new primary's value (both bounds);
     (replies, longest time without acknowledgements after ``since``)."""
-    values = [v for counting in load for _, v in counting.replies]
-    assert len(values) == len(set(values)), "a reply value was given twice"
     new_primary = next(r for r in replicas if "role:master" in r.cli("info", "replication"))
-    final = int(new_primary.cli("get", "counter"))
-    assert final >= max(values), f"acknowledged {max(values)} but Redis holds {final}"
-    times = sorted(t for counting in load for t, _ in counting.replies)
+    assert_exact(load.verdict(0, int(new_primary.cli("get", "counter"))))
+    times = sorted(t for t, _ in load.replies)
     before = [t for t in times if t < since]
     after = [t for t in times if t >= since]
     assert before and after
-    return len(values), max(b - a for a, b in itertools.pairwise([before[-1], *after]))
+    return len(times), max(b - a for a, b in itertools.pairwise([before[-1], *after]))
 
 
 def test_sentinel_failover_keeps_every_acknowledged_increment(tmp_path):
-    servers, load = [], []
+    servers, load = [], None
     with replicated_set(tmp_path) as (primary, replicas, sentinels):
         try:
             hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
             url = f"redis+sentinel://{hosts}/primary/0?key=counter&replicas=1"
             servers = [start_server("--backend", url, "--multiplier", "10") for _ in range(2)]
-            load = [Counting(server.port, 4) for server in servers]
+            load = Load([server.port for server in servers], 8)
             time.sleep(2)
             killed_at = time.monotonic()
             primary.kill()
             wait_until(lambda: promoted(sentinels, primary.port), 30, "a replica promoted")
             wait_until(
                 lambda: (
-                    any(t > time.monotonic() - 0.5 for c in load for t, _ in c.replies[-5:])
-                    and max(t for c in load for t, _ in c.replies) > killed_at + 0.5
+                    load.last_reply() > time.monotonic() - 0.5
+                    and load.last_reply() > killed_at + 0.5
                 ),
                 40,
                 "the servers acknowledging again (without a restart)",
             )
             time.sleep(1)
         finally:
-            for counting in load:
-                counting.finish()
+            if load is not None:
+                load.finish()
             for server in servers:
                 server.stop()
         replies, gap = check_history(load, replicas, killed_at)
@@ -303,13 +269,13 @@ def test_a_hung_primary_and_a_hung_sentinel_cost_seconds_not_ten(tmp_path):
     # The primary's host stops answering (SIGSTOP: connections open, nothing
     # answered), and so does the first sentinel of the URL: acknowledgements
     # resume within 3 s of the promotion (5 s socket timeouts cost 10 s).
-    servers, load = [], []
+    servers, load = [], None
     with replicated_set(tmp_path) as (primary, replicas, sentinels):
         try:
             hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
             url = f"redis+sentinel://{hosts}/primary/0?key=counter&replicas=1"
             servers = [start_server("--backend", url, "--multiplier", "10")]
-            load = [Counting(servers[0].port, 4)]
+            load = Load([servers[0].port], 4)
             time.sleep(1.5)
             hung_at = time.monotonic()
             os.kill(sentinels[0].proc.pid, signal.SIGSTOP)
@@ -317,14 +283,14 @@ def test_a_hung_primary_and_a_hung_sentinel_cost_seconds_not_ten(tmp_path):
             wait_until(lambda: promoted(sentinels[1:], primary.port), 30, "a replica promoted")
             promoted_at = time.monotonic()
             wait_until(
-                lambda: max(t for c in load for t, _ in c.replies) > promoted_at,
+                lambda: load.last_reply() > promoted_at,
                 10,
                 "acknowledging again",
             )
-            resumed = max(t for c in load for t, _ in c.replies) - promoted_at
+            resumed = load.last_reply() - promoted_at
         finally:
-            for counting in load:
-                counting.finish()
+            if load is not None:
+                load.finish()
             for server in servers:
                 server.stop()
         replies, gap = check_history(load, replicas, hung_at)
