@@ -13,6 +13,8 @@ sentinel, h4 a sentinel), h5 and h6 a counter instance and its clients each.
 
 Nemeses:
   kill     kill -9 the primary (etcd: the leader), restarted at the heal
+  failover a planned failover, nothing broken: SENTINEL FAILOVER (etcd:
+           etcdctl move-leader)
   isolate  cut the primary's host off from every other host
   split    Redis: {primary, one replica} cut off from {the other replica, the
            sentinels' majority}; etcd: the leader cut off from both followers.
@@ -28,9 +30,11 @@ Usage:
   partition.py -h | --help
 
 Options:
-  --backends LIST   Comma-separated: etcd, redis-replicas-1, redis-replicas-all.
-                    [default: etcd,redis-replicas-1,redis-replicas-all]
-  --nemeses LIST    Comma-separated: kill, isolate, split. [default: kill,isolate,split]
+  --backends LIST   Comma-separated: etcd, redis-replicas-0, redis-replicas-1,
+                    redis-replicas-all.
+                    [default: etcd,redis-replicas-0,redis-replicas-1,redis-replicas-all]
+  --nemeses LIST    Comma-separated: kill, failover, isolate, split.
+                    [default: kill,failover,isolate,split]
   --before SECS     Seconds of load before the fault. [default: 5]
   --fault SECS      Seconds the fault lasts before the heal. [default: 25]
   --after SECS      Seconds of load after the heal. [default: 10]
@@ -239,6 +243,20 @@ class EtcdStore:
     def restart(self, host: int) -> None:
         self.start(host, state="existing")
 
+    def planned_failover(self) -> int:
+        """Hand the leadership to another member (etcdctl move-leader)."""
+        leader = self.primary()
+        result = self.ctl("endpoint", "status", "-w", "json")
+        others = [
+            status["Status"]["header"]["member_id"]
+            for status in json.loads(result.stdout)
+            if status["Status"]["leader"] != status["Status"]["header"]["member_id"]
+        ]
+        moved = self.ctl("move-leader", format(others[0], "x"))
+        if moved.returncode:
+            raise RuntimeError(f"etcdctl move-leader: {moved.stderr.strip()}")
+        return leader
+
     def split(self, leader: int) -> tuple[list[int], list[int]]:
         return [leader], [h for h in self.hosts if h != leader]
 
@@ -323,6 +341,14 @@ class RedisStore:
 
     def restart(self, host: int) -> None:
         self._server(host)  # empty; the sentinels make it a replica of the new primary
+
+    def planned_failover(self) -> int:
+        """SENTINEL FAILOVER: promote a replica though nothing failed."""
+        primary = self.primary()
+        answer = self.cli(self.sentinel_hosts[0], "sentinel", "failover", "primary", port=26379)
+        if answer != "OK":
+            raise RuntimeError(f"SENTINEL FAILOVER: {answer}")
+        return primary
 
     def split(self, primary: int) -> tuple[list[int], list[int]]:
         # {primary, replica on h2} against {replica + sentinel on h3, sentinel on h4}.
@@ -427,9 +453,11 @@ def run_one(backend: str, nemesis: str, timing: dict, connections: int) -> dict:
         primary = store.primary()
         if nemesis == "kill":
             primary = store.kill_primary()
+        elif nemesis == "failover":
+            primary = store.planned_failover()
         elif nemesis == "isolate":
             net.cut([primary], [h for h in range(1, 7) if h != primary])
-        else:
+        elif nemesis == "split":
             net.cut(*store.split(primary))
         time.sleep(timing["fault"])
         healed_at = time.monotonic()
@@ -509,11 +537,11 @@ def main() -> int:
     backends = args["--backends"].split(",")
     nemeses = args["--nemeses"].split(",")
     for name in backends:
-        if name not in ("etcd", "redis-replicas-1", "redis-replicas-all"):
+        if name not in ("etcd", "redis-replicas-0", "redis-replicas-1", "redis-replicas-all"):
             print(f"partition.py: unknown backend {name!r}", file=sys.stderr)
             return 2
     for name in nemeses:
-        if name not in ("kill", "isolate", "split"):
+        if name not in ("kill", "failover", "isolate", "split"):
             print(f"partition.py: unknown nemesis {name!r}", file=sys.stderr)
             return 2
     if not args["--json"]:

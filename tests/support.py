@@ -283,7 +283,10 @@ class RedisServer:
     def cli(self, *args: str) -> str:
         auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
         result = subprocess.run(
-            ["redis-cli", "-p", str(self.port), *auth, *args], capture_output=True, text=True
+            ["redis-cli", "-p", str(self.port), *auth, *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return result.stdout.strip()
 

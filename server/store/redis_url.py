@@ -15,7 +15,7 @@ SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
 USAGE = (
     "redis://[USER:PASSWORD@]HOST:PORT/DB?key=NAME (rediss:// for TLS) or "
     "redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE/DB?key=NAME"
-    " (&replicas=N or &replicas=all)"
+    " (&replicas=N, or all: the default with sentinels)"
 )
 
 
@@ -42,6 +42,15 @@ class Backend:
         return self.replicas > 0 or self.all_replicas
 
     kind: ClassVar[str] = "Redis"  # in messages
+
+    @property
+    def promise(self) -> str:
+        """What a reply waits for, for the start-up line ("" if only the primary)."""
+        if self.all_replicas:
+            return "replies wait for every replica the sentinels know (replicas=all)"
+        if self.replicas:
+            return f"replies wait for {self.replicas} replicas (replicas={self.replicas})"
+        return ""
 
 
 def parse_hosts(hostlist: str, default_port: int, raw: str, usage: str) -> list[tuple[str, int]]:
@@ -89,7 +98,9 @@ def parse_redis(raw: str) -> Backend:
     key = query.get("key", "counter")
     if not key:
         raise ValueError("key= must not be empty")
-    replicas = query.get("replicas", "0")
+    # Sentinel's default is the setting that survives a planned failover and
+    # a partition (docs/operations.md, "What each replicas= survives").
+    replicas = query.get("replicas", "all" if sentinel else "0")
     timeout = query.get("replica_timeout_ms", str(WAIT_TIMEOUT_MS))
     all_replicas = replicas == "all"
     if all_replicas:

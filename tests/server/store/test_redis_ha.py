@@ -222,11 +222,17 @@ def promoted(sentinels, old_port: int) -> bool:
     return any(s.primary() not in ("", str(old_port)) for s in sentinels)
 
 
-def check_history(load: Load, replicas, since: float) -> tuple[int, float]:
-    """The checker's verdict against the new primary's value (both bounds);
-    (replies, longest time without acknowledgements after ``since``)."""
-    new_primary = next(r for r in replicas if "role:master" in r.cli("info", "replication"))
-    assert_exact(load.verdict(0, int(new_primary.cli("get", "counter"))))
+def check_history(load: Load, nodes, sentinels, since: float) -> tuple[int, float]:
+    """The checker's verdict (both bounds) against the primary the sentinels
+    name, once every other live node of ``nodes`` has become a replica (a
+    demoted primary keeps taking writes until then); (replies, longest time
+    without acknowledgements after ``since``)."""
+    named = next(port for s in sentinels if (port := s.primary()))
+    primary = next(node for node in nodes if str(node.port) == named)
+    wait_until(lambda: all("role:master" not in node.cli("info", "replication")
+                           for node in nodes if node is not primary and node.proc.poll() is None),
+               30, "one primary left")  # fmt: skip
+    assert_exact(load.verdict(0, int(primary.cli("get", "counter"))))
     times = sorted(t for t, _ in load.replies)
     before = [t for t in times if t < since]
     after = [t for t in times if t >= since]
@@ -234,70 +240,94 @@ def check_history(load: Load, replicas, since: float) -> tuple[int, float]:
     return len(times), max(b - a for a, b in itertools.pairwise([before[-1], *after]))
 
 
-def test_sentinel_failover_keeps_every_acknowledged_increment(tmp_path):
+@contextlib.contextmanager
+def counting_through_sentinels(tmp_path: Path, query: str, instances: int = 2,
+                               connections: int = 8):  # fmt: skip
+    """A replicated set, ``instances`` servers on its sentinels (``query``
+    added to the URL) and a Load over them: (primary, replicas, sentinels,
+    load, servers). The load is finished and the servers stopped at the end."""
     servers, load = [], None
     with replicated_set(tmp_path) as (primary, replicas, sentinels):
         try:
             hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
-            url = f"redis+sentinel://{hosts}/primary/0?key=counter&replicas=1"
-            servers = [start_server("--backend", url, "--multiplier", "10") for _ in range(2)]
-            load = Load([server.port for server in servers], 8)
-            time.sleep(2)
-            killed_at = time.monotonic()
-            primary.kill()
-            wait_until(lambda: promoted(sentinels, primary.port), 30, "a replica promoted")
-            wait_until(
-                lambda: (
-                    load.last_reply() > time.monotonic() - 0.5
-                    and load.last_reply() > killed_at + 0.5
-                ),
-                40,
-                "the servers acknowledging again (without a restart)",
-            )
-            time.sleep(1)
+            url = f"redis+sentinel://{hosts}/primary/0?key=counter{query}"
+            servers = [start_server("--backend", url, "--multiplier", "10")
+                       for _ in range(instances)]  # fmt: skip
+            load = Load([server.port for server in servers], connections)
+            yield primary, replicas, sentinels, load, servers
         finally:
             if load is not None:
                 load.finish()
             for server in servers:
                 server.stop()
-        replies, gap = check_history(load, replicas, killed_at)
-        print(f"\nfailover: {replies} replies acknowledged, none twice; "
-              f"service interrupted for {gap:.1f}s")  # fmt: skip
+
+
+def test_sentinel_failover_keeps_every_acknowledged_increment(tmp_path):
+    with counting_through_sentinels(tmp_path, "&replicas=1") as (
+        primary, replicas, sentinels, load, _
+    ):  # fmt: skip
+        wait_until(lambda: len(load.replies) > 200, 10, "acknowledging")
+        killed_at = time.monotonic()
+        primary.kill()
+        wait_until(lambda: promoted(sentinels, primary.port), 30, "a replica promoted")
+        wait_until(lambda: load.last_reply() > time.monotonic() - 0.5
+                   and load.last_reply() > killed_at + 0.5, 40,
+                   "the servers acknowledging again (without a restart)")  # fmt: skip
+        load.finish()
+        replies, gap = check_history(load, [primary, *replicas], sentinels, killed_at)
+    print(f"\nfailover: {replies} replies acknowledged, none twice; "
+          f"service interrupted for {gap:.1f}s")  # fmt: skip
+
+
+@pytest.mark.parametrize("replicas", ["", "&replicas=all"], ids=["default", "all"])
+def test_a_planned_failover_loses_nothing_with_the_default(tmp_path, replicas):
+    # SENTINEL FAILOVER: the old primary takes writes until the sentinels
+    # demote it, and with replicas=1 the other replica, still attached to it,
+    # satisfies WAIT 1 (replicas=0 waits for nothing); those increments are
+    # gone once it resyncs from the new primary. The default for Sentinel
+    # waits for every replica the sentinels know, the promoted one included.
+    with counting_through_sentinels(tmp_path, replicas) as (
+        primary, replicas_, sentinels, load, servers
+    ):  # fmt: skip
+        wait_until(lambda: len(load.replies) > 200, 10, "acknowledging")
+        failover_at = time.monotonic()
+        answer = subprocess.run(
+            ["redis-cli", "-p", str(sentinels[0].port), "sentinel", "failover", "primary"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        assert answer.stdout.strip() == "OK", answer
+        wait_until(lambda: promoted(sentinels, primary.port), 30, "a replica promoted")
+        wait_until(lambda: load.last_reply() > time.monotonic() - 0.5
+                   and load.last_reply() > failover_at + 1, 30,
+                   "acknowledging through the new primary")  # fmt: skip
+        load.finish()
+        replies, gap = check_history(load, [primary, *replicas_], sentinels, failover_at)
+    print(f"\nplanned failover: {replies} replies; {gap:.1f}s without acknowledgements")
+    line = servers[0].stdout_path.read_text() + servers[0].stderr_path.read_text()
+    assert "replies wait for every replica the sentinels know (replicas=all)" in line
 
 
 def test_a_hung_primary_and_a_hung_sentinel_cost_seconds_not_ten(tmp_path):
     # The primary's host stops answering (SIGSTOP: connections open, nothing
     # answered), and so does the first sentinel of the URL: acknowledgements
     # resume within 3 s of the promotion (5 s socket timeouts cost 10 s).
-    servers, load = [], None
-    with replicated_set(tmp_path) as (primary, replicas, sentinels):
-        try:
-            hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
-            url = f"redis+sentinel://{hosts}/primary/0?key=counter&replicas=1"
-            servers = [start_server("--backend", url, "--multiplier", "10")]
-            load = Load([servers[0].port], 4)
-            time.sleep(1.5)
-            hung_at = time.monotonic()
-            os.kill(sentinels[0].proc.pid, signal.SIGSTOP)
-            os.kill(primary.proc.pid, signal.SIGSTOP)
-            wait_until(lambda: promoted(sentinels[1:], primary.port), 30, "a replica promoted")
-            promoted_at = time.monotonic()
-            wait_until(
-                lambda: load.last_reply() > promoted_at,
-                10,
-                "acknowledging again",
-            )
-            resumed = load.last_reply() - promoted_at
-        finally:
-            if load is not None:
-                load.finish()
-            for server in servers:
-                server.stop()
-        replies, gap = check_history(load, replicas, hung_at)
-        print(f"\nhung primary: promoted {promoted_at - hung_at:.1f}s after the hang, "
-              f"acknowledging {resumed:.1f}s after the promotion; {replies} replies, "
-              f"none twice; {gap:.1f}s without acknowledgements")  # fmt: skip
-        assert resumed <= 3.0
+    with counting_through_sentinels(tmp_path, "&replicas=1", 1, 4) as (
+        primary, replicas, sentinels, load, servers
+    ):  # fmt: skip
+        wait_until(lambda: len(load.replies) > 100, 10, "acknowledging")
+        hung_at = time.monotonic()
+        os.kill(sentinels[0].proc.pid, signal.SIGSTOP)
+        os.kill(primary.proc.pid, signal.SIGSTOP)
+        wait_until(lambda: promoted(sentinels[1:], primary.port), 30, "a replica promoted")
+        promoted_at = time.monotonic()
+        wait_until(lambda: load.last_reply() > promoted_at, 10, "acknowledging again")
+        resumed = load.last_reply() - promoted_at
+        load.finish()
+        replies, gap = check_history(load, replicas, sentinels[1:], hung_at)  # not the hung one
+    print(f"\nhung primary: promoted {promoted_at - hung_at:.1f}s after the hang, "
+          f"acknowledging {resumed:.1f}s after the promotion; {replies} replies, "
+          f"none twice; {gap:.1f}s without acknowledgements")  # fmt: skip
+    assert resumed <= 3.0
     assert "Traceback" not in servers[0].stderr
 
 
