@@ -258,6 +258,18 @@ def test_authentication(cluster):
         server.stop()
     assert "rootpw" not in server.stdout + server.stderr
     assert cluster.get(user="root:rootpw") == "3"
+    # A user with only the rights docs/operations.md lists.
+    for command in (["user", "add", "counter:counterpw"], ["role", "add", "counting"],
+                    ["role", "grant-permission", "counting", "readwrite", "counter"],
+                    ["role", "grant-permission", "counting", "readwrite", "counter/writers/",
+                     "--prefix"], ["user", "grant-role", "counter", "counting"]):  # fmt: skip
+        assert cluster.ctl(*command, user="root:rootpw").returncode == 0, command
+    server = start_server("--backend", cluster.url(userinfo="counter:counterpw@"))
+    try:
+        assert exchange(server.port, 1, 2) == (4, 6)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.stderr and "permission" not in server.stderr
 
 
 def test_tls(tmp_path, pki):
