@@ -363,7 +363,8 @@ class EtcdCluster:
         except ValueError:
             return ""
         for status in statuses:
-            if status["Status"]["leader"] == status["Status"]["header"]["member_id"]:
+            # A member without a leader (an election) leaves the field out.
+            if status["Status"].get("leader") == status["Status"]["header"]["member_id"]:
                 port = int(status["Endpoint"].rsplit(":", 1)[1])
                 return next(n for n, p in self.client_ports.items() if p == port)
         return ""

@@ -218,7 +218,9 @@ def test_a_leader_paused_again_and_again_applies_nothing_twice(cluster):
         load = Load([server.port], 4)
         wait_until(lambda: len(load.replies) > 50, 10, "acknowledging")
         for _ in range(4):
-            leader = cluster.procs[cluster.leader() or "m0"]
+            seen: list[str] = []  # the leader, once there is one (not mid-election)
+            wait_until(lambda: seen.append(cluster.leader()) or seen[-1], 10, "a leader")
+            leader = cluster.procs[seen[-1]]
             leader.send_signal(signal.SIGSTOP)
             time.sleep(1.3)
             leader.send_signal(signal.SIGCONT)
