@@ -219,7 +219,8 @@ def test_a_leader_paused_again_and_again_applies_nothing_twice(cluster):
         wait_until(lambda: len(load.replies) > 50, 10, "acknowledging")
         for _ in range(4):
             seen: list[str] = []  # the leader, once there is one (not mid-election)
-            wait_until(lambda: seen.append(cluster.leader()) or seen[-1], 10, "a leader")
+            wait_until(lambda seen=seen: seen.append(cluster.leader()) or seen[-1], 10,
+                       "a leader")  # fmt: skip
             leader = cluster.procs[seen[-1]]
             leader.send_signal(signal.SIGSTOP)
             time.sleep(1.3)
