@@ -207,13 +207,15 @@ class BatchingStore:
     def _restore_hint(self, value: int) -> str:
         return f"the key set to {value}"
 
-    def _restored(self) -> bool:
+    def _restored(self, value: int | None = None) -> bool:
         """While the service's value is not trusted: True (and trusted
-        again) once the key holds at least the last value confirmed here."""
-        try:
-            value = self._read_value()
-        except (*self.errors_caught, ValueError):
-            return False
+        again) once the key holds at least the last value confirmed here
+        (``value``, or read now)."""
+        if value is None:
+            try:
+                value = self._read_value()
+            except (*self.errors_caught, ValueError):
+                return False
         if value < self._last_value:
             return False
         self._log.warning(
@@ -258,8 +260,8 @@ class BatchingStore:
             self._last_answer = time.monotonic()
             if self._lost is None and value < confirmed:
                 self._lose(value, confirmed)
-            elif self._lost is not None and value >= self._last_value:
-                self._restored()
+            elif self._lost is not None:
+                self._restored(value)
             if self._unhealthy is not None:
                 self._log.warning("%s: reachable again", self.service)
                 self._unhealthy = None

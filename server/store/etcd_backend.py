@@ -73,6 +73,7 @@ class Seen(NamedTuple):
 
 
 UNKNOWN = None  # what _seen is before the key is read and after an unknown outcome
+SWAPPED, RECOGNISED, FAILED = "swapped", "recognised", "failed"  # a swap's outcomes
 
 
 class EtcdUnavailable(Exception):
@@ -109,7 +110,6 @@ class EtcdCluster:
         self._key = _b64(backend.key)
         self.writer = f"{backend.key}/writers/{secrets.token_hex(8)}"
         self._writer = _b64(self.writer)
-        self.resent = False  # whether the last request was sent to more than one endpoint
 
     @property
     def endpoint(self) -> str:
@@ -141,12 +141,16 @@ class EtcdCluster:
     def _post(self, path: str, body: dict | None = None) -> dict:
         """``path`` on the current endpoint, then the others in turn;
         EtcdUnavailable when none could answer, EtcdAnswer when etcd refused."""
+        return self._send(path, body)[0]
+
+    def _send(self, path: str, body: dict | None) -> tuple[dict, bool]:
+        """``_post``, and whether the answer came from a re-send (an earlier
+        send of the same request failed after it may have reached etcd)."""
         problems = []
         for attempt in range(len(self._pools)):
             pool = self._pools[self._current]
-            self.resent = attempt > 0
             try:
-                return self._authorized(pool, path, body)
+                return self._authorized(pool, path, body), attempt > 0
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 problems.append(f"{pool.host}:{pool.port}: {_describe(exc)}")
             self._current = (self._current + 1) % len(self._pools)
@@ -178,10 +182,12 @@ class EtcdCluster:
         answer = self._post("/v3/kv/txn", {"success": self._ranges()})
         return self._seen_in(answer)
 
-    def swap(self, expected: Seen, new: int, token: str) -> tuple[bool, Seen]:
+    def swap(self, expected: Seen, new: int, token: str) -> tuple[str, Seen]:
         """Set the key to ``new`` and the writers key to ``token`` if both
-        are as ``expected`` shows them. (True, what they hold now) if it
-        did; (False, what they hold) if not."""
+        are as ``expected`` shows them, and what they hold then: SWAPPED;
+        RECOGNISED (a re-send failed its compare because an earlier send of
+        it committed); or FAILED (it did not commit and never can).
+        EtcdUnavailable when that cannot be told."""
         if expected.value is None:
             compare = {"key": self._key, "result": "EQUAL", "target": "VERSION", "version": "0"}
         else:
@@ -189,15 +195,25 @@ class EtcdCluster:
                        "value": _b64(str(expected.value))}  # fmt: skip
         writer = {"key": self._writer, "result": "EQUAL", "target": "MOD",
                   "mod_revision": str(expected.writer_revision)}  # fmt: skip
-        answer = self._post("/v3/kv/txn", {
+        answer, resent = self._send("/v3/kv/txn", {
             "compare": [compare, writer],
             "success": [{"request_put": {"key": self._key, "value": _b64(str(new))}},
                         {"request_put": {"key": self._writer, "value": _b64(token)}}],
             "failure": self._ranges(),
         })  # fmt: skip
         if answer.get("succeeded"):
-            return True, Seen(new, int(answer["header"]["revision"]), token)
-        return False, self._seen_in(answer)
+            return SWAPPED, Seen(new, int(answer["header"]["revision"]), token)
+        seen = self._seen_in(answer)
+        if not resent or seen.writer_token not in (token, None):
+            # Answered at the first send, or the writers key holds another
+            # swap's token: this one's revision compare can never hold again.
+            return FAILED, seen
+        if seen.writer_token == token:
+            return RECOGNISED, seen
+        raise EtcdUnavailable(
+            f"the writers key {self.writer!r} is gone: whether a swap whose answer was lost "
+            "committed cannot be told; not acknowledged"
+        )
 
     def forget_writer(self) -> None:
         """Remove the writers key (at a clean stop)."""
@@ -329,7 +345,9 @@ class EtcdCounterStore(BatchingStore):
 
     def _read_value(self) -> int:
         seen = self._cluster.state()
-        if self._in_flight == 0:  # what the next swap compares against
+        # What the next swap compares against, when nothing is known: a
+        # read that overlapped a swap may be older than what that swap set.
+        if self._in_flight == 0 and self._seen is UNKNOWN:
             self._seen = seen
         return seen.value or 0
 
@@ -358,14 +376,14 @@ class EtcdCounterStore(BatchingStore):
                 self.round_trips += 1
                 self._swaps += 1
                 token = f"{self._swaps} {after}"
-                swapped, seen = self._cluster.swap(expected, after, token)
-                if not swapped and self._cluster.resent:
-                    swapped = self._committed_before(seen, token)
-                self._seen = seen
-                if swapped:
+                outcome, self._seen = self._cluster.swap(expected, after, token)
+                if outcome == RECOGNISED:
+                    self.recognised += 1
+                    log.info("etcd: a swap whose answer was lost had committed; not applied again")
+                if outcome != FAILED:
                     break
-                if (seen.value or 0) < confirmed:
-                    raise WentBack(seen.value or 0)
+                if (self._seen.value or 0) < confirmed:
+                    raise WentBack(self._seen.value or 0)
                 self.conflicts += 1
             else:
                 raise StoreUnavailable(f"lost the compare to other writers {SWAP_ATTEMPTS} times")
@@ -380,20 +398,6 @@ class EtcdCounterStore(BatchingStore):
         batch.replies.extend(replies)
         self._last_value = max(self._last_value, after)
         self._finish(batch)
-
-    def _committed_before(self, seen: Seen, token: str) -> bool:
-        """A re-sent swap failed its compare: whether an earlier send of it
-        committed (its answer lost). StoreUnavailable when that cannot be told."""
-        if seen.writer_token == token:
-            self.recognised += 1
-            log.info("etcd: a swap whose answer was lost had committed; not applied again")
-            return True
-        if seen.writer_token is not None:
-            return False  # not ours: the first send never committed, and never can
-        raise StoreUnavailable(
-            f"the writers key {self._cluster.writer!r} is gone: whether a swap whose answer "
-            "was lost committed cannot be told; not acknowledged"
-        )
 
     @staticmethod
     def _replies(reads: Sequence[Sequence[int]], value: int) -> tuple[list[list[int]], int]:
@@ -421,7 +425,8 @@ class EtcdCounterStore(BatchingStore):
 
     def close(self) -> bool:
         self._drain()
-        self.current_value()
+        if self.current_value() is None:
+            return True  # no endpoint answers: do not spend another timeout on each
         try:
             self._cluster.forget_writer()
         except self.errors_caught as exc:

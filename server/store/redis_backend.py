@@ -198,10 +198,11 @@ class RedisCounterStore(BatchingStore):
                 self._finish(batch, error=self._lost)
                 return
             confirmed = self._last_value  # before this round trip is sent
-            if sum(sums) > REDIS_MAX:  # not even an argument Redis accepts
+            batch_sum = sum(sums)
+            if batch_sum > REDIS_MAX:  # not even an argument Redis accepts
                 self._flush_per_read(batch, sums, confirmed)
                 return
-            results = self._incrby(sum(sums))
+            results = self._incrby(batch_sum)
             self.round_trips += 1
             self.reads_batched += len(sums)
             after = results[0]
@@ -210,8 +211,8 @@ class RedisCounterStore(BatchingStore):
                 return
             if isinstance(after, Exception):
                 raise after
-            if after - sum(sums) < confirmed:
-                raise WentBack(after - sum(sums))
+            if after - batch_sum < confirmed:
+                raise WentBack(after - batch_sum)
             self._check_wait(results[1:], results[-1] if self.backend.waits else 0)
         except WentBack as exc:
             self._went_back(batch, exc.before, confirmed)
@@ -220,7 +221,7 @@ class RedisCounterStore(BatchingStore):
             self._fail(batch, exc)
             return
         self._healthy()
-        value = after - sum(sums)
+        value = after - batch_sum
         for increments, total in zip(batch.reads, sums, strict=True):
             batch.replies.append(advance(value, increments, REDIS_MAX))
             value += total

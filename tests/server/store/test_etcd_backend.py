@@ -210,6 +210,37 @@ def test_a_transaction_whose_answer_was_lost_is_applied_once(cluster):
     assert recognised >= 1, "no re-sent swap was found committed: the case was not reached"
 
 
+def test_a_swap_tells_its_outcome_after_a_lost_answer(cluster):
+    # EtcdCluster.swap itself: the answer of a committed swap dropped, the
+    # same transaction re-sent to the next member is recognised (applied
+    # once); with the writers key deleted by hand the outcome is unknown.
+    from counter_server.server.store import etcd_backend
+    from counter_server.server.store.etcd_url import parse_etcd
+
+    proxies = [AnswerProxy(cluster.client_ports[name]) for name in cluster.names]
+    client = etcd_backend.EtcdCluster(
+        parse_etcd("etcd://" + ",".join(f"127.0.0.1:{p.port}" for p in proxies) + "/counter")
+    )
+    try:
+        outcome, seen = client.swap(client.state(), 1, "first")
+        assert outcome == etcd_backend.SWAPPED and seen.value == 1
+        proxies[0].drop.set()
+        outcome, seen = client.swap(seen, 2, "second")
+        assert outcome == etcd_backend.RECOGNISED, outcome
+        assert (seen.value, seen.writer_token) == (2, "second")
+        assert cluster.get() == "2", "the re-sent swap was applied again"
+        outcome, stale = client.swap(seen._replace(value=1), 3, "third")  # another writer's
+        assert outcome == etcd_backend.FAILED and stale.value == 2
+        assert cluster.ctl("del", client.writer).returncode == 0  # an operator tidying up
+        proxies[1].drop.set()
+        with pytest.raises(etcd_backend.EtcdUnavailable, match="cannot be told"):
+            client.swap(seen, 3, "fourth")
+        assert cluster.get() == "2"
+    finally:
+        for proxy in proxies:
+            proxy.close()
+
+
 def test_a_leader_paused_again_and_again_applies_nothing_twice(cluster):
     # SIGSTOP pulses longer than the request timeout: swaps committed by the
     # paused leader answer late or never, and are re-sent to other members.

@@ -68,11 +68,22 @@ def test_connections_killed_again_and_again_never_end_acknowledgements(redis_ser
     assert "Too many connections" not in instance.stderr_path.read_text()
 
 
-def test_redis_restarted_empty_is_refused_until_the_key_is_restored(redis_server, tmp_path):
-    redis_server.extra = ["--appendonly", "no"]  # a restart loses everything
-    redis_server.kill()
+@pytest.fixture
+def forgetful(tmp_path):
+    """A Redis without persistence (a restart loses everything) and a server
+    on it: (redis, server)."""
+    redis_server = RedisServer(tmp_path, "--appendonly", "no")
     redis_server.start()
     server = start_server("--backend", redis_server.url(), "--metrics-port", "0")
+    yield redis_server, server
+    if server.returncode is None:
+        server.stop()
+    redis_server.kill()
+    assert "Traceback" not in server.stderr
+
+
+def test_redis_restarted_empty_is_refused_until_the_key_is_restored(forgetful):
+    redis_server, server = forgetful
     try:
         handed_out = exchange(server.port, *[1] * 50)
         assert handed_out[-1] == 50
@@ -155,11 +166,8 @@ def test_health_turns_503_within_2s_of_redis_going_away_without_traffic(redis_se
     wait_until(lambda: http_get(instance.metrics_url("/healthz"))[0] == 200, 3, "200 again")
 
 
-def test_redis_restarted_empty_without_traffic_turns_health_503_within_2s(redis_server, tmp_path):
-    redis_server.extra = ["--appendonly", "no"]  # a restart loses everything
-    redis_server.kill()
-    redis_server.start()
-    server = start_server("--backend", redis_server.url(), "--metrics-port", "0")
+def test_redis_restarted_empty_without_traffic_turns_health_503_within_2s(forgetful):
+    redis_server, server = forgetful
     try:
         assert exchange(server.port, *[1] * 30)[-1] == 30
         redis_server.kill()

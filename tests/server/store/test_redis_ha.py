@@ -262,6 +262,14 @@ def counting_through_sentinels(tmp_path: Path, query: str, instances: int = 2,
                 server.stop()
 
 
+def serving_again(load: Load, sentinels, old_port: int, since: float) -> None:
+    """Wait until a replica is promoted and the load is acknowledged again
+    (steadily, a second after ``since``), without a restart."""
+    wait_until(lambda: promoted(sentinels, old_port), 30, "a replica promoted")
+    wait_until(lambda: load.last_reply() > max(time.monotonic() - 0.5, since + 1), 40,
+               "the servers acknowledging again (without a restart)")  # fmt: skip
+
+
 def test_sentinel_failover_keeps_every_acknowledged_increment(tmp_path):
     with counting_through_sentinels(tmp_path, "&replicas=1") as (
         primary, replicas, sentinels, load, _
@@ -269,10 +277,7 @@ def test_sentinel_failover_keeps_every_acknowledged_increment(tmp_path):
         wait_until(lambda: len(load.replies) > 200, 10, "acknowledging")
         killed_at = time.monotonic()
         primary.kill()
-        wait_until(lambda: promoted(sentinels, primary.port), 30, "a replica promoted")
-        wait_until(lambda: load.last_reply() > time.monotonic() - 0.5
-                   and load.last_reply() > killed_at + 0.5, 40,
-                   "the servers acknowledging again (without a restart)")  # fmt: skip
+        serving_again(load, sentinels, primary.port, killed_at)
         load.finish()
         replies, gap = check_history(load, [primary, *replicas], sentinels, killed_at)
     print(f"\nfailover: {replies} replies acknowledged, none twice; "
@@ -296,10 +301,7 @@ def test_a_planned_failover_loses_nothing_with_the_default(tmp_path, replicas):
             capture_output=True, text=True, timeout=10,
         )  # fmt: skip
         assert answer.stdout.strip() == "OK", answer
-        wait_until(lambda: promoted(sentinels, primary.port), 30, "a replica promoted")
-        wait_until(lambda: load.last_reply() > time.monotonic() - 0.5
-                   and load.last_reply() > failover_at + 1, 30,
-                   "acknowledging through the new primary")  # fmt: skip
+        serving_again(load, sentinels, primary.port, failover_at)
         load.finish()
         replies, gap = check_history(load, [primary, *replicas_], sentinels, failover_at)
     print(f"\nplanned failover: {replies} replies; {gap:.1f}s without acknowledgements")
