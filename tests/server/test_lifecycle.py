@@ -60,33 +60,42 @@ def test_sigterm_under_load_loses_nothing_acknowledged():
     assert len(values) == applied, f"{applied - len(values)} applied frames never answered"
 
 
+# What a stop may take beyond --shutdown-timeout (docs/operations.md): cutting
+# the connections still open (at most a second), saving the final value and
+# exiting, with room for a loaded two-core machine.
+STOP_MARGIN = 3.0
+
+
 def test_shutdown_timeout_cuts_a_client_that_never_reads():
-    server = start_server("--shutdown-timeout", "1")
+    server = start_server("--shutdown-timeout", "2")
     with stall_server(server.port):
         started = time.monotonic()
         server.signal(signal.SIGTERM)
         assert server.wait(timeout=20) == 0
         elapsed = time.monotonic() - started
-    assert elapsed < 8, f"shutdown took {elapsed:.1f}s with a 1s timeout"
-    assert "did not finish within the 1.0s shutdown timeout" in server.stderr
+    assert 2 <= elapsed < 2 + STOP_MARGIN, f"shutdown took {elapsed:.1f}s with a 2s timeout"
+    assert "did not finish within the 2.0s shutdown timeout" in server.stderr
     applied, final = server.totals
     assert applied == final > 0
 
 
-def test_second_signal_exits_at_once():
+def shutdown_begun(server) -> bool:
+    return "shutdown begun" in server.stderr_path.read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_second_signal_exits_at_once(signum):
     server = start_server("--shutdown-timeout", "60")
     with stall_server(server.port):
-        server.signal(signal.SIGTERM)
-        time.sleep(0.5)
-        if server.proc.poll() is not None:
-            server.wait()
-            raise AssertionError(
-                f"the first signal should wait for the stuck client; the server said:\n"
-                f"{server.stderr}"
-            )
-        server.signal(signal.SIGTERM)
-        assert server.wait(timeout=5) == 128 + signal.SIGTERM
-    assert "second SIGTERM: exiting now" in server.stderr
+        server.signal(signum)
+        # Two signals before the first is handled would be one.
+        wait_until(lambda: shutdown_begun(server), 10, "the first signal being handled")
+        assert server.proc.poll() is None, "the first signal should wait for the stuck client"
+        started = time.monotonic()
+        server.signal(signum)
+        assert server.wait(timeout=10) == 128 + signum
+        assert time.monotonic() - started < 5
+    assert f"second {signal.Signals(signum).name}: exiting now" in server.stderr
 
 
 def test_port_already_in_use_is_one_line_and_exit_1():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from counter_server.common.procinfo import children_of
 from support import (
+    REPO_ROOT,
     connect,
     exchange,
     frames,
@@ -127,6 +128,39 @@ def test_a_dead_worker_is_replaced_and_nothing_acknowledged_is_lost():
     assert "starting a new one" in server.stderr
     assert "killed by SIGKILL" in server.stderr
     assert server.totals[1] == 25
+
+
+# The server with its restart delays shortened (0.01 s instead of doubling from
+# 0.1 s to 30 s): only the test's patience changes, not the rule it checks.
+IMPATIENT_SERVER = """
+import sys
+sys.path[0] = {root!r}
+from gevent import monkey
+monkey.patch_all()
+from counter_server.server import processes
+processes.BACKOFF_FIRST = processes.BACKOFF_MAX = 0.01
+from counter_server.server.run import main
+sys.exit(main())
+"""
+
+
+def test_workers_dying_young_again_and_again_make_it_give_up_and_exit_1(tmp_path):
+    script = tmp_path / "impatient_server.py"
+    script.write_text(IMPATIENT_SERVER.format(root=str(REPO_ROOT)))
+    server = start_server("--processes", "2", script=script)
+    killed: set[int] = set()
+    deadline = time.monotonic() + 30
+    while server.proc.poll() is None:
+        assert time.monotonic() < deadline, f"still restarting after {len(killed)} deaths"
+        for pid in children_of(server.proc.pid) - killed:
+            os.kill(pid, signal.SIGKILL)  # a worker of the server this test started
+            killed.add(pid)
+        time.sleep(0.005)
+    assert server.wait() == 1
+    assert "10 workers in a row died young: giving up" in server.stderr
+    # The tenth death gives up; the other worker may be killed by the test too.
+    assert len(killed) in (10, 11), f"{len(killed)} workers were started"
+    assert "Traceback" not in server.stderr
 
 
 def test_auto_starts_one_worker_per_cpu():

@@ -1,0 +1,177 @@
+"""Deliberate bugs, each breaking one documented promise, and the tests that
+must notice: applies each to a scratch copy of the repository, runs the tests
+named for it and prints caught or missed (docs/development.md, "Mutants").
+
+    .venv/bin/python tests/mutants/run.py              # every mutant
+    .venv/bin/python tests/mutants/run.py NAME ...     # some (see --list)
+    .venv/bin/python tests/mutants/run.py --list
+
+Not part of the suite (it runs the suite's slow tests once per mutant). A
+mutant whose text no longer occurs exactly once in its file says so: the code
+moved, and the mutant needs rewriting to break the same promise again. Exit 0
+only when every mutant run was caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (CI would stop)
+
+
+TEST_PROCESSES = "tests/server/test_processes.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One deliberate bug: replace ``old`` (which must occur exactly once in
+    ``path``) with ``new``; some test in ``tests`` must then fail."""
+
+    name: str
+    promise: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant(
+        "replies-owed-at-shutdown",
+        "every reply owed for an applied frame is sent during a graceful stop",
+        "server/connection.py",
+        "            if applied:\n",
+        "            if applied and not state.stopping:\n",
+        ("tests/server/test_lifecycle.py::test_sigterm_under_load_loses_nothing_acknowledged",),
+    ),
+    Mutant(
+        "shutdown-timeout-x5",
+        "a stop takes at most --shutdown-timeout plus a small margin",
+        "server/lifecycle.py",
+        "if not self.pool.join(timeout=timeout):",
+        "if not self.pool.join(timeout=timeout * 5):",
+        ("tests/server/test_lifecycle.py::test_shutdown_timeout_cuts_a_client_that_never_reads",),
+    ),
+    Mutant(
+        "second-sigint-exits-0",
+        "a second SIGINT exits at once with status 128 + 2",
+        "common/signals.py",
+        "os._exit(128 + signum)",
+        "os._exit(0 if signum == signal.SIGINT else 128 + signum)",
+        ("tests/server/test_lifecycle.py::test_second_signal_exits_at_once",),
+    ),
+    Mutant(
+        "crash-loop-never-gives-up",
+        "after 10 young deaths in a row the supervisor gives up",
+        "server/processes.py",
+        "GIVE_UP_AFTER = 10 ",
+        "GIVE_UP_AFTER = 10_000 ",
+        (TEST_PROCESSES + "::test_workers_dying_young_again_and_again_make_it_give_up_and_exit_1",),
+    ),
+    Mutant(
+        "crash-loop-exits-0",
+        "a server that gave up on its workers exits 1",
+        "server/run.py",
+        "return 0 if not instance.failed else 1",
+        "return 0",
+        (TEST_PROCESSES + "::test_workers_dying_young_again_and_again_make_it_give_up_and_exit_1",),
+    ),
+]
+
+
+def applied_to(mutant: Mutant, root: Path) -> bool:
+    """Apply ``mutant`` to the copy at ``root``; False if its text is not
+    there exactly once."""
+    path = root / mutant.path
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    if text.count(mutant.old) != 1:
+        return False
+    path.write_text(text.replace(mutant.old, mutant.new))
+    return True
+
+
+def scratch_copy(into: Path) -> Path:
+    """The repository's files (tracked and new, not ignored) copied under ``into``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    root = into / "repo"
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            target = root / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return root
+
+
+def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[str, float]:
+    """Run ``tests`` in the copy: ("passed" | "failed" | "hung" | "error", seconds)."""
+    started = time.monotonic()
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        result = subprocess.run(
+            command, cwd=root, stdin=subprocess.DEVNULL, capture_output=True,
+            timeout=RUN_TIMEOUT,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return "hung", time.monotonic() - started
+    elapsed = time.monotonic() - started
+    outcome = {0: "passed", 1: "failed"}.get(result.returncode, "error")
+    if outcome == "error":
+        sys.stderr.write(result.stdout.decode(errors="replace")[-3000:])
+    return outcome, elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument(
+        "--no-baseline", action="store_true",
+        help="skip running each mutant's tests on the unchanged code first",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.list:
+        for mutant in MUTANTS:
+            print(f"{mutant.name:32} {mutant.promise}")
+        return 0
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"no such mutant: {', '.join(sorted(unknown))} (see --list)")
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    all_caught = True
+    print(f"{'mutant':32} {'result':24} {'seconds':>7}  first test named")
+    for mutant in chosen:
+        with tempfile.TemporaryDirectory(prefix="mutant-") as scratch:
+            root = scratch_copy(Path(scratch))
+            if not args.no_baseline:
+                outcome, _ = run_tests(root, mutant.tests)
+                if outcome != "passed":
+                    print(f"{mutant.name:32} {'baseline ' + outcome:24}")
+                    all_caught = False
+                    continue
+            if not applied_to(mutant, root):
+                print(f"{mutant.name:32} {'no longer applies':24}         {mutant.path}")
+                all_caught = False
+                continue
+            outcome, elapsed = run_tests(root, mutant.tests)
+        result = {"failed": "caught", "hung": "caught (hung)"}.get(outcome, f"MISSED ({outcome})")
+        all_caught &= result.startswith("caught")
+        print(f"{mutant.name:32} {result:24} {elapsed:7.1f}  {mutant.tests[0]}", flush=True)
+    return 0 if all_caught else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
