@@ -507,3 +507,45 @@ class AnswerProxy:
             sock.close()
         for thread in self._threads:
             thread.join(5)
+
+
+class HangsUpFirst:
+    """A stand-in server on loopback: it closes each of its first
+    ``hang_ups`` connections once a frame arrives (unanswered), then answers
+    every frame on later connections with ``value``. ``accepted`` counts
+    the connections it took."""
+
+    def __init__(self, hang_ups: int, value: int) -> None:
+        self.hang_ups = hang_ups
+        self.reply = value.to_bytes(REPLY_SIZE, "big")
+        self.accepted = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            thread = threading.Thread(target=self._serve, args=(conn, self.accepted), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        with conn, contextlib.suppress(OSError, AssertionError):
+            conn.settimeout(IO_TIMEOUT)
+            while recv_exactly(conn, 16):
+                if number <= self.hang_ups:
+                    return
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accept (close alone does not)
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(5)

@@ -19,7 +19,7 @@ from counter_server.client import (
     Unavailable,
 )
 from counter_server.protocol import MAX_COUNTER
-from support import REPO_ROOT, exchange, free_port, start_server
+from support import REPO_ROOT, HangsUpFirst, exchange, free_port, metric, start_server
 
 TASKS = """
 import asyncio, json, sys
@@ -40,16 +40,22 @@ print(json.dumps({"replies": replies, "many": many, "value": value,
 """
 
 
-def test_20_tasks_share_one_client_without_gevent(server):
-    result = subprocess.run(
-        [sys.executable, "-c", TASKS, f"127.0.0.1:{server.port}", str(REPO_ROOT)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+def test_20_tasks_share_one_client_without_gevent():
+    server = start_server("--metrics-port", "0")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", TASKS, f"127.0.0.1:{server.port}", str(REPO_ROOT)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        accepted = metric(server.metrics_url(), "counter_server_connections_accepted_total")
+    finally:
+        server.stop()
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["replies"] == list(range(1, 4001))
     assert report["many"] == [4001, 4002, 4007] and report["value"] == 4007
     assert report["gevent"] is False
+    assert accepted <= 4, f"{accepted:.0f} connections for pool_size=4"
 
 
 def run(coroutine):
@@ -79,6 +85,25 @@ def test_nothing_listening_is_unavailable():
                 await counter.increment()
 
     run(scenario())
+
+
+@pytest.mark.parametrize(("hang_ups", "read"), [(2, 42), (3, None)])
+def test_read_is_tried_three_times_on_fresh_connections(hang_ups, read):
+    stand_in = HangsUpFirst(hang_ups, 42)
+
+    async def scenario():
+        async with AsyncCounterClient(stand_in.address, timeout=5) as counter:
+            if read is None:
+                with pytest.raises(Unavailable, match="cannot read the counter"):
+                    await counter.read()
+            else:
+                assert await counter.read() == read
+
+    try:
+        run(scenario())
+        assert stand_in.accepted == 3
+    finally:
+        stand_in.close()
 
 
 def test_a_server_that_never_replies_times_out_as_indeterminate():

@@ -84,6 +84,57 @@ MUTANTS = [
         "return 0",
         (TEST_PROCESSES + "::test_workers_dying_young_again_and_again_make_it_give_up_and_exit_1",),
     ),
+    Mutant(
+        "write-timeout-0-is-0s",
+        "--write-timeout 0 means never",
+        "server/cli.py",
+        'write=seconds_or_off("--write-timeout"),',
+        'write=value("--write-timeout", non_negative_float),',
+        (
+            "tests/server/test_protection.py::test_write_timeout_0_never_cuts_a_client_that_reads_late",
+        ),
+    ),
+    Mutant(
+        "tls-handshake-limit-an-hour",
+        "with --frame-timeout 0 a TLS handshake still ends after 10 s",
+        "server/lifecycle.py",
+        "HANDSHAKE_TIMEOUT = 10.0",
+        "HANDSHAKE_TIMEOUT = 3600.0",
+        (
+            "tests/server/test_availability.py"
+            "::test_without_a_frame_timeout_a_silent_tls_handshake_ends_after_10s",
+        ),
+    ),
+    Mutant(
+        "library-pool-size-ignored",
+        "CounterClient opens at most pool_size connections",
+        "client/library.py",
+        "threading.BoundedSemaphore(check_pool_size(pool_size))",
+        "threading.BoundedSemaphore(check_pool_size(pool_size) * 1000)",
+        (
+            "tests/client/test_library.py"
+            "::test_16_threads_share_one_client_and_every_reply_is_distinct",
+        ),
+    ),
+    Mutant(
+        "aio-pool-size-ignored",
+        "AsyncCounterClient opens at most pool_size connections",
+        "client/aio.py",
+        "asyncio.Semaphore(self._pool_size)",
+        "asyncio.Semaphore(self._pool_size * 1000)",
+        ("tests/client/test_aio.py::test_20_tasks_share_one_client_without_gevent",),
+    ),
+    Mutant(
+        "read-tried-once",
+        "the library tries read() up to 3 times, each on a fresh connection",
+        "client/calls.py",
+        "READ_ATTEMPTS = 3 ",
+        "READ_ATTEMPTS = 1 ",
+        (
+            "tests/client/test_library.py::test_read_is_tried_three_times_on_fresh_connections",
+            "tests/client/test_aio.py::test_read_is_tried_three_times_on_fresh_connections",
+        ),
+    ),
 ]
 
 

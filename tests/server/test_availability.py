@@ -71,6 +71,20 @@ def test_a_trickled_tls_handshake_is_cut_at_the_frame_timeout(pki):
     assert "closed: handshake timeout (handshake timeout after 1s)" in server.stderr
 
 
+def test_without_a_frame_timeout_a_silent_tls_handshake_ends_after_10s(pki):
+    server = start_server(
+        "--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"],
+        "--frame-timeout", "0", "--idle-timeout", "0",
+    )  # fmt: skip
+    try:
+        with connect(server.port) as sock:  # no ClientHello, ever
+            took = closed_within(sock, 20)
+        assert 9.5 <= took <= 13, took  # 10 s (docs/operations.md), and a loaded machine's margin
+    finally:
+        server.stop()
+    assert "closed: handshake timeout (handshake timeout after 10s)" in server.stderr
+
+
 def exchange_tls_still_works(pki, server) -> bool:
     result = run_client(
         "--get", "--tls", "--tls-ca", pki["ca"], "--serverAddress", f"127.0.0.1:{server.port}"

@@ -90,6 +90,22 @@ def test_timeouts_can_be_switched_off():
         server.stop()
 
 
+def test_write_timeout_0_never_cuts_a_client_that_reads_late():
+    server = start_server("--write-timeout", "0", "--idle-timeout", "0", "--frame-timeout", "0")
+    try:
+        with stall_server(server.port) as sock:
+            time.sleep(2)  # several reaper passes while the server cannot write
+            sock.settimeout(10)
+            received = 0
+            while received < 1 << 16:  # slow: the stalled socket's window is 4 KiB
+                chunk = sock.recv(1 << 16)
+                assert chunk, f"closed after {received} reply bytes"
+                received += len(chunk)
+    finally:
+        server.stop()
+    assert "write timeout" not in server.stderr
+
+
 def test_client_that_never_reads_is_closed_by_the_write_timeout_with_bounded_memory():
     server = start_server("--write-timeout", "1")
     try:
