@@ -135,6 +135,22 @@ MUTANTS = [
             "tests/client/test_aio.py::test_read_is_tried_three_times_on_fresh_connections",
         ),
     ),
+    Mutant(
+        "redis-resends-after-timeout",
+        "Redis: a round trip whose outcome is unknown is never sent again",
+        "server/store/redis_backend.py",
+        "            except redis.ResponseError as exc:\n                return [exc]\n",
+        "            except redis.ResponseError as exc:\n                return [exc]\n"
+        "            except redis.TimeoutError:\n"
+        "                self._drop_connections()\n"
+        "                connection = self._connection()\n"
+        '                connection.send_command("INCRBY", self.key, total)\n'
+        "                return [connection.read_response()]\n",
+        (
+            "tests/server/store/test_redis_faults.py"
+            "::test_a_round_trip_redis_did_not_answer_in_time_is_never_sent_again",
+        ),
+    ),
 ]
 
 

@@ -5,11 +5,13 @@ with no traffic. Real redis-server processes on loopback."""
 from __future__ import annotations
 
 import shutil
+import signal
 import threading
 import time
 
 import pytest
 import redis
+from counter_server.server.store.redis_backend import COMMAND_TIMEOUT
 from support import (
     Load,
     RedisServer,
@@ -80,6 +82,25 @@ def forgetful(tmp_path):
         server.stop()
     redis_server.kill()
     assert "Traceback" not in server.stderr
+
+
+def test_a_round_trip_redis_did_not_answer_in_time_is_never_sent_again(redis_server, instance):
+    load = Load([instance.port], 8)
+    for _ in range(2):
+        served = len(load.replies)
+        wait_until(lambda seen=served: len(load.replies) > seen + 200, 20, "acknowledgements")
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:  # the fault: past the round trip's timeout, back before a second one's
+            time.sleep(COMMAND_TIMEOUT * 1.5)
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+    served = len(load.replies)
+    wait_until(lambda: len(load.replies) > served + 200, 20, "acknowledgements again")
+    load.finish()
+    assert load.unanswered > 0, "nothing was in flight when Redis stopped"
+    # A round trip sent again would apply its increments twice: the counter
+    # would pass acknowledged + unanswered.
+    assert_exact(load.verdict(0, int(redis_server.cli("GET", "counter"))))
 
 
 def test_redis_restarted_empty_is_refused_until_the_key_is_restored(forgetful):
