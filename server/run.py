@@ -224,12 +224,8 @@ class Workers:
         self.board.publish(index, ServerCollector(server).collect(), health(server))
 
     def _worker_died(self, index: int, pid: int) -> None:
-        if pid > 0 and self.shared.release_if_held_by(pid):
-            log.error(
-                "worker %d died holding the counter's lock; the lock was given back",
-                pid,
-                extra={"worker": pid},
-            )
+        if pid > 0:
+            self.shared.release_if_held_by(pid)
         self.board.retire(index)
         self.balance.absent(index)
         if self.peers is not None:

@@ -22,6 +22,7 @@ it then fills: an unlocked read could see 0 in between.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import multiprocessing
 import os
@@ -29,6 +30,8 @@ from collections.abc import Sequence
 
 import gevent
 from counter_server.server.store.base import PlainStore, advance
+
+log = logging.getLogger("counter.server")
 
 # The shared cells, each an unsigned 64-bit integer.
 VALUE = 0  # the counter
@@ -65,20 +68,24 @@ class SharedCounter:
 
     def release_if_held_by(self, pid: int) -> bool:
         """In the parent, once worker ``pid`` has exited: give the lock back
-        if it died holding it. True if it did."""
+        (and log it) if it died holding it. True if it did."""
         cells = self.cells
         holder, taken = cells[HOLDER], cells[TAKEN]
-        if holder == pid:
-            self._give_back()
-            return True
-        if holder != 0 or not self._held():
-            return False  # a live worker holds it, or nobody does
-        # Held, and no pid written: the dead worker may have taken it and died
-        # before writing its pid, or a live one is about to write its own.
-        gevent.sleep(ORPHAN_SECONDS)
-        if (cells[HOLDER], cells[TAKEN]) != (0, taken) or not self._held():
-            return False
-        self._give_back()
+        if holder != pid:
+            if holder != 0 or not self._held():
+                return False  # a live worker holds it, or nobody does
+            # Held, and no pid written: the dead worker may have taken it and
+            # died before writing its pid, or a live one is about to write its own.
+            gevent.sleep(ORPHAN_SECONDS)
+            if (cells[HOLDER], cells[TAKEN]) != (0, taken) or not self._held():
+                return False
+        cells[HOLDER] = 0
+        self.lock.release()
+        log.error(
+            "worker %d died holding the counter's lock; the lock was given back",
+            pid,
+            extra={"worker": pid},
+        )
         return True
 
     def _held(self) -> bool:
@@ -86,10 +93,6 @@ class SharedCounter:
             self.lock.release()
             return False
         return True
-
-    def _give_back(self) -> None:
-        self.cells[HOLDER] = 0
-        self.lock.release()
 
 
 class SharedCounterStore(PlainStore):

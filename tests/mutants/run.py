@@ -50,7 +50,11 @@ MUTANTS = [
         "server/connection.py",
         "            if applied:\n",
         "            if applied and not state.stopping:\n",
-        ("tests/server/test_lifecycle.py::test_sigterm_under_load_loses_nothing_acknowledged",),
+        (
+            "tests/server/test_lifecycle.py::test_sigterm_under_load_loses_nothing_acknowledged",
+            "tests/server/test_seams.py"
+            "::test_a_rolling_restart_under_load_answers_every_frame_it_applied",
+        ),
     ),
     Mutant(
         "shutdown-timeout-x5",
@@ -150,6 +154,36 @@ MUTANTS = [
             "tests/server/store/test_redis_faults.py"
             "::test_a_round_trip_redis_did_not_answer_in_time_is_never_sent_again",
         ),
+    ),
+    Mutant(
+        "stuck-worker-kept-waiting",
+        "with --processes, a worker still running 5 s after the timeout is killed",
+        "server/run.py",
+        "self.supervisor.stop(self.settings.shutdown_timeout + 5)",
+        "self.supervisor.stop(self.settings.shutdown_timeout + 50)",
+        (
+            TEST_PROCESSES
+            + "::test_a_worker_that_does_not_stop_is_killed_5s_after_the_shutdown_timeout",
+        ),
+    ),
+    Mutant(
+        "killed-workers-not-logged",
+        "the log says how many workers did not stop in time",
+        "server/run.py",
+        "        if killed:\n",
+        "        if killed > 1:\n",
+        (
+            TEST_PROCESSES
+            + "::test_a_worker_that_does_not_stop_is_killed_5s_after_the_shutdown_timeout",
+        ),
+    ),
+    Mutant(
+        "lock-given-back-silently",
+        "a worker that died holding the counter's lock is logged",
+        "server/store/shared.py",
+        "        log.error(\n",
+        "        log.debug(\n",
+        ("tests/server/store/test_shared.py",),
     ),
 ]
 

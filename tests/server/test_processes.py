@@ -163,6 +163,26 @@ def test_workers_dying_young_again_and_again_make_it_give_up_and_exit_1(tmp_path
     assert "Traceback" not in server.stderr
 
 
+def test_a_worker_that_does_not_stop_is_killed_5s_after_the_shutdown_timeout():
+    server = start_server("--processes", "2", "--shutdown-timeout", "1")
+    try:
+        assert exchange(server.port, 7) == (7,)
+        stuck = worker_pids(server)[0]
+        os.kill(stuck, signal.SIGSTOP)  # a worker of the server this test started
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+        took = time.monotonic() - started
+    finally:
+        if server.returncode is None:
+            server.proc.kill()
+            server.wait()
+    assert 6 <= took < 6 + 3, f"the stop took {took:.1f}s"  # 1 s + 5 s, and a loaded machine's
+    assert "1 workers did not stop in time and were killed" in server.stderr
+    assert not alive(stuck)
+    assert server.totals == (1, 7)
+
+
 def test_auto_starts_one_worker_per_cpu():
     server = start_server("--processes", "auto")
     try:

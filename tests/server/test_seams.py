@@ -20,7 +20,10 @@ from counter_server.server.store.shared import SharedCounter
 from counter_server.server.store.statefile import FILE_SIZE, StateFile, StateFileError
 from counter_server.server.wiring import claim, open_store
 from support import (
+    Load,
+    assert_exact,
     exchange,
+    free_port,
     http_get,
     read_counter,
     run_server_command,
@@ -131,6 +134,31 @@ def test_rolling_restart_on_one_state_file_loses_nothing(tmp_path):
         assert read_counter(c.port) == acked_b[-1]
     finally:
         c.stop()
+
+
+def test_a_rolling_restart_under_load_answers_every_frame_it_applied(tmp_path):
+    path, port = str(tmp_path / "counter.state"), free_port()
+    args = ("--state-file", path, "--fsync", "always", "--port", str(port))
+    old = start_server(*args)
+    load = Load([port], 10, depth=4)
+    new = None
+    try:
+        wait_until(lambda: len(load.replies) > 1000, 10, "the load getting going")
+        old.signal(signal.SIGTERM)
+        assert old.wait() == 0
+        new = start_server(*args)
+        served = len(load.replies)
+        wait_until(lambda: len(load.replies) > served + 1000, 10, "the new instance serving")
+    finally:
+        load.finish()
+        if new is not None:
+            new.stop()
+    applied = old.totals[0] + new.totals[0]
+    final = new.totals[1]
+    assert new.ready.initial == old.totals[1]
+    assert_exact(load.verdict(0, final))
+    # The replies owed at the old instance's stop were all sent.
+    assert len(load.replies) == applied == final, f"{applied - len(load.replies)} never answered"
 
 
 def test_an_instance_that_waited_resumes_where_the_owner_stopped(tmp_path):

@@ -49,7 +49,7 @@ def test_workers_in_several_processes_get_distinct_exact_replies(shared):
     assert shared.requests_applied == 3 * 500 * 2
 
 
-def test_the_lock_of_a_worker_killed_while_holding_it_is_given_back(shared):
+def test_the_lock_of_a_worker_killed_while_holding_it_is_given_back(shared, caplog):
     def take_and_die() -> None:
         store = shared.open_store()
         store.apply([5])
@@ -62,9 +62,10 @@ def test_the_lock_of_a_worker_killed_while_holding_it_is_given_back(shared):
     assert not shared.lock.acquire(False), "the dead worker should still hold the lock"
     assert shared.release_if_held_by(pid)
     assert shared.open_store().apply([1]) == [16]
+    assert f"worker {pid} died holding the counter's lock; the lock was given back" in caplog.text
 
 
-def test_a_lock_taken_just_before_dying_without_a_holder_is_given_back(shared):
+def test_a_lock_taken_just_before_dying_without_a_holder_is_given_back(shared, caplog):
     def take_and_die() -> None:
         shared.lock.acquire()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -75,15 +76,17 @@ def test_a_lock_taken_just_before_dying_without_a_holder_is_given_back(shared):
     assert shared.release_if_held_by(pid)
     assert time.monotonic() - started < 5
     assert shared.open_store().apply([0]) == [10]
+    assert f"worker {pid} died holding the counter's lock" in caplog.text
 
 
-def test_the_lock_of_a_live_worker_is_left_alone(shared):
+def test_the_lock_of_a_live_worker_is_left_alone(shared, caplog):
     def die_quietly() -> None:
         pass
 
     pid = in_child(die_quietly)
     reap(pid)
     assert not shared.release_if_held_by(pid)  # free: nothing to give back
+    assert "died holding" not in caplog.text
     shared.lock.acquire()  # a live worker (this process) holds it
     shared.cells[HOLDER] = os.getpid()
     try:
