@@ -8,7 +8,7 @@ import pytest
 import trustme
 from gevent import socket as gevent_socket
 from hypothesis import settings
-from support import ServerProcess, start_server
+from support import ServerProcess, require, start_server
 
 # Shared CI machines stall now and then: judge examples by outcome, not speed.
 settings.register_profile("counter", deadline=None)
@@ -57,3 +57,14 @@ def pki(tmp_path_factory):
         cert.cert_chain_pems[0].write_to_path(paths[f"{name}_cert"])
         cert.private_key_pem.write_to_path(paths[f"{name}_key"])
     return {k: str(v) for k, v in paths.items()}
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "needs(*programs): real servers the test starts (support.require)"
+    )
+
+
+def pytest_runtest_setup(item) -> None:
+    for mark in item.iter_markers("needs"):
+        require(*mark.args)

@@ -33,6 +33,34 @@ VECTORS = json.loads((REPO_ROOT / "docs" / "protocol-vectors.json").read_text())
 IO_TIMEOUT = 10.0
 
 
+# The Debian package of each real server some tests start.
+PACKAGES = {
+    "redis-server": "redis-server",
+    "redis-sentinel": "redis-sentinel",
+    "etcd": "etcd-server",
+    "etcdctl": "etcd-client",
+    "promtool": "prometheus",
+}
+
+
+def require(*programs: str) -> None:
+    """Skip the calling test when a program it needs is not installed, naming
+    the package; under CI (``CI`` set), fail instead: nothing is skipped there.
+    ``pytest.mark.needs(*programs)`` does the same for a whole test or module."""
+    import pytest
+
+    missing = [program for program in programs if shutil.which(program) is None]
+    if not missing:
+        return
+    why = (
+        f"{', '.join(missing)} not installed "
+        f"(apt-get install {' '.join(PACKAGES.get(m, m) for m in missing)})"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}; CI runs every test", pytrace=False)
+    pytest.skip(why)
+
+
 def run_server_command(
     *args: str, cwd: Path | None = None, timeout: float = 30.0, env: dict | None = None
 ):

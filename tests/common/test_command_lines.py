@@ -203,12 +203,9 @@ def server_for_cli():
 
 @pytest.fixture
 def redis_with_password(tmp_path):
-    import shutil
+    from support import RedisServer, require
 
-    from support import RedisServer
-
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    require("redis-server")
     redis = RedisServer(tmp_path, "--requirepass", "s3cret", password="s3cret")
     redis.start()
     yield redis

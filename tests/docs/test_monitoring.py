@@ -5,14 +5,12 @@ and every counter_server_* name the files reference must be among them."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import REPO_ROOT, RedisServer, exchange, http_get, start_server
+from support import REPO_ROOT, RedisServer, exchange, http_get, require, start_server
 
 MONITORING = REPO_ROOT / "docs" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
@@ -38,8 +36,7 @@ def referenced() -> set[str]:
 
 @pytest.fixture
 def redis_url(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    require("redis-server")
     redis = RedisServer(tmp_path)
     redis.start()
     yield redis.url()
@@ -72,13 +69,9 @@ def test_every_dashboard_panel_has_a_query_and_a_place():
 
 
 def test_the_alerting_rules_pass_promtool():
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool missing in CI (apt-get install prometheus)")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    require("promtool")
     result = subprocess.run(
-        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+        ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rules = ALERTS.read_text().count("- alert:")

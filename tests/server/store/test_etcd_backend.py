@@ -4,7 +4,6 @@ etcd-server and etcd-client)."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import time
 
@@ -24,10 +23,7 @@ from support import (
     wait_until,
 )
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("etcd") is None or shutil.which("etcdctl") is None,
-    reason="etcd is not installed (apt-get install etcd-server etcd-client)",
-)
+pytestmark = pytest.mark.needs("etcd", "etcdctl")
 
 
 @pytest.fixture

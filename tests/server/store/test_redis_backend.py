@@ -4,7 +4,6 @@ that each test starts on loopback (.ci/run installs redis-server)."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 
@@ -26,10 +25,7 @@ from support import (
     wait_until,
 )
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None,
-    reason="redis-server is not installed (apt-get install redis-server)",
-)
+pytestmark = pytest.mark.needs("redis-server")
 REDIS_MAX = 2**63 - 1
 
 

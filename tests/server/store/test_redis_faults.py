@@ -4,7 +4,6 @@ with no traffic. Real redis-server processes on loopback."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import threading
 import time
@@ -29,10 +28,7 @@ from support import (
     wait_until,
 )
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None,
-    reason="redis-server is not installed (apt-get install redis-server)",
-)
+pytestmark = pytest.mark.needs("redis-server")
 
 
 @pytest.fixture

@@ -33,11 +33,7 @@ from support import (
     wait_until,
 )
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None or shutil.which("redis-sentinel") is None,
-    reason="redis-server and redis-sentinel are not installed (apt-get install redis-server "
-    "redis-sentinel)",
-)
+pytestmark = pytest.mark.needs("redis-server", "redis-sentinel")
 
 
 # --- passwords, ACL users, TLS ---------------------------------------------------------
