@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import ssl
-import time
 import traceback
 
 import gevent
@@ -204,7 +203,7 @@ class CounterServer:
         connections idle for ``--evict-idle-after`` seconds (0: none)."""
         if self.timeouts.evict_idle is None:
             return 0
-        return self.reaper.evict_idle(time.monotonic(), self.timeouts.evict_idle, waiting)
+        return self.reaper.evict_idle(self.timeouts.evict_idle, waiting)
 
     def _accept_failed(self, exc: OSError) -> None:
         self.stats.accept_errors += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
@@ -25,6 +26,10 @@ from counter_server.server.ratelimit import TokenBucket
 # shortest timeout, and at most half a second apart (eviction needs to know
 # which connections are idle even when no timeout is set).
 MIN_INTERVAL, MAX_INTERVAL = 0.05, 0.5
+# The reaper's clock counts whole nanoseconds, so a limit passes exactly when
+# it is reached: with float seconds, (t + 5) - (t + 2) can come out an ulp
+# short of 3, depending on t.
+NS_PER_SECOND = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ class Watched:
         "writing",
     )
 
-    def __init__(self, sock: socket.socket, decoder: FrameDecoder, now: float) -> None:
+    def __init__(self, sock: socket.socket, decoder: FrameDecoder, now: int) -> None:
         self.sock = sock
         self._raw_send = raw_send(sock)
         self.decoder = decoder
@@ -127,16 +132,26 @@ class Watched:
         return budget
 
 
-class TimeoutReaper:
-    """Checks every registered connection against ``timeouts`` each interval."""
+def nanoseconds(seconds: float | None) -> int | None:
+    """A limit in seconds on the reaper's clock (None stays None: no limit)."""
+    return None if seconds is None else round(seconds * NS_PER_SECOND)
 
-    def __init__(self, timeouts: Timeouts) -> None:
+
+class TimeoutReaper:
+    """Checks every registered connection against ``timeouts`` each interval.
+
+    ``clock`` gives the time in integer nanoseconds (tests inject their own)."""
+
+    def __init__(self, timeouts: Timeouts, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.timeouts = timeouts
         self.watched: set[Watched] = set()
+        self._clock = clock
+        limits = (timeouts.idle, timeouts.frame, timeouts.write)
+        self._limits = tuple(nanoseconds(limit) for limit in limits)
         self._greenlet: gevent.Greenlet | None = None
 
     def watch(self, sock: socket.socket, decoder: FrameDecoder) -> Watched:
-        watched = Watched(sock, decoder, time.monotonic())
+        watched = Watched(sock, decoder, self._clock())
         self.watched.add(watched)
         return watched
 
@@ -154,10 +169,11 @@ class TimeoutReaper:
         interval = self.timeouts.check_interval
         while True:
             gevent.sleep(interval)
-            self.check(time.monotonic())
+            self.check()
 
-    def check(self, now: float) -> None:
+    def check(self) -> None:
         """One pass: time out, and shut down, every connection over a limit."""
+        now = self._clock()
         for watched in list(self.watched):
             if watched.verdict is None:
                 broken = self._broken_limit(watched, now)
@@ -165,11 +181,12 @@ class TimeoutReaper:
                     watched.verdict = broken
                     shut_down(watched.sock, socket.SHUT_RDWR)
 
-    def evict_idle(self, now: float, idle_for: float, count: int) -> int:
+    def evict_idle(self, idle_for: float, count: int) -> int:
         """Close up to ``count`` connections that have been idle for at least
         ``idle_for`` seconds (no byte in, no partial frame, nothing being sent
         or throttled), longest idle first; returns how many. Only the read
         side is shut: a reply still being produced goes out before the close."""
+        now, idle_ns = self._clock(), nanoseconds(idle_for)
         idle = [
             w
             for w in self.watched
@@ -178,7 +195,7 @@ class TimeoutReaper:
             and not w.throttled
             and not w.decoder.pending_bytes
             and w.bytes_in == w._seen_in
-            and now - w._idle_since >= idle_for
+            and now - w._idle_since >= idle_ns
         ]
         idle.sort(key=lambda w: w._idle_since)
         for w in idle[:count]:
@@ -186,16 +203,16 @@ class TimeoutReaper:
             shut_down(w.sock, socket.SHUT_RD)
         return min(count, len(idle))
 
-    def _broken_limit(self, w: Watched, now: float) -> ClientTimeout | None:
-        idle, frame, write = self.timeouts.idle, self.timeouts.frame, self.timeouts.write
+    def _broken_limit(self, w: Watched, now: int) -> ClientTimeout | None:
+        idle, frame, write = self._limits
         if not w.writing or w.bytes_out != w._seen_out:
             w._seen_out, w._write_since = w.bytes_out, now
         elif write is not None and now - w._write_since >= write:
-            return ClientTimeout(CloseReason.WRITE_TIMEOUT, write)
+            return ClientTimeout(CloseReason.WRITE_TIMEOUT, self.timeouts.write)
         if w.bytes_in != w._seen_in or w.writing or w.throttled:
             w._seen_in, w._idle_since = w.bytes_in, now
         elif idle is not None and now - w._idle_since >= idle:
-            return ClientTimeout(CloseReason.IDLE_TIMEOUT, idle)
+            return ClientTimeout(CloseReason.IDLE_TIMEOUT, self.timeouts.idle)
         pending = w.decoder.pending_bytes
         if not pending:
             w._frame_start = -1
@@ -204,5 +221,5 @@ class TimeoutReaper:
             # writing or throttling): the frame clock (re)starts.
             w._frame_start, w._frame_since = w.bytes_in - pending, now
         elif frame is not None and now - w._frame_since >= frame:
-            return ClientTimeout(CloseReason.FRAME_TIMEOUT, frame)
+            return ClientTimeout(CloseReason.FRAME_TIMEOUT, self.timeouts.frame)
         return None

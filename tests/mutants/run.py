@@ -185,6 +185,14 @@ MUTANTS = [
         "        log.debug(\n",
         ("tests/server/store/test_shared.py",),
     ),
+    Mutant(
+        "write-limit-passes-late",
+        "a timeout passes when its limit is reached, whatever the clock reads",
+        "server/timeouts.py",
+        "now - w._write_since >= write",
+        "now - w._write_since > write",
+        ("tests/server/test_timeouts.py",),
+    ),
 ]
 
 
