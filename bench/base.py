@@ -7,6 +7,7 @@ Servers are started through ``server.launcher`` like everywhere else.
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import resource
@@ -14,6 +15,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -29,6 +31,14 @@ __all__ = ["ROOT", "rss_kib"]
 
 TASKSET = shutil.which("taskset")
 SERVER_CPU, LOAD_CPU = 0, 1  # pinned runs: the server on one core, its load on the other
+
+
+def work_folder(prefix: str) -> str:
+    """A new folder for a run's builds, logs and store data (etcd's alone is
+    about 190 MB), removed when the script exits, however it ends."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def options(doc: str) -> tuple[dict, int, int]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,6 +40,7 @@ from bench.base import (
     raise_file_limit,
     start_redis,
     stop_process,
+    work_folder,
 )
 
 
@@ -48,7 +48,7 @@ def main() -> int:
     args, duration, runs = options(__doc__)
     depth = convert(__doc__, "--depth", args["--depth"], positive_int)
     raise_file_limit()
-    workdir = tempfile.mkdtemp(prefix="bench-baseline-")
+    workdir = work_folder("bench-baseline-")
     loadgen = build_loadgen(workdir)
     redis = start_redis(workdir, LOAD_CPU) if args["--redis"] else None
     backend = ("--backend", f"redis://127.0.0.1:{redis[1]}/0?key=baseline") if redis else ()

@@ -58,7 +58,7 @@ def worker(mode: str, address: str, duration: float, depth: int) -> dict:
                 client.increment_many(batch)
             counts[index] += depth
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(CONCURRENCY)]
+    threads = [threading.Thread(daemon=True, target=loop, args=(i,)) for i in range(CONCURRENCY)]
     for thread in threads:
         thread.start()
     for thread in threads:

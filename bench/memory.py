@@ -27,7 +27,6 @@ import math
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from counter_server.common.cli import convert, cpu_count, parse_args, positive_i
 from counter_server.protocol import REPLY_SIZE, encode_request
 from counter_server.server.launcher import start_server
 
-from bench.base import raise_file_limit, rss_kib, start_redis, stop_process
+from bench.base import raise_file_limit, rss_kib, start_redis, stop_process, work_folder
 
 PING = b"*1\r\n$4\r\nPING\r\n"
 
@@ -110,7 +109,7 @@ def main() -> int:
     args = parse_args(__doc__)
     count = convert(__doc__, "--connections", args["--connections"], positive_int)
     raise_file_limit(count + 1000)
-    workdir = tempfile.mkdtemp(prefix="bench-memory-")
+    workdir = work_folder("bench-memory-")
     results = {}
 
     multiplier = math.ceil((count + 100) / cpu_count())

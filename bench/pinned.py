@@ -73,7 +73,9 @@ def run_once(pipeline: int, duration: float, connections: int, variant: tuple) -
             stop_scraping = threading.Event()
             url = server.metrics_url() if metrics or state else ""
             if metrics:
-                threading.Thread(target=scrape_every_second, args=(url, stop_scraping)).start()
+                threading.Thread(
+                    daemon=True, target=scrape_every_second, args=(url, stop_scraping)
+                ).start()
             result = measure(server.pid, server.port, pipeline, duration, connections)
             stop_scraping.set()
             if state:

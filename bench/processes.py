@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.base import OurServer, build_loadgen, measure, options, raise_file_limit
+from bench.base import OurServer, build_loadgen, measure, options, raise_file_limit, work_folder
 
 
 def main() -> int:
     args, duration, runs = options(__doc__)
     raise_file_limit()
-    workdir = tempfile.mkdtemp(prefix="bench-processes-")
+    workdir = work_folder("bench-processes-")
     loadgen = build_loadgen(workdir)
     settings = {
         f"--processes {n}": OurServer(loadgen, ("--processes", str(n)), pin=False) for n in (1, 2)

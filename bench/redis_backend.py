@@ -23,7 +23,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,6 +36,7 @@ from bench.base import (
     raise_file_limit,
     start_redis,
     stop_process,
+    work_folder,
 )
 
 
@@ -123,7 +123,7 @@ def start_etcd(workdir: str, members: int) -> tuple[list[subprocess.Popen], str]
 def main() -> int:
     args, duration, runs = options(__doc__)
     raise_file_limit()
-    workdir = tempfile.mkdtemp(prefix="bench-redis-")
+    workdir = work_folder("bench-redis-")
     loadgen = build_loadgen(workdir)
     server, port = start_redis(workdir)
     etcd: list[subprocess.Popen] = []

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from bench.base import (
     raise_file_limit,
     start_redis,
     stop_process,
+    work_folder,
 )
 
 SCENARIOS = (  # name, connections, frames in flight per connection
@@ -109,7 +109,7 @@ def main() -> int:
     args, duration, runs = options(__doc__)
     scenarios = [s for s in SCENARIOS if not args["--only"] or args["--only"] in s[0]]
     raise_file_limit()
-    workdir = tempfile.mkdtemp(prefix="bench-")
+    workdir = work_folder("bench-")
     loadgen = build_loadgen(workdir)
     targets = {
         "ours": OurServer(loadgen),

@@ -410,7 +410,7 @@ def record(address: str, out: str, connections: int) -> int:
             stop.wait(0.05)
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    threads = [threading.Thread(target=run) for _ in range(connections)]
+    threads = [threading.Thread(daemon=True, target=run) for _ in range(connections)]
     for thread in threads:
         thread.start()
     while not stop.is_set():

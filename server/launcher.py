@@ -9,6 +9,7 @@ server cannot block on a full pipe.
 from __future__ import annotations
 
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ class ServerProcess:
     stdout: str = ""
     stderr: str = ""
     _files: list = field(default_factory=list)
+    _folders: list = field(default_factory=list)  # removed once it has exited
 
     @property
     def port(self) -> int:
@@ -71,11 +73,21 @@ class ServerProcess:
             self.proc.wait()
             raise AssertionError(f"server did not exit within {timeout}s") from None
         finally:
-            self.stdout = self.stdout_path.read_text()
-            self.stderr = self.stderr_path.read_text()
-            for f in self._files:
-                f.close()
+            self._collect()
         return self.returncode
+
+    def _collect(self) -> None:
+        """Keep the output, close the files, remove the folders the launcher
+        made (once: a second wait keeps what the first collected)."""
+        if not self._folders:
+            return
+        self.stdout = self.stdout_path.read_text()
+        self.stderr = self.stderr_path.read_text()
+        for f in self._files:
+            f.close()
+        for folder in self._folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._folders = []
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; returns the exit status."""
@@ -104,8 +116,9 @@ def start_server(
     them; ``host=None`` keeps the server's default, every interface) and
     wait until it is ready. ``prefix`` goes before the interpreter
     (``taskset -c 0``); ``max_files`` caps its open file descriptors."""
-    workdir = Path(cwd or tempfile.mkdtemp(prefix="counter-server-"))
     scratch = Path(tempfile.mkdtemp(prefix="counter-launch-"))
+    workdir = Path(cwd) if cwd else scratch / "cwd"
+    workdir.mkdir(exist_ok=True)
     out_path, err_path = scratch / "stdout.txt", scratch / "stderr.txt"
     ready_path = scratch / "ready.json"
     out, err = out_path.open("w"), err_path.open("w")
@@ -128,7 +141,9 @@ def start_server(
     while time.monotonic() < deadline:
         ready = read_ready_file(str(ready_path))
         if ready is not None:
-            return ServerProcess(proc, ready, out_path, err_path, _files=[out, err])
+            return ServerProcess(
+                proc, ready, out_path, err_path, _files=[out, err], _folders=[scratch]
+            )
         if proc.poll() is not None:
             break
         time.sleep(0.02)
@@ -136,6 +151,6 @@ def start_server(
     proc.wait()
     for f in (out, err):
         f.close()
-    raise ServerDidNotStart(
-        f"server did not start; stdout={out_path.read_text()!r} stderr={err_path.read_text()!r}"
-    )
+    said = f"stdout={out_path.read_text()!r} stderr={err_path.read_text()!r}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    raise ServerDidNotStart(f"server did not start; {said}")

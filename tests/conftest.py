@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import trustme
+from counter_server.common.procinfo import children_of
 from gevent import socket as gevent_socket
 from hypothesis import settings
 from support import ServerProcess, require, start_server
@@ -68,3 +74,50 @@ def pytest_configure(config) -> None:
 def pytest_runtest_setup(item) -> None:
     for mark in item.iter_markers("needs"):
         require(*mark.args)
+
+
+# Folders in the temporary directory that the project's own code makes
+# (server.launcher, bench/, chaos/partition.py, tests/mutants/run.py).
+OUR_TEMP_PREFIXES = ("counter-", "bench-", "partition-", "mutant-")
+LINGER_SECONDS = 5.0  # for threads and processes a test is still closing
+
+
+def _namespaces() -> set[str]:
+    try:
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
+
+
+def _our_temp_folders() -> set[str]:
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(OUR_TEMP_PREFIXES)}
+
+
+def _left_behind(threads: set, namespaces: set[str], folders: set[str]) -> list[str]:
+    deadline = time.monotonic() + LINGER_SECONDS
+    while True:
+        found = [
+            *(
+                f"thread {t.name}"
+                for t in threading.enumerate()
+                if t not in threads and t.is_alive()
+            ),
+            *(f"child process {pid}" for pid in children_of(os.getpid())),
+            *(f"network namespace {n}" for n in _namespaces() - namespaces),
+            *(f"folder {tempfile.gettempdir()}/{n}" for n in _our_temp_folders() - folders),
+        ]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    """After the last test: fail, naming each, if any thread, child process,
+    network namespace or temporary folder of ours made during the run is
+    still there (SPEC 10). What other runs made is not judged."""
+    threads, namespaces, folders = set(threading.enumerate()), _namespaces(), _our_temp_folders()
+    yield
+    found = _left_behind(threads, namespaces, folders)
+    assert not found, "the run left behind: " + "; ".join(found)

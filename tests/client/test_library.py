@@ -157,7 +157,7 @@ def test_the_server_killed_mid_call_is_indeterminate_then_unavailable():
             except CounterError as exc:
                 outcome.append(exc)
 
-        thread = threading.Thread(target=call)
+        thread = threading.Thread(daemon=True, target=call)
         thread.start()
         time.sleep(0.5)
         server.proc.kill()  # unread data: the kernel resets the connection
@@ -274,7 +274,7 @@ def test_threads_against_processes_workers_get_one_exact_sequence():
                 with lock:
                     replies.extend(mine)
 
-            threads = [threading.Thread(target=work) for _ in range(6)]
+            threads = [threading.Thread(daemon=True, target=work) for _ in range(6)]
             for thread in threads:
                 thread.start()
             for thread in threads:

@@ -55,7 +55,7 @@ def test_a_trickled_tls_handshake_is_cut_at_the_frame_timeout(pki):
                 except OSError:
                     return
 
-        thread = threading.Thread(target=trickle)
+        thread = threading.Thread(daemon=True, target=trickle)
         thread.start()
         try:
             took = closed_within(sock, 4)  # each byte well inside 1 s: only a deadline cuts it
@@ -103,7 +103,7 @@ class Sender:
         self.period = period
         self.closed_by_server = False
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run)
+        self.thread = threading.Thread(daemon=True, target=self._run)
         self.thread.start()
 
     def _run(self) -> None:

@@ -102,7 +102,7 @@ def test_a_reaper_verdict_ends_the_loop_as_that_timeout(pair):
         except ClientTimeout as exc:
             outcome.append(exc)
 
-    thread = threading.Thread(target=serving)
+    thread = threading.Thread(daemon=True, target=serving)
     thread.start()
     deadline = time.monotonic() + 10
     while not reaper.watched:  # serve() registered the connection

@@ -138,7 +138,7 @@ def test_fsync_always_under_concurrent_load_stays_exact(tmp_path):
             for _ in range(20):
                 results.append(exchange(server.port, *[1] * 5))
 
-        threads = [threading.Thread(target=client) for _ in range(10)]
+        threads = [threading.Thread(daemon=True, target=client) for _ in range(10)]
         for t in threads:
             t.start()
         for t in threads:

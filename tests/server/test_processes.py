@@ -62,7 +62,7 @@ def test_two_workers_share_the_port_and_give_exact_distinct_replies():
             with lock:
                 replies.extend(got)
 
-        threads = [threading.Thread(target=client) for _ in range(connections)]
+        threads = [threading.Thread(daemon=True, target=client) for _ in range(connections)]
         for t in threads:
             t.start()
         held.wait()

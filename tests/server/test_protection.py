@@ -166,7 +166,9 @@ def test_rate_limit_slows_a_greedy_client_and_spares_another():
     server = start_server("--rate", "2000", "--burst", "100", "--metrics-port", "0")
     try:
         other = [0]
-        thread = threading.Thread(target=pump, args=("127.0.0.2", server.port, 3.0, other))
+        thread = threading.Thread(
+            daemon=True, target=pump, args=("127.0.0.2", server.port, 3.0, other)
+        )
         thread.start()
         greedy = run_client(
             "--serverAddress", f"127.0.0.1:{server.port}", "--pipeline", "64",

@@ -162,7 +162,9 @@ def test_120_concurrent_connections_get_exactly_every_value():
             errors.append(exc)
 
     try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
+        threads = [
+            threading.Thread(daemon=True, target=client, args=(i,)) for i in range(connections)
+        ]
         for t in threads:
             t.start()
         for t in threads:

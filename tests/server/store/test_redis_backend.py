@@ -58,7 +58,7 @@ def test_two_instances_share_one_exact_counter(redis_server):
                 replies.extend(got)
 
         threads = [
-            threading.Thread(target=client, args=(server.port, i % 2 == 0))
+            threading.Thread(daemon=True, target=client, args=(server.port, i % 2 == 0))
             for i in range(60)
             for server in [(first, second)[i % 2]]
         ]

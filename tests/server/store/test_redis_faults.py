@@ -159,7 +159,8 @@ def test_two_instances_in_flight_at_once_are_not_taken_for_a_loss(redis_server, 
 
     try:
         threads = [
-            threading.Thread(target=load, args=(p,)) for p in [instance.port, other.port] * 4
+            threading.Thread(daemon=True, target=load, args=(p,))
+            for p in [instance.port, other.port] * 4
         ]
         for thread in threads:
             thread.start()

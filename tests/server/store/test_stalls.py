@@ -29,7 +29,7 @@ def stalled_increment(port: int, result: list) -> threading.Thread:
         except (OSError, AssertionError) as exc:
             result.append(exc)
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(daemon=True, target=run)
     thread.start()
     return thread
 
