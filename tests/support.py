@@ -207,6 +207,34 @@ def exchange(port: int, *increments: int) -> tuple[int, ...]:
         return recv_replies(sock, len(increments))
 
 
+def unread_at(port: int) -> int:
+    """Bytes waiting unread in the sockets of the server on local ``port``
+    (its established TCP connections, from /proc/net/tcp and tcp6)."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                local, state, queues = fields[1], fields[3], fields[4]
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                    total += int(queues.split(":")[1], 16)
+    return total
+
+
+def served_within(port: int, seconds: float, *increments: int) -> tuple[int, ...]:
+    """The replies to ``increments`` on the first connection the server
+    serves within ``seconds``; connections it closes unanswered (a slot not
+    yet given back) are tried again."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return exchange(port, *increments)
+        except (AssertionError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def try_increment(port: int, n: int = 1) -> int | None:
     """The reply to one increment on a new connection, or None if the server
     closed it without one (a refusal, its store unavailable)."""

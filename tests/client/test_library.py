@@ -21,7 +21,16 @@ from counter_server.client import (
     Unavailable,
 )
 from counter_server.protocol import MAX_COUNTER
-from support import REPO_ROOT, HangsUpFirst, exchange, free_port, metric, start_server
+from support import (
+    REPO_ROOT,
+    HangsUpFirst,
+    exchange,
+    free_port,
+    metric,
+    start_server,
+    unread_at,
+    wait_until,
+)
 
 
 def test_increment_read_and_increment_many(server):
@@ -159,7 +168,7 @@ def test_the_server_killed_mid_call_is_indeterminate_then_unavailable():
 
         thread = threading.Thread(daemon=True, target=call)
         thread.start()
-        time.sleep(0.5)
+        wait_until(lambda: unread_at(server.port) >= 16, 10, "the frame waiting in the server")
         server.proc.kill()  # unread data: the kernel resets the connection
         thread.join(10)
         assert len(outcome) == 1 and isinstance(outcome[0], Indeterminate), outcome

