@@ -61,6 +61,11 @@ def require(*programs: str) -> None:
     pytest.skip(why)
 
 
+def start_tls_server(pki: dict, *extra: str) -> ServerProcess:
+    """A server with TLS on, its certificate from the ``pki`` fixture."""
+    return start_server("--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"], *extra)
+
+
 def run_server_command(
     *args: str, cwd: Path | None = None, timeout: float = 30.0, env: dict | None = None
 ):
@@ -510,7 +515,50 @@ def assert_exact(verdict: Verdict) -> None:
     print(f"\n{verdict.summary()}")
 
 
-class AnswerProxy:
+class LoopbackListener:
+    """A listener on a free loopback port (``port``, ``address``) whose
+    connections are each handed to ``_took`` on the accepting thread;
+    ``close`` stops it, shuts down every socket it holds and joins its
+    (daemon) threads with a bound."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._spawn(self._accept)
+
+    def _spawn(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self._sockets.append(conn)
+            self._took(conn)
+
+    def _took(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accept (close alone does not)
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
+class AnswerProxy(LoopbackListener):
     """A TCP proxy on loopback in front of ``port`` whose answers can be
     dropped: requests always pass, and while ``drop`` is set whatever the
     upstream answers is read and thrown away (a lost answer)."""
@@ -519,26 +567,18 @@ class AnswerProxy:
         self.upstream = port
         self.drop = threading.Event()
         self.dropped = 0  # answer bytes thrown away
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-                server = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
-            except OSError:
-                return
-            server.settimeout(None)
-            self._sockets += [client, server]
-            for source, sink, answers in ((client, server, False), (server, client, True)):
-                thread = threading.Thread(target=self._pump, args=(source, sink, answers),
-                                          daemon=True)  # fmt: skip
-                thread.start()
-                self._threads.append(thread)
+    def _took(self, client: socket.socket) -> None:
+        try:
+            server = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
+        except OSError:
+            client.close()  # upstream is down: as the client would find it
+            return
+        server.settimeout(None)
+        self._sockets.append(server)
+        self._spawn(self._pump, client, server, False)
+        self._spawn(self._pump, server, client, True)
 
     def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         try:
@@ -553,19 +593,8 @@ class AnswerProxy:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # wakes the accept (close alone does not)
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        for thread in self._threads:
-            thread.join(5)
 
-
-class HangsUpFirst:
+class HangsUpFirst(LoopbackListener):
     """A stand-in server on loopback: it closes each of its first
     ``hang_ups`` connections once a frame arrives (unanswered), then answers
     every frame on later connections with ``value``. ``accepted`` counts
@@ -575,21 +604,11 @@ class HangsUpFirst:
         self.hang_ups = hang_ups
         self.reply = value.to_bytes(REPLY_SIZE, "big")
         self.accepted = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            thread = threading.Thread(target=self._serve, args=(conn, self.accepted), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    def _took(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        self._spawn(self._serve, conn, self.accepted)
 
     def _serve(self, conn: socket.socket, number: int) -> None:
         with conn, contextlib.suppress(OSError, AssertionError):
@@ -598,10 +617,3 @@ class HangsUpFirst:
                 if number <= self.hang_ups:
                     return
                 conn.sendall(self.reply)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # wakes the accept (close alone does not)
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(5)

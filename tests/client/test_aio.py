@@ -19,7 +19,15 @@ from counter_server.client import (
     Unavailable,
 )
 from counter_server.protocol import MAX_COUNTER
-from support import REPO_ROOT, HangsUpFirst, exchange, free_port, metric, start_server
+from support import (
+    REPO_ROOT,
+    HangsUpFirst,
+    exchange,
+    free_port,
+    metric,
+    start_server,
+    start_tls_server,
+)
 
 TASKS = """
 import asyncio, json, sys
@@ -153,7 +161,7 @@ def test_server_killed_mid_call_then_restarted(tmp_path):
 
 
 def test_tls(pki):
-    server = start_server("--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"])
+    server = start_tls_server(pki)
 
     async def scenario():
         async with AsyncCounterClient(f"127.0.0.1:{server.port}", tls_ca=pki["ca"]) as counter:

@@ -28,6 +28,7 @@ from support import (
     free_port,
     metric,
     start_server,
+    start_tls_server,
     unread_at,
     wait_until,
 )
@@ -58,23 +59,31 @@ def test_ipv6_address():
         server.stop()
 
 
-def test_16_threads_share_one_client_and_every_reply_is_distinct():
-    server = start_server("--metrics-port", "0")
+def increments_from_threads(counter: CounterClient, threads: int, each: int) -> list[int]:
+    """``threads`` threads share ``counter``, each calling increment() ``each``
+    times; every reply they got."""
     replies: list[int] = []
     lock = threading.Lock()
+
+    def work() -> None:
+        mine = [counter.increment() for _ in range(each)]
+        with lock:
+            replies.extend(mine)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert not any(w.is_alive() for w in workers), "a thread did not finish"
+    return replies
+
+
+def test_16_threads_share_one_client_and_every_reply_is_distinct():
+    server = start_server("--metrics-port", "0")
     try:
         with CounterClient(f"127.0.0.1:{server.port}", pool_size=2) as counter:
-
-            def work() -> None:
-                mine = [counter.increment() for _ in range(1000)]
-                with lock:
-                    replies.extend(mine)
-
-            threads = [threading.Thread(target=work, daemon=True) for _ in range(16)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(120)
+            replies = increments_from_threads(counter, 16, 1000)
             assert sorted(replies) == list(range(1, 16001))
             assert counter.read() == 16000
         accepted = metric(server.metrics_url(), "counter_server_connections_accepted_total")
@@ -236,12 +245,8 @@ def test_a_closed_client_is_unavailable(server):
         counter.increment()
 
 
-def tls_server(pki, *extra):
-    return start_server("--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"], *extra)
-
-
 def test_tls_with_a_context_and_with_paths(pki):
-    server = tls_server(pki)
+    server = start_tls_server(pki)
     try:
         context = ssl.create_default_context(cafile=pki["ca"])
         with CounterClient(f"127.0.0.1:{server.port}", tls=context) as counter:
@@ -256,7 +261,7 @@ def test_tls_with_a_context_and_with_paths(pki):
 
 
 def test_mutual_tls(pki):
-    server = tls_server(pki, "--tls-client-ca", pki["ca"])
+    server = start_tls_server(pki, "--tls-client-ca", pki["ca"])
     try:
         address = f"127.0.0.1:{server.port}"
         with CounterClient(
@@ -273,21 +278,9 @@ def test_mutual_tls(pki):
 def test_threads_against_processes_workers_get_one_exact_sequence():
     # The pooled connections land on different --processes workers.
     server = start_server("--processes", "2")
-    replies: list[int] = []
-    lock = threading.Lock()
     try:
         with CounterClient(f"127.0.0.1:{server.port}", pool_size=6) as counter:
-
-            def work() -> None:
-                mine = [counter.increment() for _ in range(300)]
-                with lock:
-                    replies.extend(mine)
-
-            threads = [threading.Thread(daemon=True, target=work) for _ in range(6)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(60)
+            replies = increments_from_threads(counter, 6, 300)
             assert counter.read() == 1800
     finally:
         server.stop()

@@ -26,6 +26,7 @@ from support import (
     run_client,
     served_within,
     start_server,
+    start_tls_server,
     wait_until,
 )
 
@@ -38,10 +39,7 @@ def closed_count(server, reason: str) -> float:
 
 
 def test_a_trickled_tls_handshake_is_cut_at_the_frame_timeout(pki):
-    server = start_server(
-        "--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"],
-        "--frame-timeout", "1", "--metrics-port", "0",
-    )  # fmt: skip
+    server = start_tls_server(pki, "--frame-timeout", "1", "--metrics-port", "0")
     try:
         sock = connect(server.port)
         # A TLS record header announcing 200 bytes, then the bytes, one at a time.
@@ -74,10 +72,7 @@ def test_a_trickled_tls_handshake_is_cut_at_the_frame_timeout(pki):
 
 
 def test_without_a_frame_timeout_a_silent_tls_handshake_ends_after_10s(pki):
-    server = start_server(
-        "--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"],
-        "--frame-timeout", "0", "--idle-timeout", "0",
-    )  # fmt: skip
+    server = start_tls_server(pki, "--frame-timeout", "0", "--idle-timeout", "0")
     try:
         with connect(server.port) as sock:  # no ClientHello, ever
             took = closed_within(sock, 20)

@@ -28,6 +28,7 @@ from support import (
     served_within,
     stall_server,
     start_server,
+    start_tls_server,
 )
 
 
@@ -255,10 +256,6 @@ def test_connections_per_ip_are_capped():
 # --- TLS ------------------------------------------------------------------------
 
 
-def tls_server(pki, *extra: str):
-    return start_server("--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"], *extra)
-
-
 def tls_client(pki, port: int, *extra: str) -> subprocess.CompletedProcess:
     return run_client(
         "--serverAddress", f"127.0.0.1:{port}", "--tls", "--tls-ca", pki["ca"],
@@ -267,7 +264,7 @@ def tls_client(pki, port: int, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_tls_load_and_get(pki):
-    server = tls_server(pki)
+    server = start_tls_server(pki)
     try:
         result = tls_client(pki, server.port, "--pipeline", "4")
         assert result.returncode == 0, result.stderr
@@ -283,7 +280,7 @@ def test_tls_load_and_get(pki):
 
 
 def test_plain_client_against_tls_server_fails_cleanly(pki):
-    server = tls_server(pki)
+    server = start_tls_server(pki)
     try:
         with connect(server.port) as sock:
             sock.sendall(frames(1))
@@ -313,7 +310,7 @@ def test_tls_client_against_plain_server_fails_cleanly(pki, server):
 
 
 def test_untrusted_server_certificate_is_refused(pki):
-    server = tls_server(pki)
+    server = start_tls_server(pki)
     try:
         result = run_client(
             "--serverAddress", f"127.0.0.1:{server.port}", "--tls", "--tls-ca", pki["stranger_ca"],
@@ -327,7 +324,7 @@ def test_untrusted_server_certificate_is_refused(pki):
 
 
 def test_mutual_tls(pki):
-    server = tls_server(pki, "--tls-client-ca", pki["ca"])
+    server = start_tls_server(pki, "--tls-client-ca", pki["ca"])
     try:
         with_cert = tls_client(
             pki, server.port, "--tls-cert", pki["client_cert"], "--tls-key", pki["client_key"]
