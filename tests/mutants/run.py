@@ -15,7 +15,10 @@ only when every mutant run was caught.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -226,20 +229,27 @@ def scratch_copy(into: Path) -> Path:
 
 
 def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[str, float]:
-    """Run ``tests`` in the copy: ("passed" | "failed" | "hung" | "error", seconds)."""
+    """Run ``tests`` in the copy: ("passed" | "failed" | "hung" | "error", seconds).
+    pytest runs in a process group of its own, killed afterwards: a server a
+    mutant kept from stopping does not outlive its run."""
     started = time.monotonic()
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    pytest = subprocess.Popen(
+        command, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
     try:
-        result = subprocess.run(
-            command, cwd=root, stdin=subprocess.DEVNULL, capture_output=True,
-            timeout=RUN_TIMEOUT,
-        )  # fmt: skip
+        output, _ = pytest.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
         return "hung", time.monotonic() - started
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pytest.pid, signal.SIGKILL)
+        pytest.wait()
     elapsed = time.monotonic() - started
-    outcome = {0: "passed", 1: "failed"}.get(result.returncode, "error")
+    outcome = {0: "passed", 1: "failed"}.get(pytest.returncode, "error")
     if outcome == "error":
-        sys.stderr.write(result.stdout.decode(errors="replace")[-3000:])
+        sys.stderr.write(output.decode(errors="replace")[-3000:])
     return outcome, elapsed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -152,13 +153,18 @@ def test_workers_dying_young_again_and_again_make_it_give_up_and_exit_1(tmp_path
     server = start_server("--processes", "2", script=script)
     killed: set[int] = set()
     deadline = time.monotonic() + 30
-    while server.proc.poll() is None:
-        assert time.monotonic() < deadline, f"still restarting after {len(killed)} deaths"
-        for pid in children_of(server.proc.pid) - killed:
-            os.kill(pid, signal.SIGKILL)  # a worker of the server this test started
-            killed.add(pid)
-        time.sleep(0.005)
-    assert server.wait() == 1
+    try:
+        while server.proc.poll() is None:
+            assert time.monotonic() < deadline, f"still restarting after {len(killed)} deaths"
+            for pid in children_of(server.proc.pid) - killed:
+                os.kill(pid, signal.SIGKILL)  # a worker of the server this test started
+                killed.add(pid)
+            time.sleep(0.005)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()  # its workers follow their parent
+        server.wait()
+    assert server.returncode == 1
     assert "10 workers in a row died young: giving up" in server.stderr
     # The tenth death gives up; the other worker may be killed by the test too.
     assert len(killed) in (10, 11), f"{len(killed)} workers were started"
@@ -177,6 +183,8 @@ def test_a_worker_that_does_not_stop_is_killed_5s_after_the_shutdown_timeout():
         took = time.monotonic() - started
     finally:
         if server.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # stopped: deaf to its parent's end
+                os.kill(stuck, signal.SIGKILL)
             server.proc.kill()
             server.wait()
     assert 6 <= took < 6 + 3, f"the stop took {took:.1f}s"  # 1 s + 5 s, and a loaded machine's

@@ -151,8 +151,9 @@ def test_a_rolling_restart_under_load_answers_every_frame_it_applied(tmp_path):
         wait_until(lambda: len(load.replies) > served + 1000, 10, "the new instance serving")
     finally:
         load.finish()
-        if new is not None:
-            new.stop()
+        for server in (old, new):
+            if server is not None and server.returncode is None:
+                server.stop()
     applied = old.totals[0] + new.totals[0]
     final = new.totals[1]
     assert new.ready.initial == old.totals[1]
