@@ -86,15 +86,20 @@ def shutdown_begun(server) -> bool:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_second_signal_exits_at_once(signum):
     server = start_server("--shutdown-timeout", "60")
-    with stall_server(server.port):
-        server.signal(signum)
-        # Two signals before the first is handled would be one.
-        wait_until(lambda: shutdown_begun(server), 10, "the first signal being handled")
-        assert server.proc.poll() is None, "the first signal should wait for the stuck client"
-        started = time.monotonic()
-        server.signal(signum)
-        assert server.wait(timeout=10) == 128 + signum
-        assert time.monotonic() - started < 5
+    try:
+        with stall_server(server.port):
+            server.signal(signum)
+            # Two signals before the first is handled would be one.
+            wait_until(lambda: shutdown_begun(server), 10, "the first signal being handled")
+            assert server.proc.poll() is None, "the first signal should wait for the stuck client"
+            started = time.monotonic()
+            server.signal(signum)
+            assert server.wait(timeout=10) == 128 + signum
+            assert time.monotonic() - started < 5
+    finally:
+        if server.returncode is None:
+            server.proc.kill()
+            server.wait()
     assert f"second {signal.Signals(signum).name}: exiting now" in server.stderr
 
 
