@@ -117,13 +117,11 @@ def describe_origin(settings: ServerSettings, claimed: Claimed, store: CounterSt
     if settings.backend is not None and store is not None:
         backend = settings.backend
         value = store.current_value()
-        limit = ""
-        if backend.kind == "Redis":
-            limit = ", counts up to 2^63 - 1 (Redis's integer range)"
-            limit += f", {backend.promise}" if backend.promise else ""
         if value is None:
-            return f"{backend.kind} {backend.url} not reachable yet: serving once it is{limit}"
-        return f"counter {value} in {backend.kind} {backend.url}{limit}"
+            return (
+                f"{backend.kind} {backend.url} not reachable yet: serving once it is{backend.terms}"
+            )
+        return f"counter {value} in {backend.kind} {backend.url}{backend.terms}"
     if claimed.state is None:
         return ""
     how = (

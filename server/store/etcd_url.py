@@ -34,6 +34,7 @@ class EtcdBackend:
     ca: str | None
 
     kind: ClassVar[str] = "etcd"  # in messages
+    terms: ClassVar[str] = ""  # the start-up line's note: the protocol's range, nothing to add
 
 
 def parse_etcd(raw: str) -> EtcdBackend:

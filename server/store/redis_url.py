@@ -44,13 +44,15 @@ class Backend:
     kind: ClassVar[str] = "Redis"  # in messages
 
     @property
-    def promise(self) -> str:
-        """What a reply waits for, for the start-up line ("" if only the primary)."""
+    def terms(self) -> str:
+        """What the start-up line adds about this store: its range, and what
+        a reply waits for beyond the primary."""
+        terms = ", counts up to 2^63 - 1 (Redis's integer range)"
         if self.all_replicas:
-            return "replies wait for every replica the sentinels know (replicas=all)"
+            return terms + ", replies wait for every replica the sentinels know (replicas=all)"
         if self.replicas:
-            return f"replies wait for {self.replicas} replicas (replicas={self.replicas})"
-        return ""
+            return terms + f", replies wait for {self.replicas} replicas (replicas={self.replicas})"
+        return terms
 
 
 def parse_hosts(hostlist: str, default_port: int, raw: str, usage: str) -> list[tuple[str, int]]:
