@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from counter_server.chaos.checker import Verdict, judge
@@ -610,6 +611,34 @@ class AnswerProxy(LoopbackListener):
         for sock in (source, sink):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+class StandIn(LoopbackListener):
+    """A stand-in server on loopback: each connection is handed to
+    ``behaviour`` on a thread of its own (``None``: accepted, held open and
+    never answered); ``accepted`` counts the connections it took. A context
+    manager: leaving it closes everything it holds."""
+
+    def __init__(self, behaviour: Callable[[socket.socket], None] | None = None) -> None:
+        self._behaviour = behaviour
+        self.accepted = 0
+        super().__init__()
+
+    def _took(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        if self._behaviour is not None:
+            self._spawn(self._run, conn)
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(IO_TIMEOUT)
+            self._behaviour(conn)
+
+    def __enter__(self) -> StandIn:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 class HangsUpFirst(LoopbackListener):

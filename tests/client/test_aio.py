@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 from counter_server.client import (
@@ -22,6 +20,7 @@ from counter_server.protocol import MAX_COUNTER
 from support import (
     REPO_ROOT,
     HangsUpFirst,
+    StandIn,
     exchange,
     free_port,
     metric,
@@ -115,21 +114,13 @@ def test_read_is_tried_three_times_on_fresh_connections(hang_ups, read):
 
 
 def test_a_server_that_never_replies_times_out_as_indeterminate():
-    silent = socket.create_server(("127.0.0.1", 0))
-    accepted = []  # kept open, never read
-    threading.Thread(target=lambda: accepted.append(silent.accept()), daemon=True).start()
-
-    async def scenario():
-        async with AsyncCounterClient(
-            f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.5
-        ) as counter:
+    async def scenario(address):
+        async with AsyncCounterClient(address, timeout=0.5) as counter:
             with pytest.raises(Indeterminate, match="no reply within the timeout"):
                 await counter.increment()
 
-    try:
-        run(scenario())
-    finally:
-        silent.close()
+    with StandIn() as silent:
+        run(scenario(silent.address))
 
 
 def test_server_killed_mid_call_then_restarted(tmp_path):

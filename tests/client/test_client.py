@@ -10,14 +10,20 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 
 import pytest
 from counter_server.protocol import MAX_COUNTER
-from support import CLIENT_SCRIPT, exchange, read_counter, run_client, start_client, start_server
+from support import (
+    CLIENT_SCRIPT,
+    StandIn,
+    exchange,
+    read_counter,
+    run_client,
+    start_client,
+    start_server,
+)
 
 REPORT_FIELDS = {
     "server": str,
@@ -161,37 +167,6 @@ def test_bad_flags_exit_2(args, message):
 # --- servers that misbehave: the client must notice and say what went wrong ---
 
 
-@contextmanager
-def fake_server(reply: Callable[[socket.socket], None]) -> Iterator[int]:
-    """A one-thread-per-connection server on loopback running ``reply``."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=_run, args=(conn,), daemon=True).start()
-
-    def _run(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            with suppress(OSError):
-                reply(conn)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
-
-
 def decreasing(conn: socket.socket) -> None:
     value = 1000
     while conn.recv(16):
@@ -230,9 +205,9 @@ def too_many(conn: socket.socket) -> None:
     ],
 )
 def test_misbehaving_server_is_counted_by_kind(behaviour, kind, extra):
-    with fake_server(behaviour) as port:
+    with StandIn(behaviour) as stand_in:
         result = run_client(
-            "--serverAddress", f"127.0.0.1:{port}", "--multiplier", "1", "--duration", "0.5",
+            "--serverAddress", stand_in.address, "--multiplier", "1", "--duration", "0.5",
             "--json", *extra,
         )  # fmt: skip
     assert result.returncode == 1
@@ -299,23 +274,12 @@ def test_a_refused_overflow_is_not_blamed_on_tls(server):
 
 def test_an_http_server_is_recognised():
     # An HTTP server that answers anything it cannot parse with a 400.
-    listener = socket.create_server(("127.0.0.1", 0))
+    def answer(conn: socket.socket) -> None:
+        conn.recv(64)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
 
-    def answer() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(64)
-                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-
-    threading.Thread(target=answer, daemon=True).start()
-    try:
-        result = run_client("--serverAddress", f"127.0.0.1:{listener.getsockname()[1]}",
+    with StandIn(answer) as http:
+        result = run_client("--serverAddress", http.address,
                             "--multiplier", "1", "--duration", "1", "--json")  # fmt: skip
         first = json.loads(result.stdout)["first_error"]
         assert "answered in HTTP: is this the metrics port?" in first and "--tls" not in first
-    finally:
-        listener.close()

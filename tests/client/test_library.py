@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from counter_server.protocol import MAX_COUNTER
 from support import (
     REPO_ROOT,
     HangsUpFirst,
+    StandIn,
     exchange,
     free_port,
     metric,
@@ -209,17 +209,11 @@ def test_a_restarted_server_is_reconnected_to_by_itself(tmp_path):
 
 
 def test_a_server_that_never_replies_times_out_as_indeterminate():
-    silent = socket.create_server(("127.0.0.1", 0))
-    accepted = []
-    threading.Thread(target=lambda: accepted.append(silent.accept()), daemon=True).start()
-    try:
-        with CounterClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.5) as counter:
-            started = time.monotonic()
-            with pytest.raises(Indeterminate, match="no reply within the timeout"):
-                counter.increment()
-            assert time.monotonic() - started < 3
-    finally:
-        silent.close()
+    with StandIn() as silent, CounterClient(silent.address, timeout=0.5) as counter:
+        started = time.monotonic()
+        with pytest.raises(Indeterminate, match="no reply within the timeout"):
+            counter.increment()
+        assert time.monotonic() - started < 3
 
 
 @pytest.mark.parametrize(("hang_ups", "read"), [(2, 42), (3, None)])
