@@ -7,25 +7,32 @@ between tasks.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Iterable
 from types import TracebackType
 
-from counter_server.protocol import REPLY_SIZE
+from counter_server.protocol import FRAME_SIZE, REPLY_SIZE
 
 from .calls import (
     DEFAULT_POOL_SIZE,
     DEFAULT_TIMEOUT,
+    IN_FLIGHT_FRAMES,
     READ_ATTEMPTS,
     READ_FRAME,
     ConnectionEnded,
+    Deadline,
     Target,
+    can_classify,
     check_pool_size,
     decode_call,
     encode_call,
     ended_early,
     reason,
+    refused_locally,
+    split_probe,
     target,
+    with_probe,
 )
 from .errors import CounterError, Unavailable
 
@@ -41,7 +48,9 @@ class _Connection(asyncio.Protocol):
         self.ended: str | None = None  # why the connection is unusable
         self._waiter: asyncio.Future | None = None
         self._expected = 0
-        self.deadline = 0.0  # loop time by which the call in progress must be answered
+        self._deadline: Deadline | None = None  # of the call in progress
+        self._timer: asyncio.TimerHandle | None = None
+        self._out = memoryview(b"")  # the call's frames not yet written
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -52,9 +61,24 @@ class _Connection(asyncio.Protocol):
             self.ended = "the server sent bytes nobody asked for"
         elif len(self.buffer) >= self._expected:
             self._wake()
+        else:
+            self._deadline.progressed()
+            if self._out:
+                self._feed()
+
+    def _feed(self) -> None:
+        """Write the call's next frames, keeping at most ``IN_FLIGHT_FRAMES``
+        unanswered (as ``CounterClient`` does): a batch of any size streams,
+        and a server that stops finds little unread."""
+        written = self._expected // REPLY_SIZE - len(self._out) // FRAME_SIZE
+        room = IN_FLIGHT_FRAMES - (written - len(self.buffer) // REPLY_SIZE)
+        if room > 0:
+            piece, self._out = self._out[: room * FRAME_SIZE], self._out[room * FRAME_SIZE :]
+            self.transport.write(piece)
 
     def eof_received(self) -> bool:
         self.ended = self.ended or "the server closed the connection"
+        self._wake()  # nothing more will come, even while frames are still being sent
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -70,30 +94,36 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def time_out(self) -> None:
-        """The watchdog's verdict: no reply by the deadline."""
+    def _check_deadline(self) -> None:
+        """The call's timer: no reply by the deadline ends the call (one
+        timer per call, renewed while replies keep coming)."""
+        left = self._deadline.left()
+        if left > 0:
+            self._timer = asyncio.get_running_loop().call_later(left, self._check_deadline)
+            return
         self.ended = "no reply within the timeout"
         self._wake()
-
-    @property
-    def waiting(self) -> bool:
-        return self._waiter is not None
 
     @property
     def usable(self) -> bool:
         return self.ended is None and not self.transport.is_closing()
 
-    async def call(self, frames: bytes, expected: int, deadline: float) -> bytes:
-        """Send ``frames`` and wait for ``expected`` reply bytes until the
-        watchdog's ``deadline`` (loop time); ConnectionEnded (with what
-        arrived) if the connection ends first."""
-        self._waiter = asyncio.get_running_loop().create_future()
-        self._expected, self.deadline = expected, deadline
-        self.transport.write(frames)
+    async def call(self, frames: bytes, expected: int, deadline: Deadline) -> bytes:
+        """Send ``frames`` and wait for ``expected`` reply bytes within
+        ``deadline``; ConnectionEnded (with what arrived) if the connection
+        ends first."""
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        self._expected, self._deadline = expected, deadline
+        self._timer = loop.call_later(deadline.left(), self._check_deadline)
+        self._out = memoryview(frames)
+        self._feed()
         try:
             await self._waiter
         finally:
             self._waiter = None
+            self._timer.cancel()
+            self._out = memoryview(b"")
         data = bytes(self.buffer)
         self.buffer.clear()
         if len(data) < expected:
@@ -102,10 +132,13 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.ended = self.ended or "closed"
-        self.transport.close()
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()  # frames never sent: nobody will read their replies
+        else:
+            self.transport.close()
 
 
-async def _connect(where: Target) -> _Connection:
+async def _connect(where: Target, deadline: Deadline) -> _Connection:
     loop = asyncio.get_running_loop()
     try:
         _, connection = await asyncio.wait_for(
@@ -113,7 +146,7 @@ async def _connect(where: Target) -> _Connection:
                 _Connection, where.host, where.port, ssl=where.tls,
                 server_hostname=where.server_hostname,
             ),
-            where.timeout,
+            deadline.left(),
         )  # fmt: skip
     except asyncio.TimeoutError:
         raise Unavailable(f"cannot connect to {where.address}: timed out") from None
@@ -143,11 +176,33 @@ class AsyncCounterClient:
     ) -> None:
         self._target = target(address, timeout, tls, tls_ca, tls_cert, tls_key, server_hostname)
         self._pool_size = check_pool_size(pool_size)
-        self._slots: asyncio.Semaphore | None = None  # made in the running loop
-        self._idle: list[_Connection] = []
-        self._busy: set[_Connection] = set()
-        self._watchdog: asyncio.Task | None = None
         self._closed = False
+        self._floor: int | None = None  # the highest value seen: the counter is at least that
+        self._owner: tuple[int, asyncio.AbstractEventLoop] | None = None  # pid, loop
+        self._slots: asyncio.Semaphore | None = None
+        self._idle: list[_Connection] = []
+
+    def _own(self, owner: tuple[int, asyncio.AbstractEventLoop]) -> None:
+        """Bind the pool to this process and running loop: a forked child, or
+        a new loop after the first one closed, starts a pool of its own and
+        never touches the old connections. A second loop while the first
+        still runs is a mistake: RuntimeError, before anything is sent."""
+        loop = asyncio.get_running_loop()
+        owner = (os.getpid(), loop)
+        if self._owner == owner:
+            return
+        if (
+            self._owner is not None
+            and self._owner[0] == owner[0]
+            and not self._owner[1].is_closed()
+        ):
+            raise RuntimeError(
+                f"this AsyncCounterClient of {self.address} is used by another event loop "
+                "that is still open: make one client per event loop"
+            )
+        self._owner = owner
+        self._slots = asyncio.Semaphore(self._pool_size)
+        self._idle = []  # the old loop's or the parent's: dropped, never used or closed here
 
     @property
     def address(self) -> str:
@@ -177,65 +232,79 @@ class AsyncCounterClient:
         checked, frames = encode_call(increments)
         if not checked:
             return []
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self._pool_size)
-        if self._watchdog is None:
-            self._watchdog = asyncio.ensure_future(self._watch())
-        where = self._target
-        async with self._slots:
-            connection = await self._borrow()
-            self._busy.add(connection)
-            deadline = asyncio.get_running_loop().time() + where.timeout
+        owner = (os.getpid(), asyncio.get_running_loop())
+        if self._owner != owner:
+            self._own(owner)
+        where, floor = self._target, self._floor
+        refusal = refused_locally(where.address, floor, checked[0])
+        if refusal is not None:
+            raise refusal
+        frames = with_probe(frames, floor)
+        expected = len(frames) // FRAME_SIZE * REPLY_SIZE
+        deadline = Deadline(where.timeout)
+        slots = self._slots
+        if slots.locked():
             try:
-                data = await connection.call(frames, len(checked) * REPLY_SIZE, deadline)
+                await asyncio.wait_for(slots.acquire(), deadline.left())
+            except asyncio.TimeoutError:
+                raise Unavailable(
+                    f"no connection to {where.address} free within the timeout"
+                ) from None
+        else:
+            await slots.acquire()
+        try:
+            connection = await self._borrow(deadline)
+            if not deadline.left():
+                self._give_back(connection)
+                raise Unavailable(f"{where.address}: timed out before sending")
+            try:
+                data = await connection.call(frames, expected, deadline)
             except ConnectionEnded as ended:
                 connection.close()
-                replies = decode_call(ended.data)
-                value = await self._value_now(checked, replies)
-                raise ended_early(where.address, checked, replies, value, ended.why) from None
+                floor, replies = split_probe(decode_call(ended.data), floor)
+                value = await self._value_now(deadline) if can_classify(checked, replies) else None
+                self._saw(value, *replies[-1:], floor)
+                why = ended.why
+                raise ended_early(where.address, checked, replies, floor, value, why) from None
             except BaseException:  # cancelled mid-call: the connection is out of step
                 connection.close()
                 raise
-            finally:
-                self._busy.discard(connection)
             self._give_back(connection)
-        return decode_call(data)
+        finally:
+            slots.release()
+        _, replies = split_probe(decode_call(data), floor)
+        if floor is None or replies[-1] > floor:
+            self._floor = replies[-1]
+        return replies
 
-    async def _watch(self) -> None:
-        """Times out calls past their deadline: one timer for the client
-        instead of one per call."""
-        loop = asyncio.get_running_loop()
-        period = min(self._target.timeout / 4, 0.25)
-        while True:
-            await asyncio.sleep(period)
-            now = loop.time()
-            for connection in list(self._busy):
-                if connection.waiting and connection.deadline <= now:
-                    connection.time_out()
+    def _saw(self, *values: int | None) -> None:
+        """Raise the floor to the highest of ``values`` (None: not known)."""
+        known = [v for v in values if v is not None]
+        if known and (self._floor is None or max(known) > self._floor):
+            self._floor = max(known)
 
-    async def _value_now(self, increments: list[int], replies: list[int]) -> int | None:
-        if increments[len(replies)] == 0:
+    async def _value_now(self, deadline: Deadline) -> int | None:
+        """The counter, read on a fresh connection within what is left of the
+        call's deadline (None if that fails): see ``CounterClient``."""
+        if not deadline.left():
             return None
         try:
-            connection = await _connect(self._target)
+            connection = await _connect(self._target, deadline)
         except Unavailable:
             return None
-        self._busy.add(connection)
-        deadline = asyncio.get_running_loop().time() + self._target.timeout
         try:
             return decode_call(await connection.call(READ_FRAME, REPLY_SIZE, deadline))[0]
         except ConnectionEnded:
             return None
         finally:
-            self._busy.discard(connection)
             connection.close()
 
-    async def _borrow(self) -> _Connection:
+    async def _borrow(self, deadline: Deadline) -> _Connection:
         while True:
             if self._closed:
                 raise Unavailable(f"the client of {self.address} is closed")
             if not self._idle:
-                return await _connect(self._target)
+                return await _connect(self._target, deadline)
             connection = self._idle.pop()
             if connection.usable:  # not closed by the server while idle
                 return connection
@@ -250,8 +319,6 @@ class AsyncCounterClient:
     async def close(self) -> None:
         """Close every idle connection; calls after it raise ``Unavailable``."""
         self._closed = True
-        if self._watchdog is not None and not self._busy:
-            self._watchdog.cancel()
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()

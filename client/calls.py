@@ -7,6 +7,7 @@ call whose connection ended early.
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -20,6 +21,11 @@ DEFAULT_TIMEOUT = 5.0  # seconds for a connect, a TLS handshake, or a call's rep
 DEFAULT_POOL_SIZE = 4  # persistent connections per client
 READ_ATTEMPTS = 3  # a read() is tried this many times, each on a fresh connection after a failure
 READ_FRAME = encode_request(0)
+# Frames a call keeps unanswered on its connection: a batch of any size
+# streams in pieces, and the replies owed (8 KiB) always fit in the socket
+# buffers, so the server never stops reading for replies the client has not
+# read yet while the client is still sending.
+IN_FLIGHT_FRAMES = 1024
 
 
 class ConnectionEnded(Exception):
@@ -101,22 +107,92 @@ def decode_call(data: bytes) -> list[int]:
     return list(decode_replies(data[: len(data) - len(data) % REPLY_SIZE]))
 
 
+class Deadline:
+    """A call's time budget: ``timeout`` seconds from its start, renewed
+    whenever replies arrive, so that a call ends within ``timeout`` of its
+    last progress (a single increment within ``timeout`` in all, a large
+    batch as long as replies keep coming)."""
+
+    __slots__ = ("_at", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._at = time.monotonic() + timeout
+
+    def left(self) -> float:
+        """Seconds left; 0.0 once the budget is spent."""
+        return max(self._at - time.monotonic(), 0.0)
+
+    def progressed(self) -> None:
+        self._at = time.monotonic() + self.timeout
+
+
+def with_probe(frames: bytes, floor: int | None) -> bytes:
+    """The frames to send: a client that has seen no value yet (``floor``
+    None) reads the counter in the same write, first, so that a refusal of
+    its first increment can be proven (see ``ended_early``)."""
+    return frames if floor is not None else READ_FRAME + frames
+
+
+def split_probe(values: list[int], floor: int | None) -> tuple[int | None, list[int]]:
+    """The floor (learned by the probe, if it was sent and answered) and the
+    call's own replies, from what arrived."""
+    if floor is not None or not values:
+        return floor, values
+    return values[0], values[1:]
+
+
+def refused_locally(address: str, floor: int | None, n: int) -> Refused | None:
+    """``Refused`` for an increment that cannot fit: the counter is at least
+    ``floor`` (the highest value this client has seen) and never goes down,
+    so the server would refuse ``n``; None otherwise."""
+    if floor is None or floor + n <= MAX_COUNTER:
+        return None
+    return Refused(
+        f"{address}: the increment {n} would take the counter past 2^64 - 1 (it is at "
+        f"least {floor}); refused without sending it, the counter did not move",
+        value=floor,
+    )
+
+
+def can_classify(increments: list[int], replies: list[int]) -> bool:
+    """Whether reading the counter after a call ended early could prove that
+    its first unanswered increment was not applied (a read never can)."""
+    return increments[len(replies)] != 0
+
+
 def ended_early(
-    address: str, increments: list[int], replies: list[int], value_now: int | None, why: str
+    address: str,
+    increments: list[int],
+    replies: list[int],
+    floor: int | None,
+    value_now: int | None,
+    why: str,
 ) -> CounterError:
-    """What became of a call whose connection ended after ``len(replies)``
-    replies, given the counter read right after on a fresh connection
-    (None if that failed). The server refuses an increment that would pass
-    2^64 - 1 by closing the connection without its reply; if the counter now
-    cannot take the first unanswered increment, that is what happened.
-    Otherwise the frame went out and its fate is unknown."""
+    """What became of a call whose connection ended (closed, reset, timed
+    out) after ``len(replies)`` replies; ``floor`` is the highest value the
+    client had seen before sending, ``value_now`` the counter read afterwards
+    on a fresh connection (None if that failed).
+
+    Only what can be proven is claimed. The counter never goes down, so when
+    the first unanswered increment ``n`` was processed the counter was at
+    least ``lower`` (``floor``, or the reply just before it). ``Refused`` if
+    ``lower + n`` passes 2^64 - 1 (the server cannot have applied it), or if
+    ``value_now + n`` does while ``value_now < lower + n`` (not applied by
+    the time of the read, and it can never fit after). Anything else may
+    have been applied: ``Indeterminate``, whose ``value`` is ``value_now``."""
     pending = increments[len(replies)]
-    if value_now is not None and value_now + pending > MAX_COUNTER:
+    lower = replies[-1] if replies else floor or 0
+    certain = lower + pending > MAX_COUNTER
+    if certain or (
+        value_now is not None and value_now + pending > MAX_COUNTER and value_now < lower + pending
+    ):
+        value = value_now if value_now is not None else lower
         return Refused(
-            f"{address} refused the increment {pending}: the counter ({value_now}) "
+            f"{address} refused the increment {pending}: the counter (at least {value}) "
             f"would pass 2^64 - 1; the counter did not move",
             replies=replies,
-            value=value_now,
+            value=value,
         )
     unanswered = len(increments) - len(replies)
     frames = "1 frame" if unanswered == 1 else f"{unanswered} frames"
@@ -124,4 +200,5 @@ def ended_early(
         f"{address}: {why} with {frames} unanswered: the increment may or may not "
         "have been applied (not retried)",
         replies=replies,
+        value=value_now,
     )

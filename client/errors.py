@@ -3,10 +3,12 @@ what became of the increment (in the manner of redis-py's error classes).
 
 - ``Unavailable``: nothing was sent; the counter did not move because of this
   call. Safe to retry.
-- ``Refused``: the server refused the frame (an increment that would take the
-  counter past 2^64 - 1); the counter did not move. Retrying gives the same.
-- ``Indeterminate``: the frame went out and no reply came back: the increment
-  may or may not have been applied. Never retried by the library.
+- ``Refused``: the increment cannot fit (it would take the counter past
+  2^64 - 1), proven from values the client saw; the counter did not move.
+  Retrying gives the same.
+- ``Indeterminate``: the frame went out, no reply came back, and nothing
+  proves it was not applied: it may or may not have been. Never retried by
+  the library.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class CounterError(Exception):
         self.replies: tuple[int, ...] = tuple(replies)
         """Replies received before the error (``increment_many``), in order."""
         self.value = value
-        """The counter's value where known (``Refused``), else None."""
+        """A value the counter had: at least this (``Refused``), or read
+        right after the error (``Indeterminate``); None where not known."""
 
 
 class Unavailable(CounterError):
@@ -33,11 +36,13 @@ class Unavailable(CounterError):
 
 
 class Refused(CounterError):
-    """The server refused the increment (it would pass 2^64 - 1): the counter
-    did not move. ``value`` holds the counter read right after, where known."""
+    """The increment cannot fit (it would pass 2^64 - 1), proven: refused
+    without sending, or by the server. The counter did not move; ``value``
+    is a value it had (at least)."""
 
 
 class Indeterminate(CounterError):
-    """The frame was sent and no reply came (connection reset or closed, a
-    timeout, the server stopping): the increment may or may not have been
-    applied. Read the counter, or make the operation idempotent, to find out."""
+    """The frame was sent, no reply came (connection reset or closed, a
+    timeout, the server stopping) and nothing proves it was not applied: it
+    may or may not have been. Read the counter, or make the operation
+    idempotent, to find out."""

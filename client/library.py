@@ -11,6 +11,7 @@ went out without a reply raises ``Indeterminate``.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import ssl
@@ -18,35 +19,43 @@ import threading
 from collections.abc import Iterable
 from types import TracebackType
 
-from counter_server.protocol import REPLY_SIZE
+from counter_server.protocol import FRAME_SIZE, REPLY_SIZE
 
 from .calls import (
     DEFAULT_POOL_SIZE,
     DEFAULT_TIMEOUT,
+    IN_FLIGHT_FRAMES,
     READ_ATTEMPTS,
     READ_FRAME,
     ConnectionEnded,
+    Deadline,
     Target,
+    can_classify,
     check_pool_size,
     decode_call,
     encode_call,
     ended_early,
     reason,
+    refused_locally,
+    split_probe,
     target,
+    with_probe,
 )
 from .errors import CounterError, Unavailable
 
 
-def _connect(where: Target) -> socket.socket:
-    """A new connection (TLS handshake done); Unavailable if there is none."""
+def _connect(where: Target, deadline: Deadline) -> socket.socket:
+    """A new connection (TLS handshake done) within the call's ``deadline``;
+    Unavailable if there is none."""
     try:
-        sock = socket.create_connection((where.host, where.port), timeout=where.timeout)
+        sock = socket.create_connection((where.host, where.port), timeout=_left(deadline))
     except OSError as exc:
         raise Unavailable(f"cannot connect to {where.address}: {reason(exc)}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if where.tls is None:
         return sock
     try:
+        sock.settimeout(_left(deadline))
         return where.tls.wrap_socket(sock, server_hostname=where.server_hostname)
     except (OSError, ssl.SSLError) as exc:
         sock.close()
@@ -82,24 +91,46 @@ def _still_open(sock: socket.socket) -> bool:
         return False
 
 
-def _exchange(sock: socket.socket, frames: bytes, expected: int, timeout: float) -> bytes:
-    """Send ``frames`` and read ``expected`` reply bytes; ConnectionEnded
-    (with what arrived) if the connection ends first."""
-    sock.settimeout(timeout)
-    try:
-        sock.sendall(frames)
-    except OSError as exc:
-        raise ConnectionEnded(f"sending failed ({reason(exc)})", b"") from None
+RECV_BYTES = 65536  # at most one read's worth of replies (8,192), not a buffer the size of a batch
+
+
+def _left(deadline: Deadline) -> float:
+    """Seconds left for the next socket operation; TimeoutError once none."""
+    left = deadline.left()
+    if left <= 0:
+        raise TimeoutError("no time left")
+    return left
+
+
+def _exchange(sock: socket.socket, frames: bytes, expected: int, deadline: Deadline) -> bytes:
+    """Send ``frames`` and read ``expected`` reply bytes, keeping at most
+    ``IN_FLIGHT_FRAMES`` unanswered, so that a batch of any size streams
+    (the server stops reading a connection whose replies are not read);
+    ConnectionEnded (with what arrived) if the connection ends first."""
+    out = memoryview(frames)
+    sent = 0
     data = bytearray()
     while len(data) < expected:
+        unanswered = sent // FRAME_SIZE - len(data) // REPLY_SIZE
+        if sent < len(out) and unanswered < IN_FLIGHT_FRAMES:
+            chunk = out[sent : sent + (IN_FLIGHT_FRAMES - unanswered) * FRAME_SIZE]
+            try:
+                sock.settimeout(_left(deadline))
+                sock.sendall(chunk)
+            except OSError as exc:
+                raise ConnectionEnded(f"sending failed ({reason(exc)})", bytes(data)) from None
+            sent += len(chunk)
+            continue
         try:
-            chunk = sock.recv(expected - len(data))
+            sock.settimeout(_left(deadline))
+            chunk = sock.recv(min(expected - len(data), RECV_BYTES))
         except OSError as exc:
             why = "no reply within the timeout" if isinstance(exc, TimeoutError) else None
             raise ConnectionEnded(why or f"the connection broke ({reason(exc)})", data) from None
         if not chunk:
             raise ConnectionEnded("the server closed the connection", bytes(data))
         data += chunk
+        deadline.progressed()
     return bytes(data)
 
 
@@ -129,10 +160,18 @@ class CounterClient:
         server_hostname: str | None = None,
     ) -> None:
         self._target = target(address, timeout, tls, tls_ca, tls_cert, tls_key, server_hostname)
-        self._slots = threading.BoundedSemaphore(check_pool_size(pool_size))
+        self._pool_size = check_pool_size(pool_size)
+        self._closed = False
+        self._floor: int | None = None  # the highest value seen: the counter is at least that
+        self._own()
+
+    def _own(self) -> None:
+        """Start this process's pool: a forked child never touches the
+        connections (or a lock held by a thread) of its parent."""
+        self._pid = os.getpid()
+        self._slots = threading.BoundedSemaphore(self._pool_size)
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._closed = False
 
     @property
     def address(self) -> str:
@@ -170,47 +209,73 @@ class CounterClient:
         checked, frames = encode_call(increments)
         if not checked:
             return []
-        where = self._target
-        with self._slots:
-            sock = self._borrow()
+        if self._pid != os.getpid():
+            self._own()
+        where, floor = self._target, self._floor
+        refusal = refused_locally(where.address, floor, checked[0])
+        if refusal is not None:
+            raise refusal
+        frames = with_probe(frames, floor)
+        expected = len(frames) // FRAME_SIZE * REPLY_SIZE
+        deadline = Deadline(where.timeout)
+        if not self._slots.acquire(timeout=deadline.left()):
+            raise Unavailable(f"no connection to {where.address} free within the timeout")
+        try:
+            sock = self._borrow(deadline)
+            if not deadline.left():
+                self._give_back(sock)
+                raise Unavailable(f"{where.address}: timed out before sending")
             try:
-                data = _exchange(sock, frames, len(checked) * REPLY_SIZE, where.timeout)
+                data = _exchange(sock, frames, expected, deadline)
             except ConnectionEnded as ended:
                 sock.close()
-                replies = decode_call(ended.data)
-                raise ended_early(
-                    where.address, checked, replies, self._value_now(checked, replies), ended.why
-                ) from None
+                floor, replies = split_probe(decode_call(ended.data), floor)
+                value = self._value_now(deadline) if can_classify(checked, replies) else None
+                self._saw(value, *replies[-1:], floor)
+                why = ended.why
+                raise ended_early(where.address, checked, replies, floor, value, why) from None
             except BaseException:
                 sock.close()
                 raise
             self._give_back(sock)
-        return decode_call(data)
+        finally:
+            self._slots.release()
+        _, replies = split_probe(decode_call(data), floor)
+        if floor is None or replies[-1] > floor:  # a race between threads only keeps it lower
+            self._floor = replies[-1]
+        return replies
 
-    def _value_now(self, increments: list[int], replies: list[int]) -> int | None:
-        """After a connection ended early: the counter, on a fresh connection
-        of its own, if that can tell a refusal from an unknown outcome."""
-        if increments[len(replies)] == 0:
-            return None  # a read is never refused
+    def _saw(self, *values: int | None) -> None:
+        """Raise the floor: the counter was each of ``values`` (None: not
+        known), so it is at least the highest for ever. (A race between
+        threads only keeps the floor lower: still true.)"""
+        known = [v for v in values if v is not None]
+        if known and (self._floor is None or max(known) > self._floor):
+            self._floor = max(known)
+
+    def _value_now(self, deadline: Deadline) -> int | None:
+        """After a connection ended early: the counter, read on a fresh
+        connection within what is left of the call's deadline (None if that
+        fails), to tell a refusal from an unknown outcome."""
         try:
-            sock = _connect(self._target)
-        except Unavailable:
+            sock = _connect(self._target, deadline)
+        except (Unavailable, TimeoutError):
             return None
         try:
-            return decode_call(_exchange(sock, READ_FRAME, REPLY_SIZE, self._target.timeout))[0]
+            return decode_call(_exchange(sock, READ_FRAME, REPLY_SIZE, deadline))[0]
         except ConnectionEnded:
             return None
         finally:
             sock.close()
 
-    def _borrow(self) -> socket.socket:
+    def _borrow(self, deadline: Deadline) -> socket.socket:
         while True:
             with self._lock:
                 if self._closed:
                     raise Unavailable(f"the client of {self.address} is closed")
                 sock = self._idle.pop() if self._idle else None
             if sock is None:
-                return _connect(self._target)
+                return _connect(self._target, deadline)
             if _still_open(sock):
                 return sock
             sock.close()

@@ -25,9 +25,9 @@ from counter_server.server.timeouts import TimeoutReaper, Watched
 # while its client does not read (at most one read's 8 KiB of replies), and
 # is still far more than a pipelining client keeps in flight.
 RECV_SIZE = 16 * 1024
-# After refusing a frame we half-close and read what the client still sends
-# for a little while, so that closing with unread input (which makes the
-# kernel send RST) cannot destroy the replies we owed it.
+# After refusing a frame, and at shutdown, we half-close and read what the
+# client still sends for a little while, so that closing with unread input
+# (which makes the kernel send RST) cannot destroy the replies we owed it.
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1 << 20
 
@@ -176,7 +176,7 @@ def _serve_deferred(
     return None
 
 
-def close_after_refusal(sock: socket.socket) -> None:
+def close_gently(sock: socket.socket) -> None:
     """Half-close so the replies already sent arrive, drain briefly, close."""
     try:
         sock.shutdown(socket.SHUT_WR)

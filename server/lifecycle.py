@@ -23,7 +23,7 @@ from counter_server.protocol import InvalidFrame, RejectReason
 from counter_server.server.admission import Admission, client_ip, peer_key
 from counter_server.server.balance import PAUSE, AcceptBalance
 from counter_server.server.close import ClientTimeout, CloseReason, ConnectionEnded, HandshakeFailed
-from counter_server.server.connection import close_after_refusal, serve
+from counter_server.server.connection import close_gently, serve
 from counter_server.server.ratelimit import RateLimiter, TokenBucket
 from counter_server.server.saturation import SaturationWatch
 from counter_server.server.stats import ServerStats
@@ -285,6 +285,8 @@ class CounterServer:
                     "detail": detail,
                 },
             )
+        if reason is CloseReason.SHUTDOWN:  # it may still be sending: its replies must arrive
+            close_gently(connection.conn)
         connection.conn.close()
         if connection.conn is not connection.sock:
             connection.sock.close()
@@ -343,4 +345,4 @@ class CounterServer:
             },
         )
         if not truncated:
-            close_after_refusal(sock)
+            close_gently(sock)

@@ -31,6 +31,7 @@ RUN_TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (CI
 
 
 TEST_PROCESSES = "tests/server/test_processes.py"
+TEST_CALLS = "tests/client/test_calls.py"
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,8 @@ MUTANTS = [
         "library-pool-size-ignored",
         "CounterClient opens at most pool_size connections",
         "client/library.py",
-        "threading.BoundedSemaphore(check_pool_size(pool_size))",
-        "threading.BoundedSemaphore(check_pool_size(pool_size) * 1000)",
+        "threading.BoundedSemaphore(self._pool_size)",
+        "threading.BoundedSemaphore(self._pool_size * 1000)",
         (
             "tests/client/test_library.py"
             "::test_16_threads_share_one_client_and_every_reply_is_distinct",
@@ -179,6 +180,30 @@ MUTANTS = [
             TEST_PROCESSES
             + "::test_a_worker_that_does_not_stop_is_killed_5s_after_the_shutdown_timeout",
         ),
+    ),
+    Mutant(
+        "refusal-inferred",
+        "the library claims Refused only when it is proven (SPEC 9)",
+        "client/calls.py",
+        "        and value_now < lower + pending\n",
+        "",
+        (TEST_CALLS + "::test_an_applied_increment_near_the_top_is_never_called_refused",),
+    ),
+    Mutant(
+        "fork-shares-connections",
+        "after fork, a library client never uses a connection its process did not open",
+        "client/library.py",
+        "        if self._pid != os.getpid():\n",
+        "        if False:\n",
+        (TEST_CALLS + "::test_after_fork_parent_and_child_each_get_their_own_replies",),
+    ),
+    Mutant(
+        "batch-sent-whole",
+        "a batch of any size streams (increment_many)",
+        "client/calls.py",
+        "IN_FLIGHT_FRAMES = 1024",
+        "IN_FLIGHT_FRAMES = 1 << 30",
+        (TEST_CALLS + "::test_a_million_increments_in_one_batch",),
     ),
     Mutant(
         "lock-given-back-silently",
