@@ -28,11 +28,10 @@ from .calls import (
     decode_call,
     encode_call,
     ended_early,
+    outgoing,
     reason,
-    refused_locally,
     split_probe,
     target,
-    with_probe,
 )
 from .errors import CounterError, Unavailable
 
@@ -236,10 +235,7 @@ class AsyncCounterClient:
         if self._owner != owner:
             self._own(owner)
         where, floor = self._target, self._floor
-        refusal = refused_locally(where.address, floor, checked[0])
-        if refusal is not None:
-            raise refusal
-        frames = with_probe(frames, floor)
+        frames = outgoing(where.address, floor, checked, frames)
         expected = len(frames) // FRAME_SIZE * REPLY_SIZE
         deadline = Deadline(where.timeout)
         slots = self._slots

@@ -127,10 +127,14 @@ class Deadline:
         self._at = time.monotonic() + self.timeout
 
 
-def with_probe(frames: bytes, floor: int | None) -> bytes:
-    """The frames to send: a client that has seen no value yet (``floor``
-    None) reads the counter in the same write, first, so that a refusal of
-    its first increment can be proven (see ``ended_early``)."""
+def outgoing(address: str, floor: int | None, checked: list[int], frames: bytes) -> bytes:
+    """What a call sends: its frames, after a read frame when the client has
+    seen no value yet (``floor`` None), so that a refusal of its first
+    increment can be proven (see ``ended_early``). Raises ``Refused``,
+    sending nothing, when the first increment cannot fit."""
+    refusal = refused_locally(address, floor, checked[0])
+    if refusal is not None:
+        raise refusal
     return frames if floor is not None else READ_FRAME + frames
 
 

@@ -35,11 +35,10 @@ from .calls import (
     decode_call,
     encode_call,
     ended_early,
+    outgoing,
     reason,
-    refused_locally,
     split_probe,
     target,
-    with_probe,
 )
 from .errors import CounterError, Unavailable
 
@@ -212,10 +211,7 @@ class CounterClient:
         if self._pid != os.getpid():
             self._own()
         where, floor = self._target, self._floor
-        refusal = refused_locally(where.address, floor, checked[0])
-        if refusal is not None:
-            raise refusal
-        frames = with_probe(frames, floor)
+        frames = outgoing(where.address, floor, checked, frames)
         expected = len(frames) // FRAME_SIZE * REPLY_SIZE
         deadline = Deadline(where.timeout)
         if not self._slots.acquire(timeout=deadline.left()):

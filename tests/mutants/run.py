@@ -185,8 +185,8 @@ MUTANTS = [
         "refusal-inferred",
         "the library claims Refused only when it is proven (SPEC 9)",
         "client/calls.py",
-        "        and value_now < lower + pending\n",
-        "",
+        " and value_now < lower + pending\n",
+        "\n",
         (TEST_CALLS + "::test_an_applied_increment_near_the_top_is_never_called_refused",),
     ),
     Mutant(
