@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from counter_server.common.cli import convert, parse_args, positive_int  # noqa: E402
+from counter_server.common.cli import convert, parse_args  # noqa: E402
 from counter_server.common.procinfo import children_of, context_switches, cpu_seconds, rss_kib  # noqa: E402
+from counter_server.common.values import positive_int  # noqa: E402
 from counter_server.server.launcher import ServerProcess, start_server  # noqa: E402
 
 __all__ = ["ROOT", "rss_kib"]

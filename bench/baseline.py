@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from counter_server.common.cli import convert, positive_int
+from counter_server.common.cli import convert
+from counter_server.common.values import positive_int
 
 from bench.base import (
     LOAD_CPU,

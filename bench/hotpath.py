@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from counter_server.common.cli import convert, parse_args, positive_int
+from counter_server.common.cli import convert, parse_args
+from counter_server.common.values import positive_int
 from counter_server.protocol import FrameDecoder, encode_replies, encode_request
 from counter_server.server.store import MemoryCounterStore
 from counter_server.server.store.shared import SharedCounter

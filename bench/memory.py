@@ -32,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from counter_server.common.cli import convert, cpu_count, parse_args, positive_int
+from counter_server.common.cli import convert, cpu_count, parse_args
+from counter_server.common.values import positive_int
 from counter_server.protocol import REPLY_SIZE, encode_request
 from counter_server.server.launcher import start_server
 

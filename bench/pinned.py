@@ -35,8 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from counter_server.common.cli import convert, cpu_count, positive_int
+from counter_server.common.cli import convert, cpu_count
 from counter_server.common.procinfo import cpu_seconds
+from counter_server.common.values import positive_int
 from counter_server.server.launcher import start_server
 
 from bench.base import LOAD_CPU, SERVER_CPU, TASKSET, options, pinned

@@ -66,7 +66,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from counter_server.chaos.checker import judge
-from counter_server.common.cli import convert, parse_args, positive_int
+from counter_server.common.cli import convert, parse_args
+from counter_server.common.values import positive_int
 from counter_server.protocol import decode_replies, encode_request
 from counter_server.server.launcher import start_server
 

@@ -39,8 +39,9 @@ from collections import Counter
 import gevent
 from counter_server.chaos.checker import judge
 from counter_server.client.load import recv_exactly
-from counter_server.common.cli import convert, cpu_count, parse_args, positive_int
+from counter_server.common.cli import convert, cpu_count, parse_args
 from counter_server.common.procinfo import fd_count, rss_kib
+from counter_server.common.values import positive_int
 from counter_server.protocol import MAX_COUNTER, REPLY_SIZE, decode_replies, encode_request
 from counter_server.server.banner import parse_totals
 from counter_server.server.launcher import start_server

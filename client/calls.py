@@ -11,8 +11,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from counter_server.common.cli import host_port
 from counter_server.common.tls import client_context
+from counter_server.common.values import host_port
 from counter_server.protocol import MAX_COUNTER, REPLY_SIZE, decode_replies, encode_request
 
 from .errors import CounterError, Indeterminate, Refused

@@ -11,18 +11,10 @@ import gevent
 from counter_server.client.load import LoadRun, LoadSettings, read_counter
 from counter_server.client.report import format_text, summarize
 from counter_server.common import __version__
-from counter_server.common.cli import (
-    convert,
-    cpu_count,
-    host_port,
-    non_negative_float,
-    parse_args,
-    positive_float,
-    positive_int,
-    usage_exit,
-)
+from counter_server.common.cli import convert, cpu_count, parse_args, usage_exit
 from counter_server.common.signals import StopSignals
 from counter_server.common.tls import TLSSetupError, client_context
+from counter_server.common.values import host_port, non_negative_float, positive_float, positive_int
 from counter_server.protocol import MAX_COUNTER
 
 __doc__ = """Load client for the counter server: many persistent connections send

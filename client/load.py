@@ -16,8 +16,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import gevent
-from counter_server.common.cli import plural
 from counter_server.common.sockets import reader, shut_down
+from counter_server.common.values import plural
 from counter_server.protocol import REPLY_SIZE, encode_request
 from gevent.event import Event
 from gevent.pool import Pool

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from counter_server.client.load import ERROR_KINDS, LoadRun
-from counter_server.common.cli import plural
+from counter_server.common.values import plural
 from hdrh.histogram import HdrHistogram
 
 HIGHEST_LATENCY_US = 3_600_000_000  # one hour

@@ -28,7 +28,8 @@ import json
 import sys
 from pathlib import Path
 
-from counter_server.common.cli import convert, parse_args, plural
+from counter_server.common.cli import convert, parse_args
+from counter_server.common.values import plural
 
 
 def load_reports(paths: list[str]) -> tuple[list[dict], list[str]]:

@@ -9,6 +9,7 @@ instead of a ModuleNotFoundError traceback.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 # import name -> the requirements.txt name that provides it
@@ -23,6 +24,7 @@ REQUIRED = {
     "urllib3": "urllib3",
 }
 INSTALL = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
+INSTALL_EXTRA = "pip install 'counter-server[server]' (the library alone was installed)"
 
 
 def missing_package() -> str | None:
@@ -33,16 +35,29 @@ def missing_package() -> str | None:
     return None
 
 
+def _installed() -> bool:
+    """True when run from an installed package rather than a clone."""
+    package = importlib.util.find_spec("counter_server")
+    where = (package.submodule_search_locations or [""])[0] if package else ""
+    return os.path.isdir(os.path.join(where, "server"))  # as counter_server/__init__.py tells
+
+
 def require_packages(program: str) -> None:
-    """Exit 1 with one line if a required package is missing."""
+    """Exit 1 with one line if a required package is missing, saying how to
+    install it: in a clone, the virtualenv; installed, the [server] extra."""
     package = missing_package()
-    if package is not None:
-        print(
-            f"{program}: the Python package {package} is not installed for {sys.executable}; "
-            f"from the repository root run: {INSTALL} (then use .venv/bin/python)",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+    if package is None:
+        return
+    if _installed():
+        program = os.path.basename(sys.argv[0]) or program
+        how = f"run: {INSTALL_EXTRA}"
+    else:
+        how = f"from the repository root run: {INSTALL} (then use .venv/bin/python)"
+    print(
+        f"{program}: the Python package {package} is not installed for {sys.executable}; {how}",
+        file=sys.stderr,
+    )
+    sys.exit(1)
 
 
 if __name__ == "__main__":

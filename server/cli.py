@@ -11,17 +11,14 @@ import os
 from dataclasses import dataclass
 
 from counter_server.common import __version__
-from counter_server.common.cli import (
-    convert,
-    cpu_count,
+from counter_server.common.cli import convert, cpu_count, parse_args, usage_exit
+from counter_server.common.values import (
     log_format,
     log_level,
     non_negative_float,
-    parse_args,
     port_number,
     positive_int,
     positive_rate,
-    usage_exit,
 )
 from counter_server.server.admission import Network, parse_network
 from counter_server.server.store.durable import FSYNC_MODES

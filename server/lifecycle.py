@@ -16,9 +16,9 @@ import ssl
 import traceback
 
 import gevent
-from counter_server.common.cli import format_address
 from counter_server.common.ratelog import RateLimitedLog
 from counter_server.common.sockets import shut_down
+from counter_server.common.values import format_address
 from counter_server.protocol import InvalidFrame, RejectReason
 from counter_server.server.admission import Admission, client_ip, peer_key
 from counter_server.server.balance import PAUSE, AcceptBalance

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 
 import gevent
-from counter_server.common.cli import format_address
+from counter_server.common.values import format_address
 from counter_server.protocol import REPLY_SIZE
 from counter_server.server.lifecycle import (
     ACCEPT_RETRY_SECONDS,

@@ -1,6 +1,8 @@
-"""`pip install .` into a fresh virtualenv: the package installs with its
-runtime dependencies, its commands run, and the library talks to the server
-it installed (started from the virtualenv, outside the repository)."""
+"""`pip install` into fresh virtualenvs: `.[server]` installs the package
+with every runtime dependency, its commands run, and the library talks to the
+server it installed (started from the virtualenv, outside the repository);
+`.` alone installs the library with xxhash only, and the commands then say
+in one line how to add the rest."""
 
 from __future__ import annotations
 
@@ -15,17 +17,56 @@ from support import REPO_ROOT
 SKIP = shutil.ignore_patterns(".venv", ".git", "__pycache__", "build", "*.egg-info", ".ruff_cache")
 
 
-def test_pip_install_into_a_fresh_virtualenv(tmp_path):
+def install(tmp_path, extra: str = ""):
+    """A fresh virtualenv with a copy of the repository installed (``extra``:
+    ``[server]``); its python and bin folder."""
     source = tmp_path / "source"
     shutil.copytree(REPO_ROOT, source, ignore=SKIP)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python, bin_dir = env_dir / "bin" / "python", env_dir / "bin"
     installed = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", str(source)],
+        [str(python), "-m", "pip", "install", "--quiet", f"{source}{extra}"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert installed.returncode == 0, installed.stdout + installed.stderr
+    return python, bin_dir, env_dir
+
+
+def pins(name: str) -> set[str]:
+    lines = (REPO_ROOT / name).read_text().splitlines()
+    return {line.split("#")[0].strip() for line in lines if "==" in line.split("#")[0]}
+
+
+def test_the_library_pins_are_the_servers_too():
+    assert pins("requirements-library.txt") <= pins("requirements.txt")
+
+
+def test_the_library_alone_installs_with_xxhash_only(tmp_path):
+    python, bin_dir, _ = install(tmp_path)
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format", "freeze"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    names = {line.split("==")[0].lower() for line in listed.stdout.split()}
+    assert names - {"pip", "setuptools", "wheel"} == {"counter-server", "xxhash"}, names
+    program = (
+        "import sys\n"
+        "import counter_server.client\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'gevent', 'docopt', "
+        "'pythonjsonlogger', 'redis', 'prometheus_client'}))\n"
+    )
+    imported = subprocess.run([str(python), "-c", program], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+    assert imported.returncode == 0 and imported.stdout == "[]\n", imported
+    server = subprocess.run([str(bin_dir / "counter-server"), "--version"], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert server.returncode == 1 and "Traceback" not in server.stderr, server.stderr
+    assert server.stderr.count("\n") == 1
+    assert "counter-server: the Python package gevent is not installed" in server.stderr
+    assert "pip install 'counter-server[server]'" in server.stderr
+
+
+def test_pip_install_into_a_fresh_virtualenv(tmp_path):
+    python, bin_dir, env_dir = install(tmp_path, "[server]")
     for command in ("counter-server", "counter-client"):
         version = subprocess.run([str(bin_dir / command), "--version"], capture_output=True,
                                  text=True, timeout=60)  # fmt: skip

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from counter_server.common import __version__
-from counter_server.common.cli import UsageError, host_port, positive_rate
+from counter_server.common.values import UsageError, host_port, positive_rate
 from support import REPO_ROOT
 
 COMMANDS = {

@@ -1,11 +1,11 @@
-"""Command-line value parsers shared by the server and client."""
+"""Values as written on command lines (common/values.py), shared by the server and client."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
-from counter_server.common.cli import (
+from counter_server.common.values import (
     UsageError,
     format_address,
     host_port,
