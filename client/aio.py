@@ -17,6 +17,7 @@ from counter_server.protocol import FRAME_SIZE, REPLY_SIZE
 from .calls import (
     DEFAULT_POOL_SIZE,
     DEFAULT_TIMEOUT,
+    HTTP_NUDGE,
     IN_FLIGHT_FRAMES,
     READ_ATTEMPTS,
     READ_FRAME,
@@ -28,8 +29,14 @@ from .calls import (
     decode_call,
     encode_call,
     ended_early,
+    foreign,
+    may_want_tls,
+    not_served,
+    nudge_margin,
     outgoing,
+    probe_context,
     reason,
+    speaks_tls,
     split_probe,
     target,
 )
@@ -45,18 +52,26 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.ended: str | None = None  # why the connection is unusable
+        self.cause: BaseException | None = None  # the error that ended it, if one did
         self._waiter: asyncio.Future | None = None
         self._expected = 0
         self._deadline: Deadline | None = None  # of the call in progress
         self._timer: asyncio.TimerHandle | None = None
         self._out = memoryview(b"")  # the call's frames not yet written
+        self.fresh = True  # no call has finished on it yet
+        self.nudged = False  # HTTP_NUDGE went out: closed after its call
+        self._nudge: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if self._waiter is None:
+        if self.fresh and (wrong := foreign(self.buffer, self._expected)):
+            self.ended, self.cause = str(wrong), wrong
+            self.buffer.clear()
+            self._wake()
+        elif self._waiter is None:
             self.ended = "the server sent bytes nobody asked for"
         elif len(self.buffer) >= self._expected:
             self._wake()
@@ -81,6 +96,7 @@ class _Connection(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.cause = self.cause or exc
         if self.ended is None:
             self.ended = (
                 "the server closed the connection"
@@ -101,11 +117,18 @@ class _Connection(asyncio.Protocol):
             self._timer = asyncio.get_running_loop().call_later(left, self._check_deadline)
             return
         self.ended = "no reply within the timeout"
+        self.cause = TimeoutError(self.ended)
         self._wake()
+
+    def _send_nudge(self) -> None:
+        """A new connection silent until near the deadline: see HTTP_NUDGE."""
+        if self._waiter is not None and not self.buffer and not self.transport.is_closing():
+            self.transport.write(HTTP_NUDGE)
+            self.nudged = True
 
     @property
     def usable(self) -> bool:
-        return self.ended is None and not self.transport.is_closing()
+        return self.ended is None and not self.nudged and not self.transport.is_closing()
 
     async def call(self, frames: bytes, expected: int, deadline: Deadline) -> bytes:
         """Send ``frames`` and wait for ``expected`` reply bytes within
@@ -115,6 +138,9 @@ class _Connection(asyncio.Protocol):
         self._waiter = loop.create_future()
         self._expected, self._deadline = expected, deadline
         self._timer = loop.call_later(deadline.left(), self._check_deadline)
+        if self.fresh:
+            margin = nudge_margin(deadline.timeout)
+            self._nudge = loop.call_later(max(deadline.left() - margin, 0), self._send_nudge)
         self._out = memoryview(frames)
         self._feed()
         try:
@@ -122,11 +148,15 @@ class _Connection(asyncio.Protocol):
         finally:
             self._waiter = None
             self._timer.cancel()
+            if self._nudge is not None:
+                self._nudge.cancel()
+                self._nudge = None
             self._out = memoryview(b"")
+            self.fresh = False
         data = bytes(self.buffer)
         self.buffer.clear()
         if len(data) < expected:
-            raise ConnectionEnded(self.ended or "the connection ended", data)
+            raise ConnectionEnded(self.ended or "the connection ended", data, self.cause)
         return data
 
     def close(self) -> None:
@@ -154,6 +184,23 @@ async def _connect(where: Target, deadline: Deadline) -> _Connection:
     except OSError as exc:
         raise Unavailable(f"cannot connect to {where.address}: {reason(exc)}") from None
     return connection
+
+
+async def _speaks_tls(where: Target, deadline: Deadline) -> bool:
+    """Whether the server completes a TLS handshake (within ``deadline``)."""
+    loop = asyncio.get_running_loop()
+    try:
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(
+                asyncio.Protocol, where.host, where.port, ssl=probe_context(),
+                server_hostname=where.host,
+            ),
+            deadline.left(),
+        )  # fmt: skip
+    except (OSError, asyncio.TimeoutError):  # ssl.SSLError included
+        return False
+    transport.close()
+    return True
 
 
 class AsyncCounterClient:
@@ -249,7 +296,7 @@ class AsyncCounterClient:
         else:
             await slots.acquire()
         try:
-            connection = await self._borrow(deadline)
+            connection, fresh = await self._borrow(deadline)
             if not deadline.left():
                 self._give_back(connection)
                 raise Unavailable(f"{where.address}: timed out before sending")
@@ -257,11 +304,7 @@ class AsyncCounterClient:
                 data = await connection.call(frames, expected, deadline)
             except ConnectionEnded as ended:
                 connection.close()
-                floor, replies = split_probe(decode_call(ended.data), floor)
-                value = await self._value_now(deadline) if can_classify(checked, replies) else None
-                self._saw(value, *replies[-1:], floor)
-                why = ended.why
-                raise ended_early(where.address, checked, replies, floor, value, why) from None
+                raise await self._outcome(ended, fresh, checked, floor, deadline) from None
             except BaseException:  # cancelled mid-call: the connection is out of step
                 connection.close()
                 raise
@@ -273,15 +316,39 @@ class AsyncCounterClient:
             self._floor = replies[-1]
         return replies
 
+    async def _outcome(
+        self,
+        ended: ConnectionEnded,
+        fresh: bool,
+        checked: list[int],
+        floor: int | None,
+        deadline: Deadline,
+    ) -> CounterError:
+        """What became of a call whose connection ended early (see
+        ``CounterClient._outcome``)."""
+        where = self._target
+        unserved = not_served(where.address, fresh, ended)
+        if unserved is not None:
+            return unserved
+        floor, replies = split_probe(decode_call(ended.data), floor)
+        now = await self._value_now(deadline) if can_classify(checked, replies) else None
+        if isinstance(now, ConnectionEnded):
+            cut = may_want_tls(where, fresh, ended) and may_want_tls(where, True, now)
+            if cut and await _speaks_tls(where, deadline):
+                return speaks_tls(where.address)
+            now = None
+        self._saw(now, *replies[-1:], floor)
+        return ended_early(where.address, checked, replies, floor, now, ended.why)
+
     def _saw(self, *values: int | None) -> None:
         """Raise the floor to the highest of ``values`` (None: not known)."""
         known = [v for v in values if v is not None]
         if known and (self._floor is None or max(known) > self._floor):
             self._floor = max(known)
 
-    async def _value_now(self, deadline: Deadline) -> int | None:
+    async def _value_now(self, deadline: Deadline) -> int | ConnectionEnded | None:
         """The counter, read on a fresh connection within what is left of the
-        call's deadline (None if that fails): see ``CounterClient``."""
+        call's deadline (see ``CounterClient._value_now``)."""
         if not deadline.left():
             return None
         try:
@@ -290,20 +357,21 @@ class AsyncCounterClient:
             return None
         try:
             return decode_call(await connection.call(READ_FRAME, REPLY_SIZE, deadline))[0]
-        except ConnectionEnded:
-            return None
+        except ConnectionEnded as ended:
+            return ended
         finally:
             connection.close()
 
-    async def _borrow(self, deadline: Deadline) -> _Connection:
+    async def _borrow(self, deadline: Deadline) -> tuple[_Connection, bool]:
+        """An idle connection still open, or a new one; and whether it is new."""
         while True:
             if self._closed:
                 raise Unavailable(f"the client of {self.address} is closed")
             if not self._idle:
-                return await _connect(self._target, deadline)
+                return await _connect(self._target, deadline), True
             connection = self._idle.pop()
             if connection.usable:  # not closed by the server while idle
-                return connection
+                return connection, False
             connection.close()
 
     def _give_back(self, connection: _Connection) -> None:

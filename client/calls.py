@@ -15,7 +15,7 @@ from counter_server.common.tls import client_context
 from counter_server.common.values import host_port
 from counter_server.protocol import MAX_COUNTER, REPLY_SIZE, decode_replies, encode_request
 
-from .errors import CounterError, Indeterminate, Refused
+from .errors import CounterError, Indeterminate, Refused, Unavailable
 
 DEFAULT_TIMEOUT = 5.0  # seconds for a connect, a TLS handshake, or a call's replies
 DEFAULT_POOL_SIZE = 4  # persistent connections per client
@@ -30,11 +30,109 @@ IN_FLIGHT_FRAMES = 1024
 
 class ConnectionEnded(Exception):
     """A call's connection ended (closed, reset, timed out) before every
-    reply came: ``why``, and the bytes that did arrive."""
+    reply came: ``why``, the bytes that did arrive, and the socket or TLS
+    error that ended it (None: closed by the server, or timed out)."""
 
-    def __init__(self, why: str, data: bytes) -> None:
+    def __init__(self, why: str, data: bytes, cause: BaseException | None = None) -> None:
         super().__init__(why)
-        self.why, self.data = why, data
+        self.why, self.data, self.cause = why, data, cause
+
+
+# TLS alerts by which a server refuses the client's side of the handshake:
+# it read no frame from that connection.
+REFUSED_CERTIFICATE = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate "
+    "(pass tls_cert= and tls_key=)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the server refused the client certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the server refused the client certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the server says the client certificate has expired",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "the server says the client certificate was revoked",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "the server refused the client certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust the CA of the client certificate",
+    "TLSV1_ALERT_ACCESS_DENIED": "the server refused the client certificate",
+}
+
+
+def not_served(address: str, fresh: bool, ended: ConnectionEnded) -> Unavailable | None:
+    """``Unavailable`` when the server is not serving the call at all: it
+    answered in HTTP, or (the first call on a new connection, nothing back)
+    refused the client's TLS certificate or the lack of one. Either way it
+    applied no frame. None otherwise."""
+    if isinstance(ended.cause, NotACounterServer):
+        hint = (
+            " in HTTP (is this the metrics port?)"
+            if ended.cause.http
+            else " bytes it was not asked for"
+        )
+        return Unavailable(
+            f"{address} is not a counter server: it answered{hint}; nothing was applied"
+        )
+    if not fresh or ended.data or not isinstance(ended.cause, ssl.SSLError):
+        return None
+    refusal = REFUSED_CERTIFICATE.get(getattr(ended.cause, "reason", None) or "")
+    if refusal is None:
+        return None
+    return Unavailable(f"{address}: {refusal} ({ended.cause.reason}); nothing was applied")
+
+
+class NotACounterServer(Exception):
+    """What ended a call whose server sent what no counter server sends (a
+    ``cause``): ``http`` if it answered in HTTP."""
+
+    def __init__(self, http: bool) -> None:
+        super().__init__("answered in HTTP" if http else "sent more than was asked for")
+        self.http = http
+
+
+# Sent on a new connection whose first reply has not come when only this
+# much of the call's time is left (at most a quarter of it): it ends the
+# request line an HTTP server (the metrics port) is still waiting for, so
+# that it answers and can be named. To a slow counter server it is the start
+# of a frame; such a connection is closed after its call, never reused.
+HTTP_NUDGE = b"\r\n"
+NUDGE_BEFORE_DEADLINE = 0.25  # seconds
+
+
+def nudge_margin(timeout: float) -> float:
+    """How long before a call's deadline a silent new connection is nudged."""
+    return min(NUDGE_BEFORE_DEADLINE, timeout / 4)
+
+
+def foreign(data: bytes, expected: int) -> NotACounterServer | None:
+    """The bytes a new connection got back, if no counter server could have
+    sent them: more than ``expected`` (a counter server sends one reply per
+    frame, nothing else), or an HTTP status line (``HTTP/1.1 400``, which as
+    replies would be a value followed by a smaller one)."""
+    status_line = len(data) >= 9 and data[:7] == b"HTTP/1." and data[8:9] == b" "
+    if not status_line and len(data) <= expected:
+        return None
+    http = status_line or data.lstrip()[:1] == b"<"  # HTTP/0.9: the page alone
+    return NotACounterServer(http)
+
+
+def speaks_tls(address: str) -> Unavailable:
+    """What a plain client is told when the server turned out to want TLS."""
+    return Unavailable(
+        f"{address} looks like a TLS server: pass tls_ca= (the CA file that signed its "
+        "certificate), or tls= an SSLContext; nothing was applied"
+    )
+
+
+def probe_context() -> ssl.SSLContext:
+    """A TLS context that only asks whether the peer speaks TLS: no
+    verification, since the answer is only used to word an error."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def may_want_tls(where: Target, fresh: bool, ended: ConnectionEnded) -> bool:
+    """Whether a plain client's first call on a new connection ended the way
+    a TLS server ends one (closed or reset at once, nothing answered), so
+    that a TLS handshake is worth trying to name the cause."""
+    timed_out = isinstance(ended.cause, TimeoutError)
+    return where.tls is None and fresh and not ended.data and not timed_out
 
 
 def reason(exc: BaseException) -> str:

@@ -24,6 +24,7 @@ from counter_server.protocol import FRAME_SIZE, REPLY_SIZE
 from .calls import (
     DEFAULT_POOL_SIZE,
     DEFAULT_TIMEOUT,
+    HTTP_NUDGE,
     IN_FLIGHT_FRAMES,
     READ_ATTEMPTS,
     READ_FRAME,
@@ -35,8 +36,14 @@ from .calls import (
     decode_call,
     encode_call,
     ended_early,
+    foreign,
+    may_want_tls,
+    not_served,
+    nudge_margin,
     outgoing,
+    probe_context,
     reason,
+    speaks_tls,
     split_probe,
     target,
 )
@@ -59,6 +66,22 @@ def _connect(where: Target, deadline: Deadline) -> socket.socket:
     except (OSError, ssl.SSLError) as exc:
         sock.close()
         raise Unavailable(f"TLS with {where.address} failed: {reason(exc)}") from None
+
+
+def _speaks_tls(where: Target, deadline: Deadline) -> bool:
+    """Whether the server completes a TLS handshake (within ``deadline``)."""
+    try:
+        sock = socket.create_connection((where.host, where.port), timeout=_left(deadline))
+    except OSError:
+        return False
+    try:
+        sock.settimeout(_left(deadline))
+        probe_context().wrap_socket(sock, server_hostname=where.host).close()
+        return True
+    except OSError:  # ssl.SSLError included
+        return False
+    finally:
+        sock.close()
 
 
 def _still_open(sock: socket.socket) -> bool:
@@ -101,14 +124,20 @@ def _left(deadline: Deadline) -> float:
     return left
 
 
-def _exchange(sock: socket.socket, frames: bytes, expected: int, deadline: Deadline) -> bytes:
+def _exchange(
+    sock: socket.socket, frames: bytes, expected: int, deadline: Deadline, fresh: bool = False
+) -> tuple[bytes, bool]:
     """Send ``frames`` and read ``expected`` reply bytes, keeping at most
     ``IN_FLIGHT_FRAMES`` unanswered, so that a batch of any size streams
     (the server stops reading a connection whose replies are not read);
-    ConnectionEnded (with what arrived) if the connection ends first."""
+    ConnectionEnded (with what arrived) if the connection ends first. The
+    replies' bytes, and whether the connection can carry another call (not
+    once nudged: a ``fresh`` one whose server stayed silent, see HTTP_NUDGE)."""
     out = memoryview(frames)
     sent = 0
     data = bytearray()
+    margin = nudge_margin(deadline.timeout) if fresh else 0.0
+    extra = REPLY_SIZE if fresh else 0  # room to see an HTTP status line whole
     while len(data) < expected:
         unanswered = sent // FRAME_SIZE - len(data) // REPLY_SIZE
         if sent < len(out) and unanswered < IN_FLIGHT_FRAMES:
@@ -117,20 +146,30 @@ def _exchange(sock: socket.socket, frames: bytes, expected: int, deadline: Deadl
                 sock.settimeout(_left(deadline))
                 sock.sendall(chunk)
             except OSError as exc:
-                raise ConnectionEnded(f"sending failed ({reason(exc)})", bytes(data)) from None
+                raise ConnectionEnded(f"sending failed ({reason(exc)})", bytes(data), exc) from None
             sent += len(chunk)
             continue
         try:
-            sock.settimeout(_left(deadline))
-            chunk = sock.recv(min(expected - len(data), RECV_BYTES))
+            sock.settimeout(max(_left(deadline) - (0.0 if data else margin), 0.001))
+            chunk = sock.recv(min(expected - len(data), RECV_BYTES) + extra)
+        except TimeoutError:
+            if margin and not data:
+                sock.sendall(HTTP_NUDGE)
+                margin = 0.0
+                continue
+            raise ConnectionEnded(
+                "no reply within the timeout", bytes(data), TimeoutError()
+            ) from None
         except OSError as exc:
-            why = "no reply within the timeout" if isinstance(exc, TimeoutError) else None
-            raise ConnectionEnded(why or f"the connection broke ({reason(exc)})", data) from None
+            why = f"the connection broke ({reason(exc)})"
+            raise ConnectionEnded(why, bytes(data), exc) from None
         if not chunk:
             raise ConnectionEnded("the server closed the connection", bytes(data))
         data += chunk
+        if extra and (wrong := foreign(data, expected)):
+            raise ConnectionEnded(str(wrong), b"", wrong)
         deadline.progressed()
-    return bytes(data)
+    return bytes(data), not (fresh and margin == 0.0)
 
 
 class CounterClient:
@@ -217,29 +256,55 @@ class CounterClient:
         if not self._slots.acquire(timeout=deadline.left()):
             raise Unavailable(f"no connection to {where.address} free within the timeout")
         try:
-            sock = self._borrow(deadline)
+            sock, fresh = self._borrow(deadline)
             if not deadline.left():
                 self._give_back(sock)
                 raise Unavailable(f"{where.address}: timed out before sending")
             try:
-                data = _exchange(sock, frames, expected, deadline)
+                data, reusable = _exchange(sock, frames, expected, deadline, fresh)
             except ConnectionEnded as ended:
                 sock.close()
-                floor, replies = split_probe(decode_call(ended.data), floor)
-                value = self._value_now(deadline) if can_classify(checked, replies) else None
-                self._saw(value, *replies[-1:], floor)
-                why = ended.why
-                raise ended_early(where.address, checked, replies, floor, value, why) from None
+                raise self._outcome(ended, fresh, checked, floor, deadline) from None
             except BaseException:
                 sock.close()
                 raise
-            self._give_back(sock)
+            if reusable:
+                self._give_back(sock)
+            else:
+                sock.close()
         finally:
             self._slots.release()
         _, replies = split_probe(decode_call(data), floor)
         if floor is None or replies[-1] > floor:  # a race between threads only keeps it lower
             self._floor = replies[-1]
         return replies
+
+    def _outcome(
+        self,
+        ended: ConnectionEnded,
+        fresh: bool,
+        checked: list[int],
+        floor: int | None,
+        deadline: Deadline,
+    ) -> CounterError:
+        """What became of a call whose connection (``fresh``: opened for it)
+        ended early: a server that refused our TLS side or wants TLS read
+        nothing (``Unavailable``); otherwise as ``calls.ended_early`` says."""
+        where = self._target
+        unserved = not_served(where.address, fresh, ended)
+        if unserved is not None:
+            return unserved
+        floor, replies = split_probe(decode_call(ended.data), floor)
+        now = self._value_now(deadline) if can_classify(checked, replies) else None
+        if isinstance(now, ConnectionEnded):
+            # Both cut at once, the read too: a TLS server, or a server
+            # refusing us before reading any frame (never a probe's victim).
+            cut = may_want_tls(where, fresh, ended) and may_want_tls(where, True, now)
+            if cut and _speaks_tls(where, deadline):
+                return speaks_tls(where.address)
+            now = None
+        self._saw(now, *replies[-1:], floor)
+        return ended_early(where.address, checked, replies, floor, now, ended.why)
 
     def _saw(self, *values: int | None) -> None:
         """Raise the floor: the counter was each of ``values`` (None: not
@@ -249,31 +314,33 @@ class CounterClient:
         if known and (self._floor is None or max(known) > self._floor):
             self._floor = max(known)
 
-    def _value_now(self, deadline: Deadline) -> int | None:
+    def _value_now(self, deadline: Deadline) -> int | ConnectionEnded | None:
         """After a connection ended early: the counter, read on a fresh
-        connection within what is left of the call's deadline (None if that
-        fails), to tell a refusal from an unknown outcome."""
+        connection within what is left of the call's deadline, to tell a
+        refusal from an unknown outcome; how that read's connection ended if
+        it did, None if none could be opened."""
         try:
             sock = _connect(self._target, deadline)
         except (Unavailable, TimeoutError):
             return None
         try:
-            return decode_call(_exchange(sock, READ_FRAME, REPLY_SIZE, deadline))[0]
-        except ConnectionEnded:
-            return None
+            return decode_call(_exchange(sock, READ_FRAME, REPLY_SIZE, deadline)[0])[0]
+        except ConnectionEnded as ended:
+            return ended
         finally:
             sock.close()
 
-    def _borrow(self, deadline: Deadline) -> socket.socket:
+    def _borrow(self, deadline: Deadline) -> tuple[socket.socket, bool]:
+        """An idle connection still open, or a new one; and whether it is new."""
         while True:
             with self._lock:
                 if self._closed:
                     raise Unavailable(f"the client of {self.address} is closed")
                 sock = self._idle.pop() if self._idle else None
             if sock is None:
-                return _connect(self._target, deadline)
+                return _connect(self._target, deadline), True
             if _still_open(sock):
-                return sock
+                return sock, False
             sock.close()
 
     def _give_back(self, sock: socket.socket) -> None:

@@ -43,6 +43,12 @@ OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE}
 # ... or "no descriptors or memory now": not a bug.
 _OUT_OF_RESOURCES = OUT_OF_DESCRIPTORS | {errno.ENOBUFS, errno.ENOMEM}
 
+# Endings after which the client may still be sending: half-close and drain
+# (close_gently), so that what we last sent reaches it instead of being
+# destroyed by the reset a close with unread input causes: the replies owed
+# at shutdown, the TLS alert saying why its handshake was refused.
+CLOSE_GENTLY = frozenset({CloseReason.SHUTDOWN, CloseReason.TLS_FAILED})
+
 
 class _Connection:
     """One accepted connection while it is handled: what its close must undo."""
@@ -285,7 +291,7 @@ class CounterServer:
                     "detail": detail,
                 },
             )
-        if reason is CloseReason.SHUTDOWN:  # it may still be sending: its replies must arrive
+        if reason in CLOSE_GENTLY:
             close_gently(connection.conn)
         connection.conn.close()
         if connection.conn is not connection.sock:

@@ -8,6 +8,7 @@ Each end-to-end case runs the sync ``CounterClient`` and the asyncio
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import subprocess
 import sys
@@ -25,7 +26,15 @@ from counter_server.client import (
 )
 from counter_server.client.calls import ended_early, refused_locally
 from counter_server.protocol import MAX_COUNTER
-from support import REPO_ROOT, StandIn, exchange, read_counter, start_server, wait_until
+from support import (
+    REPO_ROOT,
+    StandIn,
+    exchange,
+    read_counter,
+    start_server,
+    start_tls_server,
+    wait_until,
+)
 
 FRONT_ENDS = ("sync", "asyncio")
 
@@ -274,3 +283,223 @@ def test_close_while_a_call_connects_leaves_the_call_its_timeout():
 
         took = asyncio.run(scenario())
     assert took < 1 + 1, took
+
+
+# --- errors that name the cause ---
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+@pytest.mark.parametrize(
+    ("certificate", "said"),
+    [
+        ({}, "the server requires a client certificate (pass tls_cert= and tls_key=)"),
+        ({"tls_cert": "stranger_cert", "tls_key": "stranger_key"}, "the server does not trust"),
+    ],
+)
+def test_a_refused_client_certificate_is_unavailable_and_says_why(
+    front_end, certificate, said, pki
+):
+    server = start_tls_server(pki, "--tls-client-ca", pki["ca"])
+    try:
+        settings = {key: pki[name] for key, name in certificate.items()}
+        address = f"127.0.0.1:{server.port}"
+        outcome = call(front_end, address, "increment", tls_ca=pki["ca"], **settings)
+        assert isinstance(outcome, Unavailable), outcome
+        assert said in str(outcome) and "nothing was applied" in str(outcome)
+        trusted = {"tls_cert": pki["client_cert"], "tls_key": pki["client_key"]}
+        assert call(front_end, address, "read", tls_ca=pki["ca"], **trusted) == 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_a_plain_client_of_a_tls_server_is_told_to_use_tls(front_end, pki):
+    server = start_tls_server(pki)
+    try:
+        outcome = call(front_end, f"127.0.0.1:{server.port}", "increment")
+        assert isinstance(outcome, Unavailable), outcome
+        assert "looks like a TLS server: pass tls_ca=" in str(outcome)
+        assert call(front_end, f"127.0.0.1:{server.port}", "read", tls_ca=pki["ca"]) == 0
+    finally:
+        server.stop()
+
+
+def http_400(conn) -> None:
+    conn.recv(64)
+    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_an_http_server_is_named_within_the_timeout(front_end):
+    # The metrics port (silent until its request line ends) and a server that answers at once.
+    server = start_server("--metrics-port", "0")
+    metrics = server.metrics_url().split("/")[2]
+    try:
+        with StandIn(http_400) as answering:
+            for address in (metrics, answering.address):
+                started = time.monotonic()
+                outcome = call(front_end, address, "increment", timeout=2)
+                took = time.monotonic() - started
+                assert isinstance(outcome, Unavailable), outcome
+                assert "is not a counter server: it answered in HTTP" in str(outcome)
+                assert took < 2 + 0.5, took
+        assert read_counter(server.port) == 0
+    finally:
+        server.stop()
+
+
+def test_an_async_client_used_from_a_second_open_loop_says_so():
+    async def first(counter):
+        await counter.read()
+
+    async def second(counter):
+        with pytest.raises(RuntimeError, match="make one client per event loop"):
+            await counter.increment()
+
+    server = start_server()
+    counter = AsyncCounterClient(f"127.0.0.1:{server.port}")
+    loops = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        loops[0].run_until_complete(first(counter))
+        loops[1].run_until_complete(second(counter))
+        loops[0].run_until_complete(first(counter))  # its own loop still works
+        loops[0].close()
+        asyncio.run(first(counter))  # a new loop once the first is closed
+        assert read_counter(server.port) == 0
+    finally:
+        for loop in loops:
+            loop.close()
+        server.stop()
+
+
+# --- every claim against the counter, under concurrency, timeouts and cancellation ---
+
+BITS_PER_ROUND = 40  # increments 2^0 .. 2^39: the counter's growth names the frames applied
+
+
+def plan_round(rng: random.Random) -> list[list[int]]:
+    """Calls of one round: single increments and small batches, each frame
+    a distinct power of two."""
+    calls, bit = [], 0
+    while bit < BITS_PER_ROUND:
+        size = min(rng.choice((1, 1, 1, 2, 3)), BITS_PER_ROUND - bit)
+        calls.append([1 << (bit + i) for i in range(size)])
+        bit += size
+    return calls
+
+
+def judge_round(start: int, final: int, outcomes: list[tuple[list[int], object]]) -> None:
+    """Each frame's bit in ``final - start`` says whether it was applied:
+    check every value returned and every error's claim against it."""
+    applied = final - start
+    assert 0 <= applied < 1 << BITS_PER_ROUND, (start, final)
+    for increments, outcome in outcomes:
+        bits = [applied & n != 0 for n in increments]
+        if isinstance(outcome, (Refused, Unavailable)):
+            assert not any(bits), f"{outcome!r} claims nothing applied: {increments}"
+            continue
+        replies = outcome.replies if isinstance(outcome, Indeterminate) else outcome
+        assert all(bits[: len(replies)]), (outcome, increments)
+        for n, value in zip(increments, replies, strict=False):
+            # A reply is the counter right after its own frame: it includes that frame's bit
+            # and only bits of frames applied in the round.
+            grown = value - start
+            assert grown & n and grown & ~applied == 0, (hex(grown), n, outcome)
+        if not isinstance(outcome, Indeterminate):
+            assert len(replies) == len(increments)
+
+
+def settled(port: int) -> int:
+    """The counter once frames still in flight (a server paused mid-round) are applied."""
+    value = read_counter(port)
+    while True:
+        time.sleep(0.2)
+        again = read_counter(port)
+        if again == value:
+            return value
+        value = again
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_every_claim_holds_under_concurrent_callers_timeouts_and_cancellation(front_end):
+    rng = random.Random(20261207)
+    server = start_server()
+    address = f"127.0.0.1:{server.port}"
+    try:
+        for round_number in range(8):
+            calls = plan_round(rng)
+            timeouts = [rng.choice((0.02, 0.05, 0.3, 2.0)) for _ in calls]
+            pause = round_number > 0  # the server stops twice for 0.1 s in later rounds
+            start = read_counter(server.port)
+            if front_end == "asyncio":
+                outcomes = asyncio.run(async_round(address, calls, timeouts, rng, server, pause))
+            else:
+                outcomes = threads_round(address, calls, timeouts, server, pause)
+            judge_round(start, settled(server.port), outcomes)
+    finally:
+        server.signal(signal.SIGCONT)
+        server.stop()
+
+
+def pause_server(server) -> None:
+    for _ in range(2):
+        server.signal(signal.SIGSTOP)
+        time.sleep(0.1)
+        server.signal(signal.SIGCONT)
+        time.sleep(0.03)
+
+
+WORKERS = 6  # callers per round, each making its calls one after another
+
+
+def threads_round(address, calls, timeouts, server, pause):
+    clients = {t: CounterClient(address, timeout=t, pool_size=3) for t in set(timeouts)}
+    outcomes: list = [None] * len(calls)
+
+    def worker(first: int) -> None:
+        for i in range(first, len(calls), WORKERS):
+            try:
+                outcomes[i] = clients[timeouts[i]].increment_many(calls[i])
+            except CounterError as exc:
+                outcomes[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(WORKERS)]
+    for thread in threads:
+        thread.start()
+    if pause:
+        pause_server(server)
+    for thread in threads:
+        thread.join(30)
+    for client in clients.values():
+        client.close()
+    return list(zip(calls, outcomes, strict=True))
+
+
+async def async_round(address, calls, timeouts, rng, server, pause):
+    clients = {t: AsyncCounterClient(address, timeout=t, pool_size=3) for t in set(timeouts)}
+    cancelled = set(rng.sample(range(len(calls)), len(calls) // 4))
+    outcomes: list = [None] * len(calls)
+
+    async def one(i: int):
+        try:
+            return await clients[timeouts[i]].increment_many(calls[i])
+        except CounterError as exc:
+            return exc
+
+    async def worker(first: int) -> None:
+        for i in range(first, len(calls), WORKERS):
+            task = asyncio.ensure_future(one(i))
+            if i in cancelled:
+                asyncio.get_running_loop().call_later(0.001 * (i % 7), task.cancel)
+            try:
+                outcomes[i] = await task
+            except asyncio.CancelledError:
+                outcomes[i] = Indeterminate("cancelled")  # claims nothing: either outcome
+
+    workers = [asyncio.ensure_future(worker(w)) for w in range(WORKERS)]
+    if pause:
+        await asyncio.get_running_loop().run_in_executor(None, pause_server, server)
+    await asyncio.gather(*workers)
+    for client in clients.values():
+        await client.close()
+    return list(zip(calls, outcomes, strict=True))

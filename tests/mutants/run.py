@@ -32,6 +32,9 @@ RUN_TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (CI
 
 TEST_PROCESSES = "tests/server/test_processes.py"
 TEST_CALLS = "tests/client/test_calls.py"
+EVERY_CLAIM = (
+    TEST_CALLS + "::test_every_claim_holds_under_concurrent_callers_timeouts_and_cancellation"
+)
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,23 @@ MUTANTS = [
         "IN_FLIGHT_FRAMES = 1024",
         "IN_FLIGHT_FRAMES = 1 << 30",
         (TEST_CALLS + "::test_a_million_increments_in_one_batch",),
+    ),
+    Mutant(
+        "ended-connection-reused",
+        "a call that timed out never leaves its connection out of step (sync)",
+        "client/library.py",
+        "            except ConnectionEnded as ended:\n                sock.close()\n",
+        "            except ConnectionEnded as ended:\n                self._give_back(sock)\n",
+        (EVERY_CLAIM,),
+    ),
+    Mutant(
+        "cancelled-connection-reused",
+        "a cancelled call never leaves its connection out of step (asyncio)",
+        "client/aio.py",
+        "                connection.close()\n                raise\n",
+        "                connection._waiter = None\n                self._give_back(connection)\n"
+        "                raise\n",
+        (EVERY_CLAIM,),
     ),
     Mutant(
         "lock-given-back-silently",
