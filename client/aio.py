@@ -12,6 +12,7 @@ import ssl
 from collections.abc import Iterable
 from types import TracebackType
 
+from counter_server.common.tls import probe_context
 from counter_server.protocol import FRAME_SIZE, REPLY_SIZE
 
 from .calls import (
@@ -34,7 +35,6 @@ from .calls import (
     not_served,
     nudge_margin,
     outgoing,
-    probe_context,
     reason,
     speaks_tls,
     split_probe,

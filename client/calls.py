@@ -118,15 +118,6 @@ def speaks_tls(address: str) -> Unavailable:
     )
 
 
-def probe_context() -> ssl.SSLContext:
-    """A TLS context that only asks whether the peer speaks TLS: no
-    verification, since the answer is only used to word an error."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def may_want_tls(where: Target, fresh: bool, ended: ConnectionEnded) -> bool:
     """Whether a plain client's first call on a new connection ended the way
     a TLS server ends one (closed or reset at once, nothing answered), so

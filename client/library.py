@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterable
 from types import TracebackType
 
+from counter_server.common.tls import speaks_tls as speaks_tls_at
 from counter_server.protocol import FRAME_SIZE, REPLY_SIZE
 
 from .calls import (
@@ -41,7 +42,6 @@ from .calls import (
     not_served,
     nudge_margin,
     outgoing,
-    probe_context,
     reason,
     speaks_tls,
     split_probe,
@@ -70,18 +70,8 @@ def _connect(where: Target, deadline: Deadline) -> socket.socket:
 
 def _speaks_tls(where: Target, deadline: Deadline) -> bool:
     """Whether the server completes a TLS handshake (within ``deadline``)."""
-    try:
-        sock = socket.create_connection((where.host, where.port), timeout=_left(deadline))
-    except OSError:
-        return False
-    try:
-        sock.settimeout(_left(deadline))
-        probe_context().wrap_socket(sock, server_hostname=where.host).close()
-        return True
-    except OSError:  # ssl.SSLError included
-        return False
-    finally:
-        sock.close()
+    left = deadline.left()
+    return left > 0 and speaks_tls_at(where.host, where.port, left)
 
 
 def _still_open(sock: socket.socket) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import gevent
 from counter_server.common.sockets import reader, shut_down
+from counter_server.common.tls import speaks_tls
 from counter_server.common.values import plural
 from counter_server.protocol import REPLY_SIZE, encode_request
 from gevent.event import Event
@@ -68,6 +69,7 @@ class LoadRun:
 
     def __init__(self, settings: LoadSettings) -> None:
         self.settings = settings
+        self._speaks_tls: bool | None = None  # asked once, when a plain connection is cut
         self.results = [ConnectionResult() for _ in range(settings.connections)]
         self.started_at = 0.0  # perf_counter() when the connections started sending
         self.started_wall = 0.0  # the same moment as Unix time, for reports
@@ -164,25 +166,25 @@ class LoadRun:
                 # only after the handshake, at the first read or write.
                 self._fail(result, TLS, f"TLS: {_tls_reason(exc)}", owed)
             else:
-                reset = isinstance(exc, ConnectionResetError)
-                detail = f"connection lost: {exc.strerror or exc}{self._tls_hint(result, reset)}"
+                detail = f"connection lost: {exc.strerror or exc}{self._tls_hint(result)}"
                 self._fail(result, CLOSED, detail, owed)
         finally:
             sock.close()
 
-    def _tls_hint(
-        self, result: ConnectionResult, reset: bool = False, received: bytes = b""
-    ) -> str:
-        """A hint to add --tls only where TLS is the likely cause: a plain
-        connection that got TLS bytes, or was reset before its first reply
-        (what our TLS server does to a plain client)."""
+    def _tls_hint(self, result: ConnectionResult, received: bytes = b"") -> str:
+        """A hint to add --tls only where TLS is the cause: a plain connection
+        that got TLS bytes, or was cut before any reply by a server that
+        completes a TLS handshake (asked once per run)."""
         if self.settings.tls is not None:
             return ""
         if received[:2] in (TLS_ALERT, TLS_HANDSHAKE):
             return " (the server answered in TLS: add --tls)"
-        if reset and not result.acknowledged:
-            return " (reset before any reply: if the server uses TLS, add --tls)"
-        return ""
+        if result.acknowledged or received:
+            return ""
+        if self._speaks_tls is None:
+            settings = self.settings
+            self._speaks_tls = speaks_tls(settings.host, settings.port, settings.timeout)
+        return " (the server speaks TLS: add --tls)" if self._speaks_tls else ""
 
     def _closed_detail(self, result: ConnectionResult, owed: int, received: bytes) -> str:
         """What is known when the server closed a connection with replies owed."""

@@ -4,6 +4,7 @@ sockets cooperative once monkey-patched)."""
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 
 
@@ -35,6 +36,26 @@ def client_context(
     if cert:
         _load_chain(context, cert, key)
     return context
+
+
+def probe_context() -> ssl.SSLContext:
+    """A TLS client context that only asks whether the peer speaks TLS: no
+    verification, since the answer only words an error."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether the server at ``host:port`` completes a TLS handshake within
+    ``timeout`` seconds (not verified; see ``probe_context``)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            probe_context().wrap_socket(sock, server_hostname=host).close()
+        return True
+    except (OSError, ValueError):  # ssl.SSLError included; ValueError: timeout spent
+        return False
 
 
 def _load_chain(context: ssl.SSLContext, cert: str, key: str | None) -> None:

@@ -46,7 +46,7 @@ _OUT_OF_RESOURCES = OUT_OF_DESCRIPTORS | {errno.ENOBUFS, errno.ENOMEM}
 # Endings after which the client may still be sending: half-close and drain
 # (close_gently), so that what we last sent reaches it instead of being
 # destroyed by the reset a close with unread input causes: the replies owed
-# at shutdown, the TLS alert saying why its handshake was refused.
+# at shutdown, the TLS alert saying why a handshake was refused.
 CLOSE_GENTLY = frozenset({CloseReason.SHUTDOWN, CloseReason.TLS_FAILED})
 
 
@@ -255,7 +255,7 @@ class CounterServer:
             return CloseReason.SHUTDOWN
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
-            connection.conn = self._handshake(connection.sock)
+            self._handshake(connection)
             if self.stopping:
                 return CloseReason.SHUTDOWN
         refusal = serve(
@@ -302,18 +302,21 @@ class CounterServer:
         if self._balance is not None and not self.stopping:
             self._balance.serving(self._worker, serving)
 
-    def _handshake(self, sock: socket.socket) -> ssl.SSLSocket:
+    def _handshake(self, connection: _Connection) -> None:
         """The TLS handshake; the whole of it must finish within the frame
         timeout (or 10 s), however the client trickles its bytes.
-        HandshakeFailed if it fails, ClientTimeout if it is too slow."""
+        HandshakeFailed if it fails, ClientTimeout if it is too slow. The
+        TLS socket becomes ``connection.conn`` first (it takes over the
+        descriptor), so a failure is closed through it, gently."""
         limit = self.timeouts.frame or HANDSHAKE_TIMEOUT
         try:
             with gevent.Timeout(limit, ClientTimeout(CloseReason.HANDSHAKE_TIMEOUT, limit)):
-                conn = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                conn.do_handshake()
+                connection.conn = self.tls.wrap_socket(
+                    connection.sock, server_side=True, do_handshake_on_connect=False
+                )
+                connection.conn.do_handshake()
         except OSError as exc:  # ssl.SSLError included
             raise HandshakeFailed(exc.strerror or str(exc) or type(exc).__name__) from None
-        return conn
 
     def _unexpected(self, address: tuple, exc: Exception) -> None:
         """Log a bug: with its traceback the first time it happens at that
