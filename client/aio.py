@@ -122,7 +122,12 @@ class _Connection(asyncio.Protocol):
 
     def _send_nudge(self) -> None:
         """A new connection silent until near the deadline: see HTTP_NUDGE."""
-        if self._waiter is not None and not self.buffer and not self.transport.is_closing():
+        if (
+            self._waiter is not None
+            and not self.buffer
+            and not self._out  # sent whole: no frame follows the nudge
+            and not self.transport.is_closing()
+        ):
             self.transport.write(HTTP_NUDGE)
             self.nudged = True
 

@@ -30,8 +30,9 @@ IN_FLIGHT_FRAMES = 1024
 
 class ConnectionEnded(Exception):
     """A call's connection ended (closed, reset, timed out) before every
-    reply came: ``why``, the bytes that did arrive, and the socket or TLS
-    error that ended it (None: closed by the server, or timed out)."""
+    reply came: ``why``, the bytes that did arrive, and what ended it (a
+    socket or TLS error, ``TimeoutError``, ``NotACounterServer``; None: the
+    server closed it)."""
 
     def __init__(self, why: str, data: bytes, cause: BaseException | None = None) -> None:
         super().__init__(why)

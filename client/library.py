@@ -127,6 +127,7 @@ def _exchange(
     sent = 0
     data = bytearray()
     margin = nudge_margin(deadline.timeout) if fresh else 0.0
+    nudged = False
     extra = REPLY_SIZE if fresh else 0  # room to see an HTTP status line whole
     while len(data) < expected:
         unanswered = sent // FRAME_SIZE - len(data) // REPLY_SIZE
@@ -139,27 +140,31 @@ def _exchange(
                 raise ConnectionEnded(f"sending failed ({reason(exc)})", bytes(data), exc) from None
             sent += len(chunk)
             continue
+        # Only a call sent whole and still unanswered is nudged: no frame follows the nudge.
+        may_nudge = margin and not nudged and not data and sent == len(out)
         try:
-            sock.settimeout(max(_left(deadline) - (0.0 if data else margin), 0.001))
+            sock.settimeout(max(_left(deadline) - (margin if may_nudge else 0.0), 0.001))
             chunk = sock.recv(min(expected - len(data), RECV_BYTES) + extra)
+            if not chunk:
+                raise ConnectionEnded("the server closed the connection", bytes(data))
         except TimeoutError:
-            if margin and not data:
+            if not may_nudge:
+                why = "no reply within the timeout"
+                raise ConnectionEnded(why, bytes(data), TimeoutError(why)) from None
+            nudged = True
+            try:
                 sock.sendall(HTTP_NUDGE)
-                margin = 0.0
-                continue
-            raise ConnectionEnded(
-                "no reply within the timeout", bytes(data), TimeoutError()
-            ) from None
+            except OSError as exc:
+                raise ConnectionEnded(f"sending failed ({reason(exc)})", b"", exc) from None
+            continue
         except OSError as exc:
             why = f"the connection broke ({reason(exc)})"
             raise ConnectionEnded(why, bytes(data), exc) from None
-        if not chunk:
-            raise ConnectionEnded("the server closed the connection", bytes(data))
         data += chunk
         if extra and (wrong := foreign(data, expected)):
             raise ConnectionEnded(str(wrong), b"", wrong)
         deadline.progressed()
-    return bytes(data), not (fresh and margin == 0.0)
+    return bytes(data), not nudged
 
 
 class CounterClient:

@@ -173,8 +173,10 @@ class LoadRun:
 
     def _tls_hint(self, result: ConnectionResult, received: bytes = b"") -> str:
         """A hint to add --tls only where TLS is the cause: a plain connection
-        that got TLS bytes, or was cut before any reply by a server that
-        completes a TLS handshake (asked once per run)."""
+        that got TLS bytes, or was cut before any reply by a server that does
+        not answer a plain read but completes a TLS handshake (asked once per
+        run; the read first, so that a counter server never takes a
+        ClientHello for frames)."""
         if self.settings.tls is not None:
             return ""
         if received[:2] in (TLS_ALERT, TLS_HANDSHAKE):
@@ -182,8 +184,12 @@ class LoadRun:
         if result.acknowledged or received:
             return ""
         if self._speaks_tls is None:
-            settings = self.settings
-            self._speaks_tls = speaks_tls(settings.host, settings.port, settings.timeout)
+            host, port, timeout = self.settings.host, self.settings.port, self.settings.timeout
+            try:
+                read_counter(host, port, timeout)
+                self._speaks_tls = False
+            except OSError:
+                self._speaks_tls = speaks_tls(host, port, timeout)
         return " (the server speaks TLS: add --tls)" if self._speaks_tls else ""
 
     def _closed_detail(self, result: ConnectionResult, owed: int, received: bytes) -> str:

@@ -330,6 +330,27 @@ def http_400(conn) -> None:
 
 
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_a_slow_server_gets_a_large_first_batch_whole(front_end):
+    # Paused past the point where a silent new connection is nudged (see
+    # HTTP_NUDGE), with most of the batch still unsent: nothing may follow a nudge.
+    server = start_server()
+    try:
+        server.signal(signal.SIGSTOP)
+        resume = threading.Timer(0.85, server.signal, (signal.SIGCONT,))
+        resume.start()
+        try:
+            outcome = call(front_end, f"127.0.0.1:{server.port}", "increment_many",
+                           [1] * 5000, timeout=1)  # fmt: skip
+        finally:
+            resume.join()
+        assert outcome == list(range(1, 5001)), outcome
+        assert read_counter(server.port) == 5000
+    finally:
+        server.signal(signal.SIGCONT)
+        server.stop()
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
 def test_an_http_server_is_named_within_the_timeout(front_end):
     # The metrics port (silent until its request line ends) and a server that answers at once.
     server = start_server("--metrics-port", "0")
