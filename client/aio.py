@@ -7,8 +7,8 @@ between tasks.
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
+import time
 from collections.abc import Iterable
 from types import TracebackType
 
@@ -20,6 +20,7 @@ from .calls import (
     DEFAULT_TIMEOUT,
     HTTP_NUDGE,
     IN_FLIGHT_FRAMES,
+    PROCESS,
     READ_ATTEMPTS,
     READ_FRAME,
     ConnectionEnded,
@@ -55,8 +56,7 @@ class _Connection(asyncio.Protocol):
         self.cause: BaseException | None = None  # the error that ended it, if one did
         self._waiter: asyncio.Future | None = None
         self._expected = 0
-        self._deadline: Deadline | None = None  # of the call in progress
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline: Deadline | None = None  # of the call in progress, for the watchdog
         self._out = memoryview(b"")  # the call's frames not yet written
         self.fresh = True  # no call has finished on it yet
         self.nudged = False  # HTTP_NUDGE went out: closed after its call
@@ -76,7 +76,7 @@ class _Connection(asyncio.Protocol):
         elif len(self.buffer) >= self._expected:
             self._wake()
         else:
-            self._deadline.progressed()
+            self.deadline.progressed()
             if self._out:
                 self._feed()
 
@@ -109,16 +109,12 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _check_deadline(self) -> None:
-        """The call's timer: no reply by the deadline ends the call (one
-        timer per call, renewed while replies keep coming)."""
-        left = self._deadline.left()
-        if left > 0:
-            self._timer = asyncio.get_running_loop().call_later(left, self._check_deadline)
-            return
-        self.ended = "no reply within the timeout"
-        self.cause = TimeoutError(self.ended)
-        self._wake()
+    def time_out(self) -> None:
+        """The watchdog's verdict: no reply by the call's deadline."""
+        if self._waiter is not None:
+            self.ended = "no reply within the timeout"
+            self.cause = TimeoutError(self.ended)
+            self._wake()
 
     def _send_nudge(self) -> None:
         """A new connection silent until near the deadline: see HTTP_NUDGE."""
@@ -137,12 +133,11 @@ class _Connection(asyncio.Protocol):
 
     async def call(self, frames: bytes, expected: int, deadline: Deadline) -> bytes:
         """Send ``frames`` and wait for ``expected`` reply bytes within
-        ``deadline``; ConnectionEnded (with what arrived) if the connection
-        ends first."""
+        ``deadline`` (kept by the client's watchdog); ConnectionEnded (with
+        what arrived) if the connection ends first."""
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
-        self._expected, self._deadline = expected, deadline
-        self._timer = loop.call_later(deadline.left(), self._check_deadline)
+        self._expected, self.deadline = expected, deadline
         if self.fresh:
             margin = nudge_margin(deadline.timeout)
             self._nudge = loop.call_later(max(deadline.left() - margin, 0), self._send_nudge)
@@ -152,7 +147,6 @@ class _Connection(asyncio.Protocol):
             await self._waiter
         finally:
             self._waiter = None
-            self._timer.cancel()
             if self._nudge is not None:
                 self._nudge.cancel()
                 self._nudge = None
@@ -232,21 +226,18 @@ class AsyncCounterClient:
         self._owner: tuple[int, asyncio.AbstractEventLoop] | None = None  # pid, loop
         self._slots: asyncio.Semaphore | None = None
         self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()  # carrying a call: watched for its deadline
+        self._deadlines: set[Deadline] = set()  # of calls in progress, connecting ones too
+        self._watchdog: asyncio.Task | None = None
 
     def _own(self, owner: tuple[int, asyncio.AbstractEventLoop]) -> None:
-        """Bind the pool to this process and running loop: a forked child, or
-        a new loop after the first one closed, starts a pool of its own and
-        never touches the old connections. A second loop while the first
-        still runs is a mistake: RuntimeError, before anything is sent."""
-        loop = asyncio.get_running_loop()
-        owner = (os.getpid(), loop)
-        if self._owner == owner:
-            return
-        if (
-            self._owner is not None
-            and self._owner[0] == owner[0]
-            and not self._owner[1].is_closed()
-        ):
+        """Bind the pool to this process (``PROCESS.generation``) and running
+        loop: a forked child, or a new loop after the first one closed, starts
+        a pool of its own and never touches the old connections. A second loop
+        while the first still runs is a mistake: RuntimeError, before anything
+        is sent."""
+        old = self._owner
+        if old is not None and old[0] == owner[0] and not old[1].is_closed():
             raise RuntimeError(
                 f"this AsyncCounterClient of {self.address} is used by another event loop "
                 "that is still open: make one client per event loop"
@@ -254,6 +245,8 @@ class AsyncCounterClient:
         self._owner = owner
         self._slots = asyncio.Semaphore(self._pool_size)
         self._idle = []  # the old loop's or the parent's: dropped, never used or closed here
+        self._busy = set()
+        self._watchdog = None
 
     @property
     def address(self) -> str:
@@ -283,9 +276,11 @@ class AsyncCounterClient:
         checked, frames = encode_call(increments)
         if not checked:
             return []
-        owner = (os.getpid(), asyncio.get_running_loop())
+        owner = (PROCESS.generation, asyncio.get_running_loop())
         if self._owner != owner:
             self._own(owner)
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.ensure_future(self._watch())
         where, floor = self._target, self._floor
         frames = outgoing(where.address, floor, checked, frames)
         expected = len(frames) // FRAME_SIZE * REPLY_SIZE
@@ -300,11 +295,13 @@ class AsyncCounterClient:
                 ) from None
         else:
             await slots.acquire()
+        self._deadlines.add(deadline)
         try:
             connection, fresh = await self._borrow(deadline)
             if not deadline.left():
                 self._give_back(connection)
                 raise Unavailable(f"{where.address}: timed out before sending")
+            self._busy.add(connection)
             try:
                 data = await connection.call(frames, expected, deadline)
             except ConnectionEnded as ended:
@@ -313,13 +310,34 @@ class AsyncCounterClient:
             except BaseException:  # cancelled mid-call: the connection is out of step
                 connection.close()
                 raise
+            finally:
+                self._busy.discard(connection)
             self._give_back(connection)
         finally:
+            self._deadlines.discard(deadline)
             slots.release()
         _, replies = split_probe(decode_call(data), floor)
         if floor is None or replies[-1] > floor:
             self._floor = replies[-1]
         return replies
+
+    async def _watch(self) -> None:
+        """Ends calls past their deadline: one timer for the client rather
+        than one per call. It sleeps until the earliest deadline of the calls
+        in progress, or one timeout when there are none (a call started
+        meanwhile has a later deadline), and runs while any call does, so a
+        call in progress when ``close()`` runs still ends within its timeout."""
+        while not self._closed or self._deadlines:
+            now = time.monotonic()
+            soonest = min((d.at for d in self._deadlines), default=now + self._target.timeout)
+            if soonest > now:
+                await asyncio.sleep(soonest - now)
+                continue
+            for connection in list(self._busy):
+                if connection.deadline.at <= now:
+                    connection.time_out()
+            await asyncio.sleep(0)
+        self._watchdog = None
 
     async def _outcome(
         self,

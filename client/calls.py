@@ -6,6 +6,7 @@ call whose connection ended early.
 
 from __future__ import annotations
 
+import os
 import ssl
 import time
 from collections.abc import Iterable
@@ -26,6 +27,21 @@ READ_FRAME = encode_request(0)
 # buffers, so the server never stops reading for replies the client has not
 # read yet while the client is still sending.
 IN_FLIGHT_FRAMES = 1024
+
+
+class _Process:
+    """Which process this is, as a number that changes in a forked child
+    (cheaper to compare on each call than ``os.getpid()``, a system call)."""
+
+    generation = 0
+
+    @classmethod
+    def forked(cls) -> None:
+        cls.generation += 1
+
+
+PROCESS = _Process
+os.register_at_fork(after_in_child=_Process.forked)
 
 
 class ConnectionEnded(Exception):
@@ -203,18 +219,18 @@ class Deadline:
     last progress (a single increment within ``timeout`` in all, a large
     batch as long as replies keep coming)."""
 
-    __slots__ = ("_at", "timeout")
+    __slots__ = ("at", "timeout")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._at = time.monotonic() + timeout
+        self.at = time.monotonic() + timeout  # when it is spent (time.monotonic)
 
     def left(self) -> float:
         """Seconds left; 0.0 once the budget is spent."""
-        return max(self._at - time.monotonic(), 0.0)
+        return max(self.at - time.monotonic(), 0.0)
 
     def progressed(self) -> None:
-        self._at = time.monotonic() + self.timeout
+        self.at = time.monotonic() + self.timeout
 
 
 def outgoing(address: str, floor: int | None, checked: list[int], frames: bytes) -> bytes:

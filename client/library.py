@@ -11,7 +11,6 @@ went out without a reply raises ``Indeterminate``.
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import ssl
@@ -27,6 +26,7 @@ from .calls import (
     DEFAULT_TIMEOUT,
     HTTP_NUDGE,
     IN_FLIGHT_FRAMES,
+    PROCESS,
     READ_ATTEMPTS,
     READ_FRAME,
     ConnectionEnded,
@@ -201,7 +201,7 @@ class CounterClient:
     def _own(self) -> None:
         """Start this process's pool: a forked child never touches the
         connections (or a lock held by a thread) of its parent."""
-        self._pid = os.getpid()
+        self._generation = PROCESS.generation
         self._slots = threading.BoundedSemaphore(self._pool_size)
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -242,13 +242,13 @@ class CounterClient:
         checked, frames = encode_call(increments)
         if not checked:
             return []
-        if self._pid != os.getpid():
+        if self._generation != PROCESS.generation:
             self._own()
         where, floor = self._target, self._floor
         frames = outgoing(where.address, floor, checked, frames)
         expected = len(frames) // FRAME_SIZE * REPLY_SIZE
         deadline = Deadline(where.timeout)
-        if not self._slots.acquire(timeout=deadline.left()):
+        if not self._slots.acquire(False) and not self._slots.acquire(timeout=deadline.left()):
             raise Unavailable(f"no connection to {where.address} free within the timeout")
         try:
             sock, fresh = self._borrow(deadline)

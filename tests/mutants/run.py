@@ -196,7 +196,7 @@ MUTANTS = [
         "fork-shares-connections",
         "after fork, a library client never uses a connection its process did not open",
         "client/library.py",
-        "        if self._pid != os.getpid():\n",
+        "        if self._generation != PROCESS.generation:\n",
         "        if False:\n",
         (TEST_CALLS + "::test_after_fork_parent_and_child_each_get_their_own_replies",),
     ),
