@@ -2,7 +2,8 @@
 client (client/client.py) in the same run: 40 connections ping-pong, and
 ``increment_many`` of 64 frames; AsyncCounterClient with 40 tasks,
 the same under uvloop (requirements-bench.txt), CounterClient with 40 threads
-and with 40 greenlets (gevent monkey-patched).
+and with 40 greenlets (gevent monkey-patched), each library client with its
+default pool (4 connections, shared by its callers).
 The server on CPU 0, each client process on CPU 1; alternating runs, median
 of --runs.
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CONCURRENCY = 40  # tasks, threads or greenlets, one connection each
+CONCURRENCY = 40  # tasks, threads or greenlets, sharing the client's default pool (4 connections)
 
 
 def worker(mode: str, address: str, duration: float, depth: int) -> dict:
@@ -45,7 +46,7 @@ def worker(mode: str, address: str, duration: float, depth: int) -> dict:
 
     from counter_server.client import CounterClient
 
-    client = CounterClient(address, pool_size=CONCURRENCY)
+    client = CounterClient(address)
     counts = [0] * CONCURRENCY
     deadline = time.monotonic() + duration
     batch = [1] * depth
@@ -78,7 +79,7 @@ def _asyncio(address: str, duration: float, depth: int, uvloop: bool = False) ->
     from counter_server.client import AsyncCounterClient
 
     async def main() -> int:
-        async with AsyncCounterClient(address, pool_size=CONCURRENCY) as client:
+        async with AsyncCounterClient(address) as client:
             deadline = time.monotonic() + duration
             batch = [1] * depth
 

@@ -13,26 +13,27 @@ from collections.abc import Iterable
 from types import TracebackType
 
 from counter_server.common.tls import probe_context
-from counter_server.protocol import FRAME_SIZE, REPLY_SIZE
 
 from .calls import (
     DEFAULT_POOL_SIZE,
     DEFAULT_TIMEOUT,
     HTTP_NUDGE,
-    IN_FLIGHT_FRAMES,
     PROCESS,
     READ_ATTEMPTS,
     READ_FRAME,
+    RECV_BYTES,
     ConnectionEnded,
     Deadline,
+    NotACounterServer,
     Target,
     can_classify,
     check_pool_size,
     decode_call,
     encode_call,
+    encode_one,
     ended_early,
-    foreign,
     may_want_tls,
+    not_sent,
     not_served,
     nudge_margin,
     outgoing,
@@ -42,124 +43,115 @@ from .calls import (
     target,
 )
 from .errors import CounterError, Unavailable
+from .pipeline import Pending, Pipeline
 
 
-class _Connection(asyncio.Protocol):
-    """One connection, carrying one call at a time: the replies arrive in
-    ``buffer`` and wake the call once all of them are there (a protocol
-    rather than streams: no task or stream machinery per call)."""
+class _Connection(asyncio.BufferedProtocol):
+    """One connection shared by the calls of many tasks (auto-pipelining):
+    calls added in one turn of the loop go out in one write, and the replies
+    that arrive complete them in order (a protocol rather than streams: no
+    task or stream machinery per call). See ``client.pipeline``."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self.pipeline = Pipeline()
         self.ended: str | None = None  # why the connection is unusable
         self.cause: BaseException | None = None  # the error that ended it, if one did
-        self._waiter: asyncio.Future | None = None
-        self._expected = 0
-        self.deadline: Deadline | None = None  # of the call in progress, for the watchdog
-        self._out = memoryview(b"")  # the call's frames not yet written
-        self.fresh = True  # no call has finished on it yet
-        self.nudged = False  # HTTP_NUDGE went out: closed after its call
+        self.usable = True  # takes new calls: not ended, closed, nudged, nor a call timed out
+        self._flushing = False  # a write of the calls added this turn is scheduled
         self._nudge: asyncio.TimerHandle | None = None
+        # Read into one buffer of its own: a plain protocol's transport
+        # allocates a new 256 KiB buffer for each read.
+        self._buffer = memoryview(bytearray(RECV_BYTES))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if self.fresh and (wrong := foreign(self.buffer, self._expected)):
-            self.ended, self.cause = str(wrong), wrong
-            self.buffer.clear()
-            self._wake()
-        elif self._waiter is None:
-            self.ended = "the server sent bytes nobody asked for"
-        elif len(self.buffer) >= self._expected:
-            self._wake()
-        else:
-            self.deadline.progressed()
-            if self._out:
-                self._feed()
+    def submit(self, call: Pending) -> None:
+        """Add ``call``: its frames go out with those of the other calls
+        added in this turn of the loop."""
+        self.pipeline.add(call)
+        if not self._flushing:
+            self._flushing = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
+            if self._nudge is None and not self.pipeline.replied:
+                at = loop.time() + call.deadline.left() - nudge_margin(call.deadline.timeout)
+                self._nudge = loop.call_at(at, self._send_nudge)
 
-    def _feed(self) -> None:
-        """Write the call's next frames, keeping at most ``IN_FLIGHT_FRAMES``
-        unanswered (as ``CounterClient`` does): a batch of any size streams,
-        and a server that stops finds little unread."""
-        written = self._expected // REPLY_SIZE - len(self._out) // FRAME_SIZE
-        room = IN_FLIGHT_FRAMES - (written - len(self.buffer) // REPLY_SIZE)
-        if room > 0:
-            piece, self._out = self._out[: room * FRAME_SIZE], self._out[room * FRAME_SIZE :]
-            self.transport.write(piece)
+    def _flush(self) -> None:
+        self._flushing = False
+        if self.ended is None:
+            out = self.pipeline.to_send()
+            if out:
+                self.transport.write(out)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._buffer[:nbytes].tobytes())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            done = self.pipeline.received(data)
+        except NotACounterServer as wrong:
+            self._end(str(wrong), wrong)
+            self.transport.abort()
+            return
+        for call in done:
+            if not call.waiter.done():
+                call.waiter.set_result(None)
+        if self.pipeline.unsent:
+            self._flush()  # the window has room again
 
     def eof_received(self) -> bool:
-        self.ended = self.ended or "the server closed the connection"
-        self._wake()  # nothing more will come, even while frames are still being sent
+        self._end("the server closed the connection", None)
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.cause = self.cause or exc
+        if exc is None:
+            self._end("the server closed the connection", None)
+        else:
+            self._end(f"the connection broke ({reason(exc)})", exc)
+
+    def _end(self, why: str, cause: BaseException | None) -> None:
+        """Nothing more will come: every call still owed replies ends."""
         if self.ended is None:
-            self.ended = (
-                "the server closed the connection"
-                if exc is None
-                else f"the connection broke ({reason(exc)})"
-            )
-        self._wake()
+            self.ended, self.cause = why, cause
+        self.usable = False
+        if self._nudge is not None:
+            self._nudge.cancel()
+        for call in self.pipeline.cut():
+            call.ended = ConnectionEnded(self.ended, call.data, self.cause)
+            if not call.waiter.done():
+                call.waiter.set_result(None)
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def time_out(self) -> None:
-        """The watchdog's verdict: no reply by the call's deadline."""
-        if self._waiter is not None:
-            self.ended = "no reply within the timeout"
-            self.cause = TimeoutError(self.ended)
-            self._wake()
+    def expire(self, now: float) -> None:
+        """The watchdog's verdict: each call past its deadline ends (nothing
+        of it is sent afterwards), and the connection takes no new call; its
+        other calls go on, and replies to the expired ones are dropped."""
+        for call in list(self.pipeline.owed):
+            if not call.abandoned and call.deadline.at <= now:
+                call.abandoned, self.usable = True, False
+                self.pipeline.withdraw(call)
+                why = "no reply within the timeout"
+                call.ended = ConnectionEnded(why, call.data, TimeoutError(why))
+                if not call.waiter.done():
+                    call.waiter.set_result(None)
 
     def _send_nudge(self) -> None:
         """A new connection silent until near the deadline: see HTTP_NUDGE."""
-        if (
-            self._waiter is not None
-            and not self.buffer
-            and not self._out  # sent whole: no frame follows the nudge
-            and not self.transport.is_closing()
-        ):
+        pipeline = self.pipeline
+        if not pipeline.replied and not pipeline.unsent and pipeline.live and self.usable:
             self.transport.write(HTTP_NUDGE)
-            self.nudged = True
-
-    @property
-    def usable(self) -> bool:
-        return self.ended is None and not self.nudged and not self.transport.is_closing()
-
-    async def call(self, frames: bytes, expected: int, deadline: Deadline) -> bytes:
-        """Send ``frames`` and wait for ``expected`` reply bytes within
-        ``deadline`` (kept by the client's watchdog); ConnectionEnded (with
-        what arrived) if the connection ends first."""
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
-        self._expected, self.deadline = expected, deadline
-        if self.fresh:
-            margin = nudge_margin(deadline.timeout)
-            self._nudge = loop.call_later(max(deadline.left() - margin, 0), self._send_nudge)
-        self._out = memoryview(frames)
-        self._feed()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-            if self._nudge is not None:
-                self._nudge.cancel()
-                self._nudge = None
-            self._out = memoryview(b"")
-            self.fresh = False
-        data = bytes(self.buffer)
-        self.buffer.clear()
-        if len(data) < expected:
-            raise ConnectionEnded(self.ended or "the connection ended", data, self.cause)
-        return data
+            self.usable = False  # no frame follows it
 
     def close(self) -> None:
         self.ended = self.ended or "closed"
+        self.usable = False
+        if self._nudge is not None:
+            self._nudge.cancel()
         if self.transport.get_write_buffer_size():
             self.transport.abort()  # frames never sent: nobody will read their replies
         else:
@@ -223,29 +215,31 @@ class AsyncCounterClient:
         self._pool_size = check_pool_size(pool_size)
         self._closed = False
         self._floor: int | None = None  # the highest value seen: the counter is at least that
-        self._owner: tuple[int, asyncio.AbstractEventLoop] | None = None  # pid, loop
-        self._slots: asyncio.Semaphore | None = None
-        self._idle: list[_Connection] = []
-        self._busy: set[_Connection] = set()  # carrying a call: watched for its deadline
+        self._generation = -1  # PROCESS.generation and running loop the pool belongs to
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open: list[_Connection] = []  # connected, shared by the calls in progress
+        self._opening = 0  # connections being opened
+        self._waiting: list[asyncio.Future] = []  # calls waiting for a connection being opened
         self._deadlines: set[Deadline] = set()  # of calls in progress, connecting ones too
         self._watchdog: asyncio.Task | None = None
 
-    def _own(self, owner: tuple[int, asyncio.AbstractEventLoop]) -> None:
+    def _own(self, generation: int, loop: asyncio.AbstractEventLoop) -> None:
         """Bind the pool to this process (``PROCESS.generation``) and running
         loop: a forked child, or a new loop after the first one closed, starts
         a pool of its own and never touches the old connections. A second loop
         while the first still runs is a mistake: RuntimeError, before anything
         is sent."""
-        old = self._owner
-        if old is not None and old[0] == owner[0] and not old[1].is_closed():
+        old = self._loop
+        if old is not None and self._generation == generation and not old.is_closed():
             raise RuntimeError(
                 f"this AsyncCounterClient of {self.address} is used by another event loop "
                 "that is still open: make one client per event loop"
             )
-        self._owner = owner
-        self._slots = asyncio.Semaphore(self._pool_size)
-        self._idle = []  # the old loop's or the parent's: dropped, never used or closed here
-        self._busy = set()
+        self._generation, self._loop = generation, loop
+        self._open = []  # the old loop's or the parent's: dropped, never used or closed here
+        self._opening = 0
+        self._waiting = []
+        self._deadlines = set()
         self._watchdog = None
 
     @property
@@ -254,72 +248,113 @@ class AsyncCounterClient:
 
     async def increment(self, n: int = 1) -> int:
         """Add ``n``; the counter right after it (see ``CounterClient.increment``)."""
-        return (await self._call([n]))[0]
+        return (await self._call([n], encode_one(n)))[0]
 
     async def increment_many(self, increments: Iterable[int]) -> list[int]:
         """Pipelined in one round trip (see ``CounterClient.increment_many``)."""
-        return await self._call(increments)
+        checked, frames = encode_call(increments)
+        return await self._call(checked, frames) if checked else []
 
     async def read(self) -> int:
         """The counter's value, retried (see ``CounterClient.read``)."""
         failure: CounterError | None = None
         for _ in range(READ_ATTEMPTS):
             try:
-                return (await self._call([0]))[0]
+                return (await self._call([0], READ_FRAME))[0]
             except CounterError as exc:
                 failure = exc
                 if self._closed:
                     break
         raise Unavailable(f"cannot read the counter: {failure}") from None
 
-    async def _call(self, increments: Iterable[int]) -> list[int]:
-        checked, frames = encode_call(increments)
-        if not checked:
-            return []
-        owner = (PROCESS.generation, asyncio.get_running_loop())
-        if self._owner != owner:
-            self._own(owner)
-        if self._watchdog is None or self._watchdog.done():
-            self._watchdog = asyncio.ensure_future(self._watch())
+    async def _call(self, checked: list[int], frames: bytes) -> list[int]:
+        loop = asyncio.get_running_loop()
+        if self._generation != PROCESS.generation or self._loop is not loop:
+            self._own(PROCESS.generation, loop)
+        if self._watchdog is None:
+            self._watchdog = loop.create_task(self._watch())
         where, floor = self._target, self._floor
         frames = outgoing(where.address, floor, checked, frames)
-        expected = len(frames) // FRAME_SIZE * REPLY_SIZE
         deadline = Deadline(where.timeout)
-        slots = self._slots
-        if slots.locked():
-            try:
-                await asyncio.wait_for(slots.acquire(), deadline.left())
-            except asyncio.TimeoutError:
-                raise Unavailable(
-                    f"no connection to {where.address} free within the timeout"
-                ) from None
-        else:
-            await slots.acquire()
+        call = Pending(frames, deadline, loop.create_future())
         self._deadlines.add(deadline)
         try:
-            connection, fresh = await self._borrow(deadline)
-            if not deadline.left():
-                self._give_back(connection)
-                raise Unavailable(f"{where.address}: timed out before sending")
-            self._busy.add(connection)
+            connection = self._shared()
+            if connection is None:
+                connection = await self._connection(deadline)
+                if not deadline.left():
+                    raise Unavailable(f"{where.address}: timed out before sending")
+            connection.submit(call)
             try:
-                data = await connection.call(frames, expected, deadline)
-            except ConnectionEnded as ended:
-                connection.close()
-                raise await self._outcome(ended, fresh, checked, floor, deadline) from None
-            except BaseException:  # cancelled mid-call: the connection is out of step
-                connection.close()
+                await call.waiter
+            except BaseException:  # cancelled: its replies, if sent, are read and dropped
+                call.abandoned = True
+                connection.pipeline.withdraw(call)
                 raise
             finally:
-                self._busy.discard(connection)
-            self._give_back(connection)
+                if self._closed or not connection.usable:
+                    self._settle(connection)
         finally:
             self._deadlines.discard(deadline)
-            slots.release()
-        _, replies = split_probe(decode_call(data), floor)
+        if call.ended is not None:
+            raise await self._outcome(call, connection, checked, floor, deadline) from None
+        _, replies = split_probe(decode_call(call.data), floor)
         if floor is None or replies[-1] > floor:
             self._floor = replies[-1]
         return replies
+
+    def _shared(self) -> _Connection | None:
+        """The least busy open connection, unless none is idle and the pool
+        may open another (connections are shared only when the pool is
+        full); None then."""
+        best, least = None, 0
+        for connection in self._open:
+            if connection.usable and (best is None or connection.pipeline.load < least):
+                best, least = connection, connection.pipeline.load
+        if best is None or (least and len(self._open) + self._opening < self._pool_size):
+            return None
+        return best
+
+    async def _connection(self, deadline: Deadline) -> _Connection:
+        """A connection to share, opening one if the pool has room, else
+        waiting for one being opened (within ``deadline``)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._closed:
+                raise Unavailable(f"the client of {self.address} is closed")
+            connection = self._shared()
+            if connection is not None:
+                return connection
+            self._open = [c for c in self._open if c.usable or c.pipeline.live]
+            if len(self._open) + self._opening < self._pool_size:
+                break
+            waiter = loop.create_future()
+            self._waiting.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, deadline.left())
+            except asyncio.TimeoutError:
+                raise Unavailable(
+                    f"no connection to {self.address} opened within the timeout"
+                ) from None
+        self._opening += 1
+        try:
+            connection = await _connect(self._target, deadline)
+        finally:
+            self._opening -= 1
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._open.append(connection)  # closed after its call if close() ran meanwhile
+        return connection
+
+    def _settle(self, connection: _Connection) -> None:
+        """Close a connection no caller waits on any more, once it is
+        unusable or the client is closed."""
+        if not connection.pipeline.live:
+            connection.close()
+            if connection in self._open:
+                self._open.remove(connection)
 
     async def _watch(self) -> None:
         """Ends calls past their deadline: one timer for the client rather
@@ -333,23 +368,25 @@ class AsyncCounterClient:
             if soonest > now:
                 await asyncio.sleep(soonest - now)
                 continue
-            for connection in list(self._busy):
-                if connection.deadline.at <= now:
-                    connection.time_out()
+            for connection in list(self._open):
+                connection.expire(now)
             await asyncio.sleep(0)
         self._watchdog = None
 
     async def _outcome(
         self,
-        ended: ConnectionEnded,
-        fresh: bool,
+        call: Pending,
+        connection: _Connection,
         checked: list[int],
         floor: int | None,
         deadline: Deadline,
     ) -> CounterError:
-        """What became of a call whose connection ended early (see
-        ``CounterClient._outcome``)."""
-        where = self._target
+        """What became of a call whose connection ended or whose time ran
+        out before every reply came (see ``CounterClient._outcome``)."""
+        where, ended = self._target, call.ended
+        if call.sent == 0:
+            return not_sent(where.address, ended)
+        fresh = not connection.pipeline.replied
         unserved = not_served(where.address, fresh, ended)
         if unserved is not None:
             return unserved
@@ -370,45 +407,33 @@ class AsyncCounterClient:
             self._floor = max(known)
 
     async def _value_now(self, deadline: Deadline) -> int | ConnectionEnded | None:
-        """The counter, read on a fresh connection within what is left of the
-        call's deadline (see ``CounterClient._value_now``)."""
+        """The counter, read on a new connection of its own within what is
+        left of the call's deadline (see ``CounterClient._value_now``)."""
         if not deadline.left():
             return None
         try:
             connection = await _connect(self._target, deadline)
         except Unavailable:
             return None
+        call = Pending(READ_FRAME, deadline, asyncio.get_running_loop().create_future())
         try:
-            return decode_call(await connection.call(READ_FRAME, REPLY_SIZE, deadline))[0]
-        except ConnectionEnded as ended:
-            return ended
+            connection.submit(call)
+            await asyncio.wait_for(asyncio.shield(call.waiter), deadline.left())
+        except asyncio.TimeoutError:
+            why = "no reply within the timeout"
+            return ConnectionEnded(why, b"", TimeoutError(why))
         finally:
             connection.close()
-
-    async def _borrow(self, deadline: Deadline) -> tuple[_Connection, bool]:
-        """An idle connection still open, or a new one; and whether it is new."""
-        while True:
-            if self._closed:
-                raise Unavailable(f"the client of {self.address} is closed")
-            if not self._idle:
-                return await _connect(self._target, deadline), True
-            connection = self._idle.pop()
-            if connection.usable:  # not closed by the server while idle
-                return connection, False
-            connection.close()
-
-    def _give_back(self, connection: _Connection) -> None:
-        if self._closed:
-            connection.close()
-        else:
-            self._idle.append(connection)
+        if call.ended is not None:
+            return call.ended
+        return decode_call(call.data)[0]
 
     async def close(self) -> None:
-        """Close every idle connection; calls after it raise ``Unavailable``."""
+        """Close every idle connection; calls after it raise ``Unavailable``
+        (calls in progress finish, then their connection closes)."""
         self._closed = True
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
+        for connection in list(self._open):
+            self._settle(connection)
         await asyncio.sleep(0)  # let the transports finish closing
 
     async def __aenter__(self) -> AsyncCounterClient:

@@ -27,6 +27,7 @@ READ_FRAME = encode_request(0)
 # buffers, so the server never stops reading for replies the client has not
 # read yet while the client is still sending.
 IN_FLIGHT_FRAMES = 1024
+RECV_BYTES = 65536  # at most one read's worth of replies (8,192), not a buffer the size of a batch
 
 
 class _Process:
@@ -68,6 +69,16 @@ REFUSED_CERTIFICATE = {
     "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust the CA of the client certificate",
     "TLSV1_ALERT_ACCESS_DENIED": "the server refused the client certificate",
 }
+
+
+def not_sent(address: str, ended: ConnectionEnded) -> Unavailable:
+    """What a call is told whose frames never went out: its time ran out
+    while they waited their turn, or the connection ended first."""
+    if isinstance(ended.cause, TimeoutError):
+        why = "the call's time ran out before its frames were sent"
+    else:
+        why = f"{ended.why} before the call's frames were sent"
+    return Unavailable(f"{address}: {why}; nothing was applied")
 
 
 def not_served(address: str, fresh: bool, ended: ConnectionEnded) -> Unavailable | None:
@@ -208,8 +219,16 @@ def encode_call(increments: Iterable[int]) -> tuple[list[int], bytes]:
     return checked, b"".join(frames)
 
 
+def encode_one(n: int) -> bytes:
+    """The frame of one increment (as ``encode_call``)."""
+    frame = _COMMON_FRAMES.get(n) if type(n) is int else None
+    return frame or encode_call([n])[1]
+
+
 def decode_call(data: bytes) -> list[int]:
     """The whole replies in ``data``."""
+    if len(data) == REPLY_SIZE:
+        return [int.from_bytes(data, "big")]
     return list(decode_replies(data[: len(data) - len(data) % REPLY_SIZE]))
 
 
@@ -238,10 +257,11 @@ def outgoing(address: str, floor: int | None, checked: list[int], frames: bytes)
     seen no value yet (``floor`` None), so that a refusal of its first
     increment can be proven (see ``ended_early``). Raises ``Refused``,
     sending nothing, when the first increment cannot fit."""
-    refusal = refused_locally(address, floor, checked[0])
-    if refusal is not None:
-        raise refusal
-    return frames if floor is not None else READ_FRAME + frames
+    if floor is None:
+        return READ_FRAME + frames
+    if floor + checked[0] > MAX_COUNTER:
+        raise refused_locally(address, floor, checked[0])
+    return frames
 
 
 def split_probe(values: list[int], floor: int | None) -> tuple[int | None, list[int]]:

@@ -15,30 +15,33 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterable
 from types import TracebackType
 
 from counter_server.common.tls import speaks_tls as speaks_tls_at
-from counter_server.protocol import FRAME_SIZE, REPLY_SIZE
+from counter_server.protocol import REPLY_SIZE
 
 from .calls import (
     DEFAULT_POOL_SIZE,
     DEFAULT_TIMEOUT,
     HTTP_NUDGE,
-    IN_FLIGHT_FRAMES,
     PROCESS,
     READ_ATTEMPTS,
     READ_FRAME,
+    RECV_BYTES,
     ConnectionEnded,
     Deadline,
+    NotACounterServer,
     Target,
     can_classify,
     check_pool_size,
     decode_call,
     encode_call,
+    encode_one,
     ended_early,
-    foreign,
     may_want_tls,
+    not_sent,
     not_served,
     nudge_margin,
     outgoing,
@@ -48,6 +51,7 @@ from .calls import (
     target,
 )
 from .errors import CounterError, Unavailable
+from .pipeline import Pending, Pipeline
 
 
 def _connect(where: Target, deadline: Deadline) -> socket.socket:
@@ -103,9 +107,6 @@ def _still_open(sock: socket.socket) -> bool:
         return False
 
 
-RECV_BYTES = 65536  # at most one read's worth of replies (8,192), not a buffer the size of a batch
-
-
 def _left(deadline: Deadline) -> float:
     """Seconds left for the next socket operation; TimeoutError once none."""
     left = deadline.left()
@@ -114,57 +115,98 @@ def _left(deadline: Deadline) -> float:
     return left
 
 
-def _exchange(
-    sock: socket.socket, frames: bytes, expected: int, deadline: Deadline, fresh: bool = False
-) -> tuple[bytes, bool]:
-    """Send ``frames`` and read ``expected`` reply bytes, keeping at most
-    ``IN_FLIGHT_FRAMES`` unanswered, so that a batch of any size streams
-    (the server stops reading a connection whose replies are not read);
-    ConnectionEnded (with what arrived) if the connection ends first. The
-    replies' bytes, and whether the connection can carry another call (not
-    once nudged: a ``fresh`` one whose server stayed silent, see HTTP_NUDGE)."""
-    out = memoryview(frames)
-    sent = 0
-    data = bytearray()
-    margin = nudge_margin(deadline.timeout) if fresh else 0.0
-    nudged = False
-    extra = REPLY_SIZE if fresh else 0  # room to see an HTTP status line whole
-    while len(data) < expected:
-        unanswered = sent // FRAME_SIZE - len(data) // REPLY_SIZE
-        if sent < len(out) and unanswered < IN_FLIGHT_FRAMES:
-            chunk = out[sent : sent + (IN_FLIGHT_FRAMES - unanswered) * FRAME_SIZE]
-            try:
-                sock.settimeout(_left(deadline))
-                sock.sendall(chunk)
-            except OSError as exc:
-                raise ConnectionEnded(f"sending failed ({reason(exc)})", bytes(data), exc) from None
-            sent += len(chunk)
-            continue
-        # Only a call sent whole and still unanswered is nudged: no frame follows the nudge.
-        may_nudge = margin and not nudged and not data and sent == len(out)
-        try:
-            sock.settimeout(max(_left(deadline) - (margin if may_nudge else 0.0), 0.001))
-            chunk = sock.recv(min(expected - len(data), RECV_BYTES) + extra)
+def _read_alone(sock: socket.socket, deadline: Deadline) -> int | ConnectionEnded:
+    """The counter, read on a connection of its own within ``deadline``; how
+    the connection ended if it did first."""
+    data = b""
+    try:
+        sock.settimeout(_left(deadline))
+        sock.sendall(READ_FRAME)
+        while len(data) < REPLY_SIZE:
+            sock.settimeout(_left(deadline))
+            chunk = sock.recv(REPLY_SIZE - len(data))
             if not chunk:
-                raise ConnectionEnded("the server closed the connection", bytes(data))
-        except TimeoutError:
-            if not may_nudge:
-                why = "no reply within the timeout"
-                raise ConnectionEnded(why, bytes(data), TimeoutError(why)) from None
-            nudged = True
-            try:
-                sock.sendall(HTTP_NUDGE)
-            except OSError as exc:
-                raise ConnectionEnded(f"sending failed ({reason(exc)})", b"", exc) from None
-            continue
-        except OSError as exc:
-            why = f"the connection broke ({reason(exc)})"
-            raise ConnectionEnded(why, bytes(data), exc) from None
-        data += chunk
-        if extra and (wrong := foreign(data, expected)):
-            raise ConnectionEnded(str(wrong), b"", wrong)
-        deadline.progressed()
-    return bytes(data), not nudged
+                return ConnectionEnded("the server closed the connection", data)
+            data += chunk
+    except TimeoutError:
+        why = "no reply within the timeout"
+        return ConnectionEnded(why, data, TimeoutError(why))
+    except OSError as exc:
+        return ConnectionEnded(f"the connection broke ({reason(exc)})", data, exc)
+    return decode_call(data)[0]
+
+
+class _Shared:
+    """One connection shared by the calls of many threads or greenlets
+    (auto-pipelining; see ``client.pipeline``). No thread of its own: a
+    caller whose frames are queued and finds nobody sending sends them,
+    with those of every call added meanwhile; a waiting caller that finds
+    nobody reading reads for all, until its own replies are in, then hands
+    reading to the next waiting caller. Its state is guarded by the client's
+    lock; the socket is used by at most one sender and one reader at once,
+    and with TLS (OpenSSL allows no concurrent read and write on one
+    connection) one at a time, through ``io``."""
+
+    __slots__ = ("io", "nudged", "pipeline", "reading", "sending", "sock", "usable")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pipeline = Pipeline()
+        self.usable = True  # takes new calls: not ended, nudged, nor a call timed out
+        self.reading = False  # a caller reads for all
+        self.sending = False  # a caller sends for all
+        self.nudged = False  # HTTP_NUDGE went out
+        self.io = threading.Lock() if isinstance(sock, ssl.SSLSocket) else None
+
+    def send(self, data: bytes) -> None:
+        if self.io is None:
+            self.sock.sendall(data)
+            return
+        with self.io:
+            self.sock.sendall(data)
+
+    def recv(self, timeout: float) -> bytes:
+        """What arrives within ``timeout`` (TimeoutError if nothing)."""
+        sock = self.sock
+        if self.io is None:
+            sock.settimeout(timeout)
+            return sock.recv(RECV_BYTES)
+        # TLS: wait outside the lock (pending(): bytes decrypted already),
+        # read under it without blocking, so a sender is never held up.
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if not sock.pending() and (left <= 0 or not select.select([sock], [], [], left)[0]):
+                raise TimeoutError("no reply within the timeout")
+            with self.io:
+                sock.setblocking(False)
+                try:
+                    return sock.recv(RECV_BYTES)
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    pass  # only part of a record, or TLS housekeeping
+                finally:
+                    sock.settimeout(timeout)
+
+
+class _Signal:
+    """Wakes one waiting caller (a lock held until released: the cheapest
+    wake-up for threads and for greenlets); at most one wake-up pending."""
+
+    __slots__ = ("lock", "pending")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.pending = False
+
+    def wait(self) -> None:
+        self.lock.acquire()
+
+    def wake(self) -> None:
+        """(Under the client's lock.)"""
+        if not self.pending:
+            self.pending = True
+            self.lock.release()
 
 
 class CounterClient:
@@ -172,8 +214,9 @@ class CounterClient:
     greenlets.
 
     ``address`` is ``HOST:PORT`` (``[::1]:8080`` for IPv6). ``timeout``
-    bounds each connect, TLS handshake and call. ``pool_size`` persistent
-    connections at most; callers beyond it wait for one. TLS: ``tls`` an
+    bounds each call, connecting included. Up to ``pool_size`` persistent
+    connections, shared by the calls in progress (auto-pipelining): a new
+    one is opened only while every open one is busy. TLS: ``tls`` an
     ``ssl.SSLContext``, or ``tls_ca`` (the CA file to verify the server
     with), ``tls_cert`` and ``tls_key`` (a client certificate, for mutual
     TLS). Bad settings raise ``ValueError`` at once; nothing connects until
@@ -202,9 +245,10 @@ class CounterClient:
         """Start this process's pool: a forked child never touches the
         connections (or a lock held by a thread) of its parent."""
         self._generation = PROCESS.generation
-        self._slots = threading.BoundedSemaphore(self._pool_size)
-        self._idle: list[socket.socket] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the pool and every connection's state
+        self._opened = threading.Condition(self._lock)  # a connection was opened (or not)
+        self._open: list[_Shared] = []
+        self._opening = 0  # connections being opened
 
     @property
     def address(self) -> str:
@@ -214,14 +258,15 @@ class CounterClient:
         """Add ``n`` (0..2^64 - 1) and return the counter right after it.
         Raises ``Unavailable`` (not sent), ``Refused`` (would pass 2^64 - 1;
         not applied) or ``Indeterminate`` (sent, no reply: maybe applied)."""
-        return self._call([n])[0]
+        return self._call([n], encode_one(n))[0]
 
     def increment_many(self, increments: Iterable[int]) -> list[int]:
         """Add each increment in order, pipelined in one round trip; the
         counter right after each. On an error, ``exc.replies`` holds the
         replies that came (those increments were applied); of the rest, the
         first is refused or indeterminate as for ``increment``."""
-        return self._call(increments)
+        checked, frames = encode_call(increments)
+        return self._call(checked, frames) if checked else []
 
     def read(self) -> int:
         """The counter's current value (a zero increment). Retried on a new
@@ -229,7 +274,7 @@ class CounterClient:
         failure: CounterError | None = None
         for _ in range(READ_ATTEMPTS):
             try:
-                return self._call([0])[0]
+                return self._call([0], READ_FRAME)[0]
             except Unavailable as exc:
                 failure = exc
                 if self._closed:
@@ -238,54 +283,260 @@ class CounterClient:
                 failure = exc
         raise Unavailable(f"cannot read the counter: {failure}") from None
 
-    def _call(self, increments: Iterable[int]) -> list[int]:
-        checked, frames = encode_call(increments)
-        if not checked:
-            return []
+    def _call(self, checked: list[int], frames: bytes) -> list[int]:
         if self._generation != PROCESS.generation:
             self._own()
         where, floor = self._target, self._floor
         frames = outgoing(where.address, floor, checked, frames)
-        expected = len(frames) // FRAME_SIZE * REPLY_SIZE
         deadline = Deadline(where.timeout)
-        if not self._slots.acquire(False) and not self._slots.acquire(timeout=deadline.left()):
-            raise Unavailable(f"no connection to {where.address} free within the timeout")
+        call = Pending(frames, deadline, _Signal())
+        connection, sender = self._submit(call, deadline)
         try:
-            sock, fresh = self._borrow(deadline)
-            if not deadline.left():
-                self._give_back(sock)
-                raise Unavailable(f"{where.address}: timed out before sending")
-            try:
-                data, reusable = _exchange(sock, frames, expected, deadline, fresh)
-            except ConnectionEnded as ended:
-                sock.close()
-                raise self._outcome(ended, fresh, checked, floor, deadline) from None
-            except BaseException:
-                sock.close()
-                raise
-            if reusable:
-                self._give_back(sock)
-            else:
-                sock.close()
+            if sender:
+                self._send(connection, call)
+            self._wait(connection, call)
+        except BaseException:  # gevent.Timeout, an exception injected: replies are dropped
+            with self._lock:
+                call.abandoned = True
+                connection.pipeline.withdraw(call)
+            raise
         finally:
-            self._slots.release()
-        _, replies = split_probe(decode_call(data), floor)
+            if self._closed or not connection.usable:
+                self._settle(connection)
+        if call.ended is not None:
+            raise self._outcome(call, connection, checked, floor, deadline) from None
+        _, replies = split_probe(decode_call(call.data), floor)
         if floor is None or replies[-1] > floor:  # a race between threads only keeps it lower
             self._floor = replies[-1]
         return replies
 
+    def _submit(self, call: Pending, deadline: Deadline) -> tuple[_Shared, bool]:
+        """Add ``call`` to the least busy connection, opening one while
+        every open one is busy and the pool has room; the connection, and
+        whether this caller sends (nobody else is sending on it)."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise Unavailable(f"the client of {self.address} is closed")
+                connection = self._shared()
+                if connection is not None:
+                    return connection, self._add(connection, call)
+                if len(self._open) + self._opening >= self._pool_size:
+                    if not self._opened.wait(deadline.left()):
+                        raise Unavailable(
+                            f"no connection to {self.address} opened within the timeout"
+                        )
+                    continue
+                self._opening += 1
+            try:
+                sock = _connect(self._target, deadline)
+            finally:
+                with self._lock:
+                    self._opening -= 1
+                    self._opened.notify_all()
+            with self._lock:
+                connection = _Shared(sock)
+                self._open.append(connection)  # closed after its call if close() ran meanwhile
+                if not deadline.left():
+                    raise Unavailable(f"{self.address}: timed out before sending")
+                return connection, self._add(connection, call)
+
+    def _shared(self) -> _Shared | None:
+        """(Under the lock.) The least busy usable connection, unless none
+        is idle and the pool may open another; None then. An idle one the
+        server closed meanwhile is dropped."""
+        best, least = None, 0
+        for connection in self._open:
+            if connection.usable and (best is None or connection.pipeline.load < least):
+                best, least = connection, connection.pipeline.load
+        if best is None or (least and len(self._open) + self._opening < self._pool_size):
+            return None
+        if not least and best.pipeline.frames_added and not _still_open(best.sock):
+            best.usable = False
+            self._open.remove(best)
+            best.sock.close()
+            return self._shared()
+        return best
+
+    def _add(self, connection: _Shared, call: Pending) -> bool:
+        """(Under the lock.) Add ``call``; whether its caller sends (nobody
+        else is sending on the connection)."""
+        connection.pipeline.add(call)
+        if connection.sending:
+            return False
+        connection.sending = True
+        return True
+
+    def _send(self, connection: _Shared, call: Pending | None = None) -> None:
+        """Send what the connection's calls want sent until nothing is left
+        (the caller set ``sending``). A new ``call`` among others in flight
+        first lets the other callers ready to run add theirs, so that their
+        frames go out in one write (as an event loop's turn does)."""
+        if call is not None and connection.pipeline.load > call.expected // REPLY_SIZE:
+            time.sleep(0)
+        while True:
+            with self._lock:
+                out = connection.pipeline.to_send()
+                if not out:
+                    connection.sending = False
+                    return
+            try:
+                connection.send(out)
+            except BaseException as exc:  # a partial frame would put the connection out of step
+                self._end(connection, f"sending failed ({reason(exc)})", exc)
+                with self._lock:
+                    connection.sending = False
+                if not isinstance(exc, OSError):
+                    raise
+                return
+
+    def _wait(self, connection: _Shared, call: Pending) -> None:
+        """Until ``call`` has its replies or has ended: read for every call
+        on the connection while nobody else does, else wait to be woken (by
+        the reader, which also ends calls past their deadline)."""
+        signal = call.waiter
+        woken = False
+        while True:
+            with self._lock:
+                if woken:
+                    signal.pending = False  # consumed: the next wake-up releases it again
+                if call.complete or call.ended is not None:
+                    return
+                reader = not connection.reading
+                connection.reading = True
+            if reader:
+                self._read(connection, call)
+                woken = False
+            else:
+                signal.wait()
+                woken = True
+
+    def _read(self, connection: _Shared, call: Pending) -> None:
+        """Read for every call on ``connection`` until ``call`` has its
+        replies or ends, ending each call whose deadline passes meanwhile;
+        then hand reading to the next caller waiting."""
+        pipeline = connection.pipeline
+        try:
+            while True:
+                with self._lock:
+                    now = time.monotonic()
+                    soonest = self._expire_due(connection, now)
+                    if call.complete or call.ended is not None:
+                        return
+                    silent = not pipeline.replied and not pipeline.unsent and not connection.nudged
+                margin = nudge_margin(self._target.timeout) if silent else 0.0
+                try:
+                    data = connection.recv(max(soonest - now - margin, 0.001))
+                    if not data:
+                        self._end(connection, "the server closed the connection", None)
+                        return
+                except TimeoutError:
+                    if margin:
+                        self._nudge(connection)
+                    continue  # the calls now past their deadline end above
+                except OSError as exc:
+                    self._end(connection, f"the connection broke ({reason(exc)})", exc)
+                    return
+                with self._lock:
+                    try:
+                        done = pipeline.received(data)
+                    except NotACounterServer as wrong:
+                        done, sender = [], False
+                        self._end_locked(connection, str(wrong), wrong)
+                    else:
+                        sender = bool(pipeline.unsent) and not connection.sending
+                        connection.sending = connection.sending or sender
+                    for other in done:
+                        other.waiter.wake()
+                if sender:
+                    self._send(connection)  # the window has room again
+        finally:
+            with self._lock:
+                connection.reading = False
+                for other in pipeline.owed:
+                    if not other.abandoned:
+                        other.waiter.wake()  # reads next
+                        break
+
+    def _expire_due(self, connection: _Shared, now: float) -> float:
+        """(Under the lock.) End each call on ``connection`` whose deadline
+        has passed (``_expire``), waking its caller; the soonest deadline of
+        the calls still waiting (``now`` if none)."""
+        soonest = None
+        for call in list(connection.pipeline.owed):
+            if call.abandoned:
+                continue
+            if call.deadline.at <= now:
+                self._expire(connection, call)
+                call.waiter.wake()
+            elif soonest is None or call.deadline.at < soonest:
+                soonest = call.deadline.at
+        return now if soonest is None else soonest
+
+    def _nudge(self, connection: _Shared) -> None:
+        """A new connection silent until near the deadline: see HTTP_NUDGE.
+        It takes no new call after."""
+        with self._lock:
+            connection.nudged, connection.usable = True, False
+            if connection.sending or connection.pipeline.unsent:
+                return  # frames are going out: the nudge would land among them
+            connection.sending = True
+        try:
+            connection.send(HTTP_NUDGE)
+        except OSError as exc:
+            self._end(connection, f"sending failed ({reason(exc)})", exc)
+        finally:
+            with self._lock:
+                connection.sending = False
+
+    def _expire(self, connection: _Shared, call: Pending) -> None:
+        """(Under the lock.) ``call``'s time ran out: it ends (nothing of it
+        is sent afterwards) and the connection takes no new call; its other
+        calls go on, and replies to this one are dropped."""
+        call.abandoned, connection.usable = True, False
+        connection.pipeline.withdraw(call)
+        why = "no reply within the timeout"
+        call.ended = ConnectionEnded(why, call.data, TimeoutError(why))
+
+    def _end(self, connection: _Shared, why: str, cause: BaseException | None) -> None:
+        with self._lock:
+            self._end_locked(connection, why, cause)
+
+    def _end_locked(self, connection: _Shared, why: str, cause: BaseException | None) -> None:
+        """(Under the lock.) Nothing more will come: every call still owed
+        replies ends."""
+        connection.usable = False
+        for call in connection.pipeline.cut():
+            call.ended = ConnectionEnded(why, call.data, cause)
+            call.waiter.wake()
+
+    def _settle(self, connection: _Shared) -> None:
+        """Close a connection no caller uses any more, once it is unusable
+        or the client is closed."""
+        with self._lock:
+            if connection.pipeline.live or connection.reading or connection.sending:
+                return
+            connection.usable = False
+            if connection in self._open:
+                self._open.remove(connection)
+        connection.sock.close()
+
     def _outcome(
         self,
-        ended: ConnectionEnded,
-        fresh: bool,
+        call: Pending,
+        connection: _Shared,
         checked: list[int],
         floor: int | None,
         deadline: Deadline,
     ) -> CounterError:
-        """What became of a call whose connection (``fresh``: opened for it)
-        ended early: a server that refused our TLS side or wants TLS read
-        nothing (``Unavailable``); otherwise as ``calls.ended_early`` says."""
-        where = self._target
+        """What became of a call whose connection ended or whose time ran
+        out before every reply came: nothing sent (``Unavailable``); a server
+        that refused our TLS side or wants TLS read nothing (``Unavailable``);
+        otherwise as ``calls.ended_early`` says."""
+        where, ended = self._target, call.ended
+        if call.sent == 0:
+            return not_sent(where.address, ended)
+        fresh = not connection.pipeline.replied
         unserved = not_served(where.address, fresh, ended)
         if unserved is not None:
             return unserved
@@ -310,49 +561,25 @@ class CounterClient:
             self._floor = max(known)
 
     def _value_now(self, deadline: Deadline) -> int | ConnectionEnded | None:
-        """After a connection ended early: the counter, read on a fresh
-        connection within what is left of the call's deadline, to tell a
-        refusal from an unknown outcome; how that read's connection ended if
-        it did, None if none could be opened."""
+        """After a connection ended early: the counter, read on a new
+        connection of its own within what is left of the call's deadline, to
+        tell a refusal from an unknown outcome; how that read's connection
+        ended if it did, None if none could be opened."""
         try:
             sock = _connect(self._target, deadline)
         except (Unavailable, TimeoutError):
             return None
-        try:
-            return decode_call(_exchange(sock, READ_FRAME, REPLY_SIZE, deadline)[0])[0]
-        except ConnectionEnded as ended:
-            return ended
-        finally:
-            sock.close()
-
-    def _borrow(self, deadline: Deadline) -> tuple[socket.socket, bool]:
-        """An idle connection still open, or a new one; and whether it is new."""
-        while True:
-            with self._lock:
-                if self._closed:
-                    raise Unavailable(f"the client of {self.address} is closed")
-                sock = self._idle.pop() if self._idle else None
-            if sock is None:
-                return _connect(self._target, deadline), True
-            if _still_open(sock):
-                return sock, False
-            sock.close()
-
-    def _give_back(self, sock: socket.socket) -> None:
-        with self._lock:
-            if not self._closed:
-                self._idle.append(sock)
-                return
-        sock.close()
+        with sock:
+            return _read_alone(sock, deadline)
 
     def close(self) -> None:
         """Close every idle connection; calls after it raise ``Unavailable``
-        (calls in progress finish on their connection, then close it)."""
+        (calls in progress finish, then their connection closes)."""
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
-        for sock in idle:
-            sock.close()
+            connections = list(self._open)
+        for connection in connections:
+            self._settle(connection)
 
     def __enter__(self) -> CounterClient:
         return self

@@ -32,6 +32,7 @@ RUN_TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (CI
 
 TEST_PROCESSES = "tests/server/test_processes.py"
 TEST_CALLS = "tests/client/test_calls.py"
+TEST_PIPELINE = "tests/client/test_pipeline.py"
 EVERY_CLAIM = (
     TEST_CALLS + "::test_every_claim_holds_under_concurrent_callers_timeouts_and_cancellation"
 )
@@ -118,22 +119,19 @@ MUTANTS = [
     ),
     Mutant(
         "library-pool-size-ignored",
-        "CounterClient opens at most pool_size connections",
+        "CounterClient opens at most pool_size connections, shared by its callers",
         "client/library.py",
-        "threading.BoundedSemaphore(self._pool_size)",
-        "threading.BoundedSemaphore(self._pool_size * 1000)",
-        (
-            "tests/client/test_library.py"
-            "::test_16_threads_share_one_client_and_every_reply_is_distinct",
-        ),
+        "self._pool_size = check_pool_size(pool_size)",
+        "self._pool_size = check_pool_size(pool_size) * 1000",
+        (TEST_PIPELINE + "::test_forty_callers_share_two_connections_all_in_flight_at_once",),
     ),
     Mutant(
         "aio-pool-size-ignored",
-        "AsyncCounterClient opens at most pool_size connections",
+        "AsyncCounterClient opens at most pool_size connections, shared by its tasks",
         "client/aio.py",
-        "asyncio.Semaphore(self._pool_size)",
-        "asyncio.Semaphore(self._pool_size * 1000)",
-        ("tests/client/test_aio.py::test_20_tasks_share_one_client_without_gevent",),
+        "self._pool_size = check_pool_size(pool_size)",
+        "self._pool_size = check_pool_size(pool_size) * 1000",
+        (TEST_PIPELINE + "::test_forty_callers_share_two_connections_all_in_flight_at_once",),
     ),
     Mutant(
         "read-tried-once",
@@ -209,21 +207,39 @@ MUTANTS = [
         (TEST_CALLS + "::test_a_million_increments_in_one_batch",),
     ),
     Mutant(
-        "ended-connection-reused",
-        "a call that timed out never leaves its connection out of step (sync)",
-        "client/library.py",
-        "            except ConnectionEnded as ended:\n                sock.close()\n",
-        "            except ConnectionEnded as ended:\n                self._give_back(sock)\n",
-        (EVERY_CLAIM,),
+        "abandoned-call-forgotten",
+        "a call that timed out or was cancelled keeps its place on a shared connection: "
+        "its replies are dropped, never handed to the next call",
+        "client/pipeline.py",
+        "        if call.sent == 0 and call in self.unsent:\n"
+        "            self.owed.remove(call)\n"
+        "            self.unsent.remove(call)\n",
+        "        if call in self.owed:\n"
+        "            self.owed.remove(call)\n"
+        "            if call in self.unsent:\n"
+        "                self.unsent.remove(call)\n",
+        (
+            TEST_PIPELINE
+            + "::test_a_withdrawn_call_is_never_sent_and_an_abandoned_one_keeps_its_place",
+            TEST_PIPELINE + "::test_a_cancelled_callers_reply_is_dropped_and_its_connection_kept",
+            EVERY_CLAIM,
+        ),
     ),
     Mutant(
-        "cancelled-connection-reused",
-        "a cancelled call never leaves its connection out of step (asyncio)",
+        "timed-out-connection-kept",
+        "a connection on which a call timed out takes no new call (sync)",
+        "client/library.py",
+        "        call.abandoned, connection.usable = True, False\n",
+        "        call.abandoned = True\n",
+        (TEST_PIPELINE + "::test_a_timed_out_call_retires_its_connection",),
+    ),
+    Mutant(
+        "aio-timed-out-connection-kept",
+        "a connection on which a call timed out takes no new call (asyncio)",
         "client/aio.py",
-        "                connection.close()\n                raise\n",
-        "                connection._waiter = None\n                self._give_back(connection)\n"
-        "                raise\n",
-        (EVERY_CLAIM,),
+        "                call.abandoned, self.usable = True, False\n",
+        "                call.abandoned = True\n",
+        (TEST_PIPELINE + "::test_a_timed_out_call_retires_its_connection",),
     ),
     Mutant(
         "lock-given-back-silently",
