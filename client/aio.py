@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from types import TracebackType
 
 from counter_server.common.tls import probe_context
+from counter_server.protocol import REPLY_SIZE
 
 from .calls import (
     DEFAULT_POOL_SIZE,
@@ -22,6 +23,7 @@ from .calls import (
     READ_ATTEMPTS,
     READ_FRAME,
     RECV_BYTES,
+    SHARE_DEPTH,
     ConnectionEnded,
     Deadline,
     NotACounterServer,
@@ -152,10 +154,13 @@ class _Connection(asyncio.BufferedProtocol):
         self.usable = False
         if self._nudge is not None:
             self._nudge.cancel()
-        if self.transport.get_write_buffer_size():
-            self.transport.abort()  # frames never sent: nobody will read their replies
+        transport = self.transport
+        if transport.is_closing():
+            return  # closed already (a TLS transport fails if asked again)
+        if transport.get_write_buffer_size():
+            transport.abort()  # frames never sent: nobody will read their replies
         else:
-            self.transport.close()
+            transport.close()
 
 
 async def _connect(where: Target, deadline: Deadline) -> _Connection:
@@ -304,14 +309,20 @@ class AsyncCounterClient:
         return replies
 
     def _shared(self) -> _Connection | None:
-        """The least busy open connection, unless none is idle and the pool
-        may open another (connections are shared only when the pool is
-        full); None then."""
+        """The first open connection with fewer than ``SHARE_DEPTH`` frames
+        in flight; when every one has that many, None while the pool has room
+        for another, else the least busy."""
         best, least = None, 0
         for connection in self._open:
-            if connection.usable and (best is None or connection.pipeline.load < least):
-                best, least = connection, connection.pipeline.load
-        if best is None or (least and len(self._open) + self._opening < self._pool_size):
+            pipeline = connection.pipeline  # its load, inline: this runs for every call
+            load = pipeline.frames_added - pipeline.bytes_received // REPLY_SIZE
+            if not connection.usable:
+                continue
+            if load < SHARE_DEPTH:
+                return connection
+            if best is None or load < least:
+                best, least = connection, load
+        if best is None or len(self._open) + self._opening < self._pool_size:
             return None
         return best
 
@@ -325,7 +336,8 @@ class AsyncCounterClient:
             connection = self._shared()
             if connection is not None:
                 return connection
-            self._open = [c for c in self._open if c.usable or c.pipeline.live]
+            for connection in [c for c in self._open if not c.usable]:
+                self._settle(connection)  # an ended or retired one no call waits on
             if len(self._open) + self._opening < self._pool_size:
                 break
             waiter = loop.create_future()

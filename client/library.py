@@ -30,6 +30,7 @@ from .calls import (
     READ_ATTEMPTS,
     READ_FRAME,
     RECV_BYTES,
+    SHARE_DEPTH,
     ConnectionEnded,
     Deadline,
     NotACounterServer,
@@ -249,6 +250,7 @@ class CounterClient:
         self._opened = threading.Condition(self._lock)  # a connection was opened (or not)
         self._open: list[_Shared] = []
         self._opening = 0  # connections being opened
+        self._signals = threading.local()  # each thread's _Signal
 
     @property
     def address(self) -> str:
@@ -289,12 +291,13 @@ class CounterClient:
         where, floor = self._target, self._floor
         frames = outgoing(where.address, floor, checked, frames)
         deadline = Deadline(where.timeout)
-        call = Pending(frames, deadline, _Signal())
-        connection, sender = self._submit(call, deadline)
+        signal = getattr(self._signals, "signal", None) or self._new_signal()
+        call = Pending(frames, deadline, signal)
+        connection, sender, reader = self._submit(call, deadline)
         try:
             if sender:
                 self._send(connection, call)
-            self._wait(connection, call)
+            self._wait(connection, call, reader)
         except BaseException:  # gevent.Timeout, an exception injected: replies are dropped
             with self._lock:
                 call.abandoned = True
@@ -310,17 +313,24 @@ class CounterClient:
             self._floor = replies[-1]
         return replies
 
-    def _submit(self, call: Pending, deadline: Deadline) -> tuple[_Shared, bool]:
+    def _new_signal(self) -> _Signal:
+        """This thread's (or greenlet's) signal: it waits for one call at a
+        time, so one serves all its calls (a stale wake-up only makes a
+        waiter look again)."""
+        signal = self._signals.signal = _Signal()
+        return signal
+
+    def _submit(self, call: Pending, deadline: Deadline) -> tuple[_Shared, bool, bool]:
         """Add ``call`` to the least busy connection, opening one while
         every open one is busy and the pool has room; the connection, and
-        whether this caller sends (nobody else is sending on it)."""
+        whether this caller sends, and reads, for all (nobody else does)."""
         while True:
             with self._lock:
                 if self._closed:
                     raise Unavailable(f"the client of {self.address} is closed")
                 connection = self._shared()
                 if connection is not None:
-                    return connection, self._add(connection, call)
+                    return (connection, *self._add(connection, call))
                 if len(self._open) + self._opening >= self._pool_size:
                     if not self._opened.wait(deadline.left()):
                         raise Unavailable(
@@ -339,33 +349,39 @@ class CounterClient:
                 self._open.append(connection)  # closed after its call if close() ran meanwhile
                 if not deadline.left():
                     raise Unavailable(f"{self.address}: timed out before sending")
-                return connection, self._add(connection, call)
+                return (connection, *self._add(connection, call))
 
     def _shared(self) -> _Shared | None:
-        """(Under the lock.) The least busy usable connection, unless none
-        is idle and the pool may open another; None then. An idle one the
-        server closed meanwhile is dropped."""
+        """(Under the lock.) The first open connection with fewer than
+        ``SHARE_DEPTH`` frames in flight; when every one has that many, None
+        while the pool has room for another, else the least busy. An idle
+        one the server closed meanwhile is dropped."""
         best, least = None, 0
         for connection in self._open:
-            if connection.usable and (best is None or connection.pipeline.load < least):
-                best, least = connection, connection.pipeline.load
-        if best is None or (least and len(self._open) + self._opening < self._pool_size):
+            pipeline = connection.pipeline  # its load, inline: this runs for every call
+            load = pipeline.frames_added - pipeline.bytes_received // REPLY_SIZE
+            if not connection.usable:
+                continue
+            if load < SHARE_DEPTH:
+                if not load and pipeline.frames_added and not _still_open(connection.sock):
+                    connection.usable = False
+                    self._open.remove(connection)
+                    connection.sock.close()
+                    return self._shared()
+                return connection
+            if best is None or load < least:
+                best, least = connection, load
+        if best is None or len(self._open) + self._opening < self._pool_size:
             return None
-        if not least and best.pipeline.frames_added and not _still_open(best.sock):
-            best.usable = False
-            self._open.remove(best)
-            best.sock.close()
-            return self._shared()
         return best
 
-    def _add(self, connection: _Shared, call: Pending) -> bool:
-        """(Under the lock.) Add ``call``; whether its caller sends (nobody
-        else is sending on the connection)."""
+    def _add(self, connection: _Shared, call: Pending) -> tuple[bool, bool]:
+        """(Under the lock.) Add ``call``; whether its caller sends, and
+        reads, for the connection (nobody else is)."""
         connection.pipeline.add(call)
-        if connection.sending:
-            return False
-        connection.sending = True
-        return True
+        sender, reader = not connection.sending, not connection.reading
+        connection.sending = connection.reading = True
+        return sender, reader
 
     def _send(self, connection: _Shared, call: Pending | None = None) -> None:
         """Send what the connection's calls want sent until nothing is left
@@ -373,7 +389,14 @@ class CounterClient:
         first lets the other callers ready to run add theirs, so that their
         frames go out in one write (as an event loop's turn does)."""
         if call is not None and connection.pipeline.load > call.expected // REPLY_SIZE:
-            time.sleep(0)
+            try:
+                time.sleep(0)
+            except BaseException:  # interrupted: the call is dropped, the others' frames go
+                with self._lock:
+                    call.abandoned = True
+                    connection.pipeline.withdraw(call)
+                self._send(connection)
+                raise
         while True:
             with self._lock:
                 out = connection.pipeline.to_send()
@@ -390,26 +413,24 @@ class CounterClient:
                     raise
                 return
 
-    def _wait(self, connection: _Shared, call: Pending) -> None:
+    def _wait(self, connection: _Shared, call: Pending, reader: bool) -> None:
         """Until ``call`` has its replies or has ended: read for every call
-        on the connection while nobody else does, else wait to be woken (by
-        the reader, which also ends calls past their deadline)."""
+        on the connection while nobody else does (``reader``: this caller
+        took that turn), else wait to be woken (by the reader, which also
+        ends calls past their deadline)."""
         signal = call.waiter
-        woken = False
         while True:
+            if reader:
+                self._read(connection, call)
+            else:
+                signal.wait()
             with self._lock:
-                if woken:
+                if not reader:
                     signal.pending = False  # consumed: the next wake-up releases it again
                 if call.complete or call.ended is not None:
                     return
                 reader = not connection.reading
                 connection.reading = True
-            if reader:
-                self._read(connection, call)
-                woken = False
-            else:
-                signal.wait()
-                woken = True
 
     def _read(self, connection: _Shared, call: Pending) -> None:
         """Read for every call on ``connection`` until ``call`` has its
@@ -417,23 +438,21 @@ class CounterClient:
         then hand reading to the next caller waiting."""
         pipeline = connection.pipeline
         try:
-            while True:
-                with self._lock:
-                    now = time.monotonic()
-                    soonest = self._expire_due(connection, now)
-                    if call.complete or call.ended is not None:
-                        return
-                    silent = not pipeline.replied and not pipeline.unsent and not connection.nudged
+            with self._lock:
+                wait, silent = self._still_waiting(connection, call)
+            while wait is not None:
                 margin = nudge_margin(self._target.timeout) if silent else 0.0
                 try:
-                    data = connection.recv(max(soonest - now - margin, 0.001))
+                    data = connection.recv(max(wait - margin, 0.001))
                     if not data:
                         self._end(connection, "the server closed the connection", None)
                         return
                 except TimeoutError:
                     if margin:
                         self._nudge(connection)
-                    continue  # the calls now past their deadline end above
+                    with self._lock:  # the calls now past their deadline end
+                        wait, silent = self._still_waiting(connection, call)
+                    continue
                 except OSError as exc:
                     self._end(connection, f"the connection broke ({reason(exc)})", exc)
                     return
@@ -447,7 +466,9 @@ class CounterClient:
                         sender = bool(pipeline.unsent) and not connection.sending
                         connection.sending = connection.sending or sender
                     for other in done:
-                        other.waiter.wake()
+                        if other is not call:
+                            other.waiter.wake()
+                    wait, silent = self._still_waiting(connection, call)
                 if sender:
                     self._send(connection)  # the window has room again
         finally:
@@ -457,6 +478,19 @@ class CounterClient:
                     if not other.abandoned:
                         other.waiter.wake()  # reads next
                         break
+
+    def _still_waiting(self, connection: _Shared, call: Pending) -> tuple[float | None, bool]:
+        """(Under the lock.) For the reader of ``connection``, whose own call
+        is ``call``: end the calls past their deadline; how long to wait for
+        replies now (None: ``call`` is over), and whether the connection is
+        new and silent (see HTTP_NUDGE)."""
+        now = time.monotonic()
+        soonest = self._expire_due(connection, now)
+        if call.complete or call.ended is not None:
+            return None, False
+        pipeline = connection.pipeline
+        silent = not pipeline.replied and not pipeline.unsent and not connection.nudged
+        return soonest - now, silent
 
     def _expire_due(self, connection: _Shared, now: float) -> float:
         """(Under the lock.) End each call on ``connection`` whose deadline

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
 import socket
 import threading
 import time
@@ -26,7 +27,7 @@ from counter_server.client import (
 from counter_server.client.calls import IN_FLIGHT_FRAMES, Deadline, NotACounterServer
 from counter_server.client.pipeline import Pending, Pipeline
 from counter_server.protocol import FRAME_SIZE, decode_request, encode_request
-from support import LoopbackListener, wait_until
+from support import LoopbackListener, start_tls_server, wait_until
 
 FRONT_ENDS = ("sync", "asyncio")
 
@@ -316,3 +317,45 @@ def test_a_call_that_times_out_before_its_frames_went_out_is_unavailable_and_nev
     holding.release()
     time.sleep(0.3)  # anything still on its way would arrive now
     assert holding.value <= len(batch)  # the 10**6 never reached the server
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_calls_that_time_out_together_on_one_tls_connection_each_get_their_error(front_end, pki):
+    # Each caller leaving the retired connection closes it; a TLS transport
+    # closed a third time raised AttributeError from asyncio's sslproto.
+    server = start_tls_server(pki)
+    settings = {"pool_size": 1, "timeout": 0.5, "tls_ca": pki["ca"]}
+    callers = 3
+
+    def threads(counter):
+        counter.read()
+        server.signal(signal.SIGSTOP)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(callers) as pool:
+            return list(pool.map(lambda _: outcome(counter.increment), range(callers)))
+
+    def outcome(method, *args):
+        try:
+            return method(*args)
+        except CounterError as exc:
+            return exc
+
+    async def tasks(counter):
+        await counter.read()
+        server.signal(signal.SIGSTOP)
+
+        async def one():
+            try:
+                return await counter.increment()
+            except CounterError as exc:
+                return exc
+
+        return await asyncio.gather(*(one() for _ in range(callers)))
+
+    try:
+        outcomes = run(front_end, f"127.0.0.1:{server.port}", threads, tasks, **settings)
+        assert all(isinstance(o, Indeterminate) for o in outcomes), outcomes
+    finally:
+        server.signal(signal.SIGCONT)
+        server.stop()
