@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from types import TracebackType
 
 from counter_server.common.tls import probe_context
-from counter_server.protocol import REPLY_SIZE
 
 from .calls import (
     DEFAULT_POOL_SIZE,
@@ -23,7 +22,6 @@ from .calls import (
     READ_ATTEMPTS,
     READ_FRAME,
     RECV_BYTES,
-    SHARE_DEPTH,
     ConnectionEnded,
     Deadline,
     NotACounterServer,
@@ -45,7 +43,7 @@ from .calls import (
     target,
 )
 from .errors import CounterError, Unavailable
-from .pipeline import Pending, Pipeline
+from .pipeline import Pending, Pipeline, choose
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -62,6 +60,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.usable = True  # takes new calls: not ended, closed, nudged, nor a call timed out
         self._flushing = False  # a write of the calls added this turn is scheduled
         self._nudge: asyncio.TimerHandle | None = None
+        self._cut: list[Pending] = []  # the calls its end ended
         # Read into one buffer of its own: a plain protocol's transport
         # allocates a new 256 KiB buffer for each read.
         self._buffer = memoryview(bytearray(RECV_BYTES))
@@ -118,14 +117,24 @@ class _Connection(asyncio.BufferedProtocol):
             self._end(f"the connection broke ({reason(exc)})", exc)
 
     def _end(self, why: str, cause: BaseException | None) -> None:
-        """Nothing more will come: every call still owed replies ends."""
+        """Nothing more will come: every call still owed replies ends. The
+        error that follows an end of file (a TLS alert: a refused client
+        certificate) becomes the cause of the calls it ended, for their
+        callers, who look once their task runs."""
         if self.ended is None:
             self.ended, self.cause = why, cause
+        elif self.cause is None and cause is not None:
+            self.cause = cause
+            for call in self._cut:
+                if call.ended.cause is None:
+                    call.ended.cause = cause
         self.usable = False
         if self._nudge is not None:
             self._nudge.cancel()
-        for call in self.pipeline.cut():
-            call.ended = ConnectionEnded(self.ended, call.data, self.cause)
+        self._cut = self.pipeline.cut() or self._cut
+        for call in self._cut:
+            if call.ended is None:
+                call.ended = ConnectionEnded(self.ended, call.data, self.cause)
             if not call.waiter.done():
                 call.waiter.set_result(None)
 
@@ -309,22 +318,10 @@ class AsyncCounterClient:
         return replies
 
     def _shared(self) -> _Connection | None:
-        """The first open connection with fewer than ``SHARE_DEPTH`` frames
-        in flight; when every one has that many, None while the pool has room
-        for another, else the least busy."""
-        best, least = None, 0
-        for connection in self._open:
-            pipeline = connection.pipeline  # its load, inline: this runs for every call
-            load = pipeline.frames_added - pipeline.bytes_received // REPLY_SIZE
-            if not connection.usable:
-                continue
-            if load < SHARE_DEPTH:
-                return connection
-            if best is None or load < least:
-                best, least = connection, load
-        if best is None or len(self._open) + self._opening < self._pool_size:
-            return None
-        return best
+        """The connection a new call goes to (``pipeline.choose``); None to
+        open another."""
+        may_open = len(self._open) + self._opening < self._pool_size
+        return choose(self._open, may_open) if self._open else None
 
     async def _connection(self, deadline: Deadline) -> _Connection:
         """A connection to share, opening one if the pool has room, else

@@ -30,7 +30,6 @@ from .calls import (
     READ_ATTEMPTS,
     READ_FRAME,
     RECV_BYTES,
-    SHARE_DEPTH,
     ConnectionEnded,
     Deadline,
     NotACounterServer,
@@ -52,7 +51,7 @@ from .calls import (
     target,
 )
 from .errors import CounterError, Unavailable
-from .pipeline import Pending, Pipeline
+from .pipeline import Pending, Pipeline, choose
 
 
 def _connect(where: Target, deadline: Deadline) -> socket.socket:
@@ -352,28 +351,23 @@ class CounterClient:
                 return (connection, *self._add(connection, call))
 
     def _shared(self) -> _Shared | None:
-        """(Under the lock.) The first open connection with fewer than
-        ``SHARE_DEPTH`` frames in flight; when every one has that many, None
-        while the pool has room for another, else the least busy. An idle
-        one the server closed meanwhile is dropped."""
-        best, least = None, 0
-        for connection in self._open:
-            pipeline = connection.pipeline  # its load, inline: this runs for every call
-            load = pipeline.frames_added - pipeline.bytes_received // REPLY_SIZE
-            if not connection.usable:
-                continue
-            if load < SHARE_DEPTH:
-                if not load and pipeline.frames_added and not _still_open(connection.sock):
-                    connection.usable = False
-                    self._open.remove(connection)
-                    connection.sock.close()
-                    return self._shared()
-                return connection
-            if best is None or load < least:
-                best, least = connection, load
-        if best is None or len(self._open) + self._opening < self._pool_size:
+        """(Under the lock.) The connection a new call goes to
+        (``pipeline.choose``); None to open another. An idle one the server
+        closed meanwhile is dropped."""
+        may_open = len(self._open) + self._opening < self._pool_size
+        connection = choose(self._open, may_open) if self._open else None
+        if connection is None:
             return None
-        return best
+        pipeline = connection.pipeline
+        idle = (
+            pipeline.frames_added and pipeline.frames_added * REPLY_SIZE == pipeline.bytes_received
+        )
+        if idle and not _still_open(connection.sock):
+            connection.usable = False
+            self._open.remove(connection)
+            connection.sock.close()
+            return self._shared()
+        return connection
 
     def _add(self, connection: _Shared, call: Pending) -> tuple[bool, bool]:
         """(Under the lock.) Add ``call``; whether its caller sends, and

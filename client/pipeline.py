@@ -12,10 +12,12 @@ step. Both front ends drive a ``Pipeline``: ``add`` a call, write what
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
 
 from counter_server.protocol import FRAME_SIZE, REPLY_SIZE
 
-from .calls import IN_FLIGHT_FRAMES, Deadline, NotACounterServer, foreign
+from .calls import IN_FLIGHT_FRAMES, SHARE_DEPTH, Deadline, NotACounterServer, foreign
 
 
 class Pending:
@@ -158,3 +160,31 @@ class Pipeline:
         self.owed.clear()
         self.unsent.clear()
         return ended
+
+
+class Shared(Protocol):
+    """What ``choose`` asks of a front end's connection."""
+
+    usable: bool
+    pipeline: Pipeline
+
+
+Connection = TypeVar("Connection", bound=Shared)
+
+
+def choose(connections: Iterable[Connection], may_open: bool) -> Connection | None:
+    """Where a new call goes (both front ends): the first usable connection
+    with fewer than ``SHARE_DEPTH`` frames in flight; when every one has
+    that many, None if another may be opened (``may_open``), else the least
+    busy. Runs for every call: the load is computed inline."""
+    best, least = None, 0
+    for connection in connections:
+        pipeline = connection.pipeline
+        load = pipeline.frames_added - pipeline.bytes_received // REPLY_SIZE
+        if not connection.usable:
+            continue
+        if load < SHARE_DEPTH:
+            return connection
+        if best is None or load < least:
+            best, least = connection, load
+    return None if may_open else best

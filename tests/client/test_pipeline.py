@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import signal
 import socket
+import ssl
 import threading
 import time
 
@@ -359,3 +360,34 @@ def test_calls_that_time_out_together_on_one_tls_connection_each_get_their_error
     finally:
         server.signal(signal.SIGCONT)
         server.stop()
+
+
+def test_an_error_right_after_the_end_of_file_names_the_cause_of_the_calls_it_ended():
+    # asyncio's TLS transport may report the end of file before the alert
+    # that explains it (a refused client certificate): the calls learn the alert.
+    from counter_server.client.aio import _Connection
+
+    class Transport(asyncio.Transport):
+        def write(self, data):
+            pass
+
+        def is_closing(self):
+            return False
+
+        def get_write_buffer_size(self):
+            return 0
+
+    async def scenario():
+        connection = _Connection()
+        connection.connection_made(Transport())
+        call = Pending(encode_request(1), Deadline(5), asyncio.get_running_loop().create_future())
+        connection.submit(call)
+        await asyncio.sleep(0)  # sent
+        connection.eof_received()
+        alert = ssl.SSLError(1, "certificate required")
+        connection.connection_lost(alert)
+        await call.waiter
+        return call, alert
+
+    call, alert = asyncio.run(scenario())
+    assert call.ended.cause is alert
