@@ -21,24 +21,20 @@ from .calls import (
     PROCESS,
     READ_ATTEMPTS,
     READ_FRAME,
+    READ_NOW,
     RECV_BYTES,
     ConnectionEnded,
     Deadline,
     NotACounterServer,
     Target,
-    can_classify,
     check_pool_size,
     decode_call,
     encode_call,
     encode_one,
-    ended_early,
-    may_want_tls,
-    not_sent,
-    not_served,
     nudge_margin,
+    outcome,
     outgoing,
     reason,
-    speaks_tls,
     split_probe,
     target,
 )
@@ -390,30 +386,23 @@ class AsyncCounterClient:
         floor: int | None,
         deadline: Deadline,
     ) -> CounterError:
-        """What became of a call whose connection ended or whose time ran
-        out before every reply came (see ``CounterClient._outcome``)."""
-        where, ended = self._target, call.ended
-        if call.sent == 0:
-            return not_sent(where.address, ended)
-        fresh = not connection.pipeline.replied
-        unserved = not_served(where.address, fresh, ended)
-        if unserved is not None:
-            return unserved
-        floor, replies = split_probe(decode_call(ended.data), floor)
-        now = await self._value_now(deadline) if can_classify(checked, replies) else None
-        if isinstance(now, ConnectionEnded):
-            cut = may_want_tls(where, fresh, ended) and may_want_tls(where, True, now)
-            if cut and await _speaks_tls(where, deadline):
-                return speaks_tls(where.address)
-            now = None
-        self._saw(now, *replies[-1:], floor)
-        return ended_early(where.address, checked, replies, floor, now, ended.why)
-
-    def _saw(self, *values: int | None) -> None:
-        """Raise the floor to the highest of ``values`` (None: not known)."""
-        known = [v for v in values if v is not None]
-        if known and (self._floor is None or max(known) > self._floor):
-            self._floor = max(known)
+        """What became of a call that ended early (see ``CounterClient._outcome``)."""
+        where, answer = self._target, None
+        steps = outcome(where, call.sent > 0, not connection.pipeline.replied, call.ended,
+                        checked, floor)  # fmt: skip
+        while True:
+            try:
+                ask = steps.send(answer)
+            except StopIteration as done:
+                error, seen = done.value
+                break
+            if ask is READ_NOW:
+                answer = await self._value_now(deadline)
+            else:
+                answer = await _speaks_tls(where, deadline)
+        if seen is not None and (self._floor is None or seen > self._floor):
+            self._floor = seen
+        return error
 
     async def _value_now(self, deadline: Deadline) -> int | ConnectionEnded | None:
         """The counter, read on a new connection of its own within what is

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from counter_server.common.tls import client_context
 from counter_server.common.values import host_port
@@ -176,11 +177,10 @@ class Target:
     tls: ssl.SSLContext | None
     server_hostname: str | None
     timeout: float
-    address: str = ""  # HOST:PORT, [IPv6]:PORT (filled in from host and port)
 
-    def __post_init__(self) -> None:
-        host, port = self.host, self.port
-        object.__setattr__(self, "address", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    @cached_property  # read on every call
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def target(
@@ -339,3 +339,49 @@ def ended_early(
         replies=replies,
         value=value_now,
     )
+
+
+# What ``outcome`` asks its front end to do before it can judge a call.
+READ_NOW = "read the counter on a new connection"  # send back int, ConnectionEnded or None
+TLS_PROBE = "try an unverified TLS handshake"  # send back whether the server completed it
+
+Verdict = Generator[str, object, tuple[CounterError, int | None]]
+
+
+def outcome(
+    where: Target,
+    sent: bool,
+    fresh: bool,
+    ended: ConnectionEnded,
+    checked: list[int],
+    floor: int | None,
+) -> Verdict:
+    """What became of a call whose connection ended, or whose time ran out,
+    before every reply came, for both front ends (no I/O: it yields
+    ``READ_NOW`` or ``TLS_PROBE`` for the front end to do and send back the
+    answer). ``sent``: some of its frames went out; ``fresh``: its connection
+    had no reply yet. Returns the error and the highest value it learned the
+    counter had (the floor may rise to it; None: nothing learned).
+
+    Nothing sent, or a server that refused our TLS side or is not a counter
+    server: ``Unavailable``. Otherwise the counter is read (within what is
+    left of the call's time) and ``ended_early`` judges; when the call and
+    that read were both cut at once with nothing back, a plain client tries
+    a TLS handshake to name a TLS server."""
+    if not sent:
+        return not_sent(where.address, ended), None
+    unserved = not_served(where.address, fresh, ended)
+    if unserved is not None:
+        return unserved, None
+    floor, replies = split_probe(decode_call(ended.data), floor)
+    now = (yield READ_NOW) if can_classify(checked, replies) else None
+    if isinstance(now, ConnectionEnded):
+        # Both cut at once, the read too: a TLS server, or a server
+        # refusing us before reading any frame (never a probe's victim).
+        cut = may_want_tls(where, fresh, ended) and may_want_tls(where, True, now)
+        if cut and (yield TLS_PROBE):
+            return speaks_tls(where.address), None
+        now = None
+    known = [v for v in (now, *replies[-1:], floor) if v is not None]
+    error = ended_early(where.address, checked, replies, floor, now, ended.why)
+    return error, max(known, default=None)

@@ -29,24 +29,20 @@ from .calls import (
     PROCESS,
     READ_ATTEMPTS,
     READ_FRAME,
+    READ_NOW,
     RECV_BYTES,
     ConnectionEnded,
     Deadline,
     NotACounterServer,
     Target,
-    can_classify,
     check_pool_size,
     decode_call,
     encode_call,
     encode_one,
-    ended_early,
-    may_want_tls,
-    not_sent,
-    not_served,
     nudge_margin,
+    outcome,
     outgoing,
     reason,
-    speaks_tls,
     split_probe,
     target,
 )
@@ -78,7 +74,7 @@ def _speaks_tls(where: Target, deadline: Deadline) -> bool:
     return left > 0 and speaks_tls_at(where.host, where.port, left)
 
 
-def _still_open(sock: socket.socket) -> bool:
+def _still_open(sock: socket.socket, timeout: float) -> bool:
     """False if an idle connection was closed by the server meanwhile (or
     holds bytes nobody asked for): it must not carry a frame."""
     raw = getattr(sock, "_sock", None)
@@ -101,7 +97,7 @@ def _still_open(sock: socket.socket) -> bool:
         except (BlockingIOError, ssl.SSLWantReadError):
             return True  # only TLS housekeeping (a session ticket) was there
         finally:
-            sock.setblocking(True)  # each call sets its timeout
+            sock.settimeout(timeout)  # a sender uses it as it is
         return False
     except (OSError, ValueError):
         return False
@@ -362,7 +358,7 @@ class CounterClient:
         idle = (
             pipeline.frames_added and pipeline.frames_added * REPLY_SIZE == pipeline.bytes_received
         )
-        if idle and not _still_open(connection.sock):
+        if idle and not _still_open(connection.sock, self._target.timeout):
             connection.usable = False
             self._open.remove(connection)
             connection.sock.close()
@@ -557,36 +553,23 @@ class CounterClient:
         floor: int | None,
         deadline: Deadline,
     ) -> CounterError:
-        """What became of a call whose connection ended or whose time ran
-        out before every reply came: nothing sent (``Unavailable``); a server
-        that refused our TLS side or wants TLS read nothing (``Unavailable``);
-        otherwise as ``calls.ended_early`` says."""
-        where, ended = self._target, call.ended
-        if call.sent == 0:
-            return not_sent(where.address, ended)
-        fresh = not connection.pipeline.replied
-        unserved = not_served(where.address, fresh, ended)
-        if unserved is not None:
-            return unserved
-        floor, replies = split_probe(decode_call(ended.data), floor)
-        now = self._value_now(deadline) if can_classify(checked, replies) else None
-        if isinstance(now, ConnectionEnded):
-            # Both cut at once, the read too: a TLS server, or a server
-            # refusing us before reading any frame (never a probe's victim).
-            cut = may_want_tls(where, fresh, ended) and may_want_tls(where, True, now)
-            if cut and _speaks_tls(where, deadline):
-                return speaks_tls(where.address)
-            now = None
-        self._saw(now, *replies[-1:], floor)
-        return ended_early(where.address, checked, replies, floor, now, ended.why)
-
-    def _saw(self, *values: int | None) -> None:
-        """Raise the floor: the counter was each of ``values`` (None: not
-        known), so it is at least the highest for ever. (A race between
-        threads only keeps the floor lower: still true.)"""
-        known = [v for v in values if v is not None]
-        if known and (self._floor is None or max(known) > self._floor):
-            self._floor = max(known)
+        """What became of a call that ended early (``calls.outcome``, doing
+        the I/O it asks for within ``deadline``); the floor rises to what it
+        learned. (A race between threads only keeps the floor lower: still
+        true.)"""
+        where, answer = self._target, None
+        steps = outcome(where, call.sent > 0, not connection.pipeline.replied, call.ended,
+                        checked, floor)  # fmt: skip
+        while True:
+            try:
+                ask = steps.send(answer)
+            except StopIteration as done:
+                error, seen = done.value
+                break
+            answer = self._value_now(deadline) if ask is READ_NOW else _speaks_tls(where, deadline)
+        if seen is not None and (self._floor is None or seen > self._floor):
+            self._floor = seen
+        return error
 
     def _value_now(self, deadline: Deadline) -> int | ConnectionEnded | None:
         """After a connection ended early: the counter, read on a new
