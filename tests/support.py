@@ -25,6 +25,7 @@ from counter_server.chaos.checker import Verdict, judge
 from counter_server.protocol import REPLY_SIZE, decode_replies, encode_request
 from counter_server.server.launcher import SERVER_SCRIPT, ServerProcess, start_server
 from counter_server.server.store.statefile import Slot, decode_file
+from install_servers import PACKAGES
 
 __all__ = ["SERVER_SCRIPT", "ServerProcess", "Verdict", "judge", "start_server"]
 
@@ -32,16 +33,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The test vectors, cross-checked against the Go library (docs/protocol.md).
 VECTORS = json.loads((REPO_ROOT / "docs" / "protocol-vectors.json").read_text())
 IO_TIMEOUT = 10.0
-
-
-# The Debian package of each real server some tests start.
-PACKAGES = {
-    "redis-server": "redis-server",
-    "redis-sentinel": "redis-sentinel",
-    "etcd": "etcd-server",
-    "etcdctl": "etcd-client",
-    "promtool": "prometheus",
-}
 
 
 def require(*programs: str) -> None:
@@ -55,7 +46,8 @@ def require(*programs: str) -> None:
         return
     why = (
         f"{', '.join(missing)} not installed "
-        f"(apt-get install {' '.join(PACKAGES.get(m, m) for m in missing)})"
+        f"(python3 tests/install_servers.py installs "
+        f"{' '.join(sorted({PACKAGES.get(m, m) for m in missing}))})"
     )
     if os.environ.get("CI"):
         pytest.fail(f"{why}; CI runs every test", pytrace=False)
