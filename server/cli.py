@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from counter_server.common import __version__
@@ -78,7 +80,11 @@ Options:
                            rediss://... for TLS (&ca=FILE), or
                            redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB?key=NAME
                            to follow failovers; &replicas=N (or all) replies only
-                           once N replicas have the increment.
+                           once N replicas have the increment. A password
+                           here shows in ps: see --backend-file.
+  --backend-file PATH      Read --backend's URL from this file's first line
+                           (refused if group or others may read it). Without
+                           either flag, the URL in $COUNTER_SERVER_BACKEND.
   --state-file PATH        Keep the counter in this file so it survives restarts
                            and crashes (memory only when not given).
   --fsync MODE             With --state-file: always (a reply only once its
@@ -149,8 +155,12 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         burst = max(1, math.ceil(rate))
     if (args["--tls-cert"] is None) != (args["--tls-key"] is None):
         usage_exit(__doc__, "--tls-cert and --tls-key go together")
-    if args["--backend"] is not None and args["--state-file"] is not None:
-        usage_exit(__doc__, "--backend and --state-file: the backend keeps the counter, choose one")
+    backend_url = backend_setting(args["--backend"], args["--backend-file"], os.environ)
+    if backend_url is not None and args["--state-file"] is not None:
+        usage_exit(
+            __doc__,
+            f"{backend_url[0]} and --state-file: the backend keeps the counter, choose one",
+        )
     if args["--fsync"] != "everysec" and args["--state-file"] is None:
         usage_exit(__doc__, "--fsync: needs --state-file")
     ready_dir = os.path.dirname(os.path.abspath(args["--ready-file"] or "."))
@@ -184,9 +194,53 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         state_file=args["--state-file"],
         fsync=value("--fsync", fsync_mode),
         processes=processes,
-        backend=optional("--backend", parse_backend),
+        backend=None if backend_url is None else convert(__doc__, *backend_url, parse_backend),
         ready_file=args["--ready-file"],
     )
+
+
+# Where the backend URL may come from instead of --backend, so that its
+# password is not in the process list.
+BACKEND_ENV = "COUNTER_SERVER_BACKEND"
+
+
+def backend_setting(
+    flag: str | None, file: str | None, environ: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """(where it came from, the URL) of the backend: ``--backend``, the
+    first line of ``--backend-file`` or ``$COUNTER_SERVER_BACKEND``, in
+    that order; None for memory. A usage error for both flags, or for a
+    file that cannot be read or that group or others may read."""
+    if flag is not None and file is not None:
+        usage_exit(__doc__, "--backend and --backend-file: give the URL one way")
+    if flag is not None:
+        return "--backend", flag
+    if file is not None:
+        return "--backend-file", read_secret_line(file)
+    if environ.get(BACKEND_ENV):
+        return f"${BACKEND_ENV}", environ[BACKEND_ENV]
+    return None
+
+
+def read_secret_line(path: str) -> str:
+    """The first line of ``path``, a file only its owner may read; a usage
+    error naming the file (never its contents) otherwise."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if mode & 0o077:
+                usage_exit(
+                    __doc__,
+                    f"--backend-file: {path} may be read by group or others "
+                    f"(mode {stat.S_IMODE(mode):04o}): chmod 600 {path}",
+                )
+            line = file.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not text"
+        usage_exit(__doc__, f"--backend-file: cannot read {path}: {reason.lower()}")
+    if not line:
+        usage_exit(__doc__, f"--backend-file: {path} is empty: its first line is the URL")
+    return line
 
 
 def process_count(raw: str) -> int:

@@ -8,6 +8,7 @@ server cannot block on a full pipe.
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,11 +112,13 @@ def start_server(
     max_files: int | None = None,
     prefix: Sequence[str] = (),
     host: str | None = "127.0.0.1",
+    env: Mapping[str, str] | None = None,
 ) -> ServerProcess:
     """Start the server (on a free port of ``host`` unless ``args`` name
     them; ``host=None`` keeps the server's default, every interface) and
     wait until it is ready. ``prefix`` goes before the interpreter
-    (``taskset -c 0``); ``max_files`` caps its open file descriptors."""
+    (``taskset -c 0``); ``max_files`` caps its open file descriptors; ``env``
+    adds environment variables."""
     scratch = Path(tempfile.mkdtemp(prefix="counter-launch-"))
     workdir = Path(cwd) if cwd else scratch / "cwd"
     workdir.mkdir(exist_ok=True)
@@ -135,8 +138,9 @@ def start_server(
             resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
 
     proc = subprocess.Popen(
-        argv, cwd=workdir, stdout=out, stderr=err, stdin=subprocess.DEVNULL, preexec_fn=limit_files
-    )
+        argv, cwd=workdir, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+        preexec_fn=limit_files, env={**os.environ, **(env or {})},
+    )  # fmt: skip
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         ready = read_ready_file(str(ready_path))

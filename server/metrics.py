@@ -268,3 +268,11 @@ class MetricsServer:
 
     def stop(self) -> None:
         self._http.stop(timeout=1)
+
+    def drop_in_child(self) -> None:
+        """In a process forked from the one serving: let go of the endpoint
+        the fork copied (its accept watcher, scrapes in flight, descriptors),
+        leaving the parent's untouched. Closing only the listener left the
+        copied watcher to fail on its descriptor at the next scrape."""
+        self._http.close()
+        self._http.pool.kill(block=False)

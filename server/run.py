@@ -188,8 +188,8 @@ class Workers:
     def _in_worker(self) -> None:
         """First thing in a new worker: drop what only the parent uses."""
         self._signals.cancel()
-        if self.claimed.metrics_listener is not None:
-            self.claimed.metrics_listener.close()
+        if self.metrics is not None:
+            self.metrics.drop_in_child()
 
     def _health(self) -> str | None:
         return "stopping" if self.stopping else self.board.health()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from counter_server.common.cli import cpu_count
 from counter_server.common.tls import TLSSetupError, server_context
+from counter_server.common.values import format_address
 from counter_server.server.admission import Admission
 from counter_server.server.balance import AcceptBalance
 from counter_server.server.cli import ServerSettings
@@ -121,7 +122,9 @@ def describe_origin(settings: ServerSettings, claimed: Claimed, store: CounterSt
             return (
                 f"{backend.kind} {backend.url} not reachable yet: serving once it is{backend.terms}"
             )
-        return f"counter {value} in {backend.kind} {backend.url}{backend.terms}"
+        blocker = store.blocker()
+        but = f"; but {blocker}" if blocker else ""
+        return f"counter {value} in {backend.kind} {backend.url}{backend.terms}{but}"
     if claimed.state is None:
         return ""
     how = (
@@ -200,7 +203,8 @@ def open_listener(host: str | None, port: int) -> socket.socket:
             dualstack_ipv6=host == "::",  # every interface means IPv4 too
         )
     except OSError as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {describe(exc)}") from None
+        where = format_address((host, port))
+        raise ListenError(f"cannot listen on {where}: {describe(exc)}") from None
 
 
 def describe(exc: OSError) -> str:

@@ -2,10 +2,11 @@
 
 The README's test command runs this first (``python3 tests/install_servers.py``),
 so that a fresh machine runs the whole suite with nothing skipped: Redis and
-its sentinels, etcd, promtool (alert rules) and iproute2 (network namespaces
-for the partition test). It installs only what is missing, with ``apt-get``
-as root and through ``sudo`` otherwise; when it cannot, it names the packages
-and exits 1. Standard library only: it runs before the virtualenv exists.
+its sentinels, etcd, promtool (alert rules), iproute2 (network namespaces
+for the partition test) and systemd-analyze (the example unit). It installs
+only what is missing, with ``apt-get`` as root and through ``sudo``
+otherwise; when it cannot, it names the packages and exits 1. Standard
+library only: it runs before the virtualenv exists.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PACKAGES = {
     "etcdctl": "etcd-client",
     "promtool": "prometheus",
     "ip": "iproute2",
+    "systemd-analyze": "systemd",
 }
 
 

@@ -35,6 +35,15 @@ VECTORS = json.loads((REPO_ROOT / "docs" / "protocol-vectors.json").read_text())
 IO_TIMEOUT = 10.0
 
 
+def documented(text: str, doc: str = "operations.md") -> str:
+    """``text``, after checking that ``docs/<doc>`` says it (wherever lines
+    break); a test that compares it with what a program prints then keeps
+    the doc and the program in step."""
+    flat = " ".join((REPO_ROOT / "docs" / doc).read_text().split())
+    assert text in flat, f"docs/{doc} no longer says {text!r}"
+    return text
+
+
 def require(*programs: str) -> None:
     """Skip the calling test when a program it needs is not installed, naming
     the package; under CI (``CI`` set), fail instead: nothing is skipped there.

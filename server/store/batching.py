@@ -73,6 +73,7 @@ class BatchingStore:
         self._wake = Event()
         self._in_flight = 0
         self._unhealthy: str | None = None  # why increments cannot be confirmed now
+        self._unreachable = False  # the service did not answer when last asked
         self._lost: str | None = None  # why the service's value cannot be trusted
         self._last_value = 0  # the highest value the service confirmed to this instance
         self._last_answer = time.monotonic()  # when the service last answered
@@ -233,6 +234,7 @@ class BatchingStore:
         self._last_answer = time.monotonic()
         if self._unhealthy is not None:
             self._log.warning("%s: confirming increments again", self.service)
+        self._unreachable = False
         self._unhealthy = None
 
     def _probe(self) -> None:
@@ -252,19 +254,50 @@ class BatchingStore:
                 self._suspect = True
                 continue
             except self.errors_caught as exc:
-                if self._unhealthy is None:
-                    self._log.warning("%s: %s; retrying", self.service, exc)
-                self._unhealthy = f"{self.service} unreachable: {exc}"
-                self._suspect = True
+                self._no_answer(exc)
                 continue
             self._last_answer = time.monotonic()
             if self._lost is None and value < confirmed:
                 self._lose(value, confirmed)
             elif self._lost is not None:
                 self._restored(value)
-            if self._unhealthy is not None:
-                self._log.warning("%s: reachable again", self.service)
-                self._unhealthy = None
+            if self.blocker() is None and self._unhealthy is not None:
+                self._answered()
+
+    def _no_answer(self, exc: BaseException) -> None:
+        """The service did not answer a check (a PING, a read)."""
+        if not self._unreachable:
+            self._log.warning("%s: %s; retrying", self.service, exc)
+        self._unreachable = True
+        self._unhealthy = f"{self.service} unreachable: {exc}"
+        self._suspect = True
+
+    def _answered(self) -> None:
+        """A check was answered and nothing known stands in the way: healthy
+        until a round trip says otherwise. Only a service that had stopped
+        answering is said to be reachable again."""
+        if self._unreachable:
+            self._log.warning("%s: reachable again", self.service)
+        elif self._unhealthy is not None:
+            self._log.warning("%s: answering again", self.service)
+        self._unreachable = False
+        self._unhealthy = None
+
+    def blocker(self) -> str | None:
+        """Why increments cannot be acknowledged although the service answers
+        (replicas missing, say), as the store's health, logged when it
+        changes; None when nothing is known to stand in the way. Asks the
+        service: for the start-up line and the prober."""
+        reason = self._blocker()
+        if reason is not None:
+            if f"{self.service}: {reason}" != self._unhealthy:
+                self._log.warning("%s: %s", self.service, reason)
+            self._unhealthy = f"{self.service}: {reason}"
+            self._unreachable = False
+        return reason
+
+    def _blocker(self) -> str | None:
+        return None
 
     def health(self) -> str | None:
         return self._lost or self._unhealthy

@@ -45,11 +45,13 @@ import base64
 import json
 import logging
 import secrets
-import ssl
+import socket
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import urllib3
+from counter_server.common.tls import TLSSetupError, client_context, speaks_tls
+from counter_server.common.values import format_address
 from counter_server.protocol import MAX_COUNTER
 from counter_server.server.store.base import Figure, StoreUnavailable, advance
 from counter_server.server.store.batching import Batch, BatchingStore, WentBack
@@ -97,7 +99,7 @@ class EtcdCluster:
 
     def __init__(self, backend: EtcdBackend, timeout: float = REQUEST_TIMEOUT) -> None:
         self.backend = backend
-        context = ssl.create_default_context(cafile=backend.ca) if backend.tls else None
+        context = client_context(backend.ca) if backend.tls else None
         pool_class = urllib3.HTTPSConnectionPool if backend.tls else urllib3.HTTPConnectionPool
         extra = {"ssl_context": context} if backend.tls else {}
         self._pools = [
@@ -131,6 +133,10 @@ class EtcdCluster:
             answer = json.loads(response.data or b"{}")
         except ValueError:
             answer = {"error": response.data[:200].decode(errors="replace")}
+        if response.status == 404:  # etcd's client port knows every /v3 path
+            where = format_address((pool.host, pool.port))
+            raise EtcdAnswer(f"{where} answers 404 for {path}: not an etcd v3 client endpoint "
+                             "(a peer port?)")  # fmt: skip
         if response.status != 200:
             error = answer.get("error") or answer.get("message") or f"HTTP {response.status}"
             if response.status >= 500 and not _definitive(error):
@@ -233,16 +239,19 @@ class EtcdCluster:
         token = base64.b64decode(writer[0].get("value", "")).decode(errors="replace")
         return Seen(value, int(writer[0]["mod_revision"]), token)
 
-    def versions(self) -> list[str]:
-        """Each endpoint's answer to /version (no auth, no quorum needed)."""
-        found = []
+    def unanswered(self) -> list[str] | None:
+        """None if an endpoint answers /version as etcd does (no auth, no
+        quorum needed); else why each did not, one phrase each."""
+        problems = []
         for pool in self._pools:
             try:
                 answer = self._request(pool, "/version", None)
-                found.append(f"{pool.host}:{pool.port} etcd {answer['etcdserver']}")
-            except (urllib3.exceptions.HTTPError, OSError, EtcdAnswer, KeyError) as exc:
-                found.append(f"{pool.host}:{pool.port}: {_describe(exc)}")
-        return found
+                if "etcdserver" in answer:
+                    return None
+                problems.append(f"{pool.host}:{pool.port}: answers /version, but not as etcd")
+            except (urllib3.exceptions.HTTPError, OSError, EtcdAnswer) as exc:
+                problems.append(f"{pool.host}:{pool.port}: {_describe(exc)}")
+        return problems
 
 
 def _counter(key: str, kv: dict) -> int:
@@ -267,6 +276,8 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     if "connection refused" in low:
         return "connection refused"
+    if "remotedisconnected" in low or "connection aborted" in low:
+        return "closed the connection without an answer (not an etcd client endpoint?)"
     if "max retries exceeded" in low or "failed to establish" in low or "newconnection" in low:
         return "cannot connect"
     return text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
@@ -285,12 +296,15 @@ def check_backend(backend: EtcdBackend) -> None:
     the server starts and acknowledges once it has one."""
     try:
         cluster = EtcdCluster(backend)
-    except (OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise BackendError(f"etcd {backend.url}: cannot load ca={backend.ca}: {reason}") from None
-    answers = cluster.versions()
-    if not any(" etcd " in answer for answer in answers):
-        raise BackendError(f"etcd {backend.url}: no endpoint answers ({'; '.join(answers)})")
+    except TLSSetupError as exc:
+        raise BackendError(f"etcd {backend.url}: ca=: {exc}") from None
+    problems = cluster.unanswered()
+    if problems is not None:
+        for host, port in backend.hosts:
+            mismatch = _tls_mismatch(backend, host, port)
+            if mismatch:
+                raise BackendError(f"etcd {backend.url}: {mismatch}")
+        raise BackendError(f"etcd {backend.url}: no endpoint answers ({'; '.join(problems)})")
     try:
         cluster.read()
     except EtcdUnavailable as exc:
@@ -299,6 +313,31 @@ def check_backend(backend: EtcdBackend) -> None:
         raise BackendError(f"etcd {backend.url}: {_auth_message(backend, exc)}") from None
     except ValueError as exc:
         raise BackendError(str(exc)) from None
+
+
+def _tls_mismatch(backend: EtcdBackend, host: str, port: int) -> str | None:
+    """Why an endpoint that did not answer never will, if the reason is TLS:
+    it speaks TLS and the URL does not, or the other way round."""
+    where = format_address((host, port))
+    if backend.tls:
+        if _answers_plain_http(host, port):
+            return f"{where} speaks plain HTTP, not TLS: use etcd://"
+    elif speaks_tls(host, port, REQUEST_TIMEOUT):
+        return (
+            f"{where} speaks TLS: use etcds://, with ?ca=FILE unless a CA this machine "
+            "trusts signed its certificate"
+        )
+    return None
+
+
+def _answers_plain_http(host: str, port: int) -> bool:
+    """Whether ``host:port`` answers an unencrypted HTTP request."""
+    try:
+        with socket.create_connection((host, port), timeout=REQUEST_TIMEOUT) as sock:
+            sock.sendall(b"GET /version HTTP/1.0\r\n\r\n")
+            return sock.recv(16).startswith(b"HTTP/")
+    except OSError:
+        return False
 
 
 def _auth_message(backend: EtcdBackend, exc: EtcdAnswer) -> str:

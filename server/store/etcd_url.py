@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from counter_server.server.store.redis_url import parse_hosts
+from counter_server.server.store.redis_url import parse_hosts, redact
 
 SCHEMES = ("etcd", "etcds")
 DEFAULT_PORT = 2379
@@ -38,15 +38,17 @@ class EtcdBackend:
 
 
 def parse_etcd(raw: str) -> EtcdBackend:
-    """An etcd ``--backend`` URL; ValueError (one line) if it is not usable."""
+    """An etcd ``--backend`` URL; ValueError (one line, no password) if it is
+    not usable."""
+    shown = redact(raw)
     parts = urlsplit(raw)
     if parts.scheme not in SCHEMES:
-        raise ValueError(f"expected {USAGE}, got {raw!r}")
+        raise ValueError(f"expected {USAGE}, got {shown!r}")
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
     if username and not password:
         raise ValueError(f"a user needs a password (USER:PASSWORD@) in {USAGE}")
-    hosts = parse_hosts(hostlist, DEFAULT_PORT, raw, USAGE)
+    hosts = parse_hosts(hostlist, DEFAULT_PORT, shown, USAGE)
     key = unquote(parts.path.lstrip("/"))
     if not key:
         raise ValueError(f"the key is missing: expected {USAGE}")
@@ -57,7 +59,6 @@ def parse_etcd(raw: str) -> EtcdBackend:
     tls = parts.scheme == "etcds"
     if "ca" in query and not tls:
         raise ValueError("ca= needs etcds://")
-    shown = raw.replace(f":{password}@", ":***@") if password else raw
     return EtcdBackend(
         url=shown, key=key, hosts=tuple(hosts), username=unquote(username) or None,
         password=unquote(password) or None, tls=tls, ca=query.get("ca"),

@@ -32,12 +32,15 @@ noticed within ``COMMAND_TIMEOUT``.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import gevent
 import redis
+from counter_server.common.tls import TLSSetupError, client_context, speaks_tls
+from counter_server.common.values import format_address
 from counter_server.server.store.base import Figure, StoreUnavailable, advance
 from counter_server.server.store.batching import Batch, BatchingStore, WentBack
 from counter_server.server.store.redis_url import Backend
@@ -100,28 +103,90 @@ def sentinels_for(backend: Backend) -> Sentinel:
 
 
 def check_backend(backend: Backend) -> None:
-    """At start: BackendError (one line) if the password is refused or no
-    sentinel knows the primary. A plain Redis that is merely down is not an
-    error: the server starts and serves once it comes back."""
-    client = client_for(backend)
+    """At start: BackendError (one line) for what waiting will not heal: a CA
+    file that cannot be loaded, TLS spoken to a plain Redis or plain Redis to
+    a TLS port, a sentinel's port given as a Redis server, a password
+    refused, no sentinel knowing the primary, a key that holds no counter.
+    A Redis that is merely down (refused, timed out) is not an error: the
+    server starts and serves once it answers."""
+    if backend.tls and backend.ca:
+        try:
+            client_context(backend.ca)
+        except TLSSetupError as exc:
+            raise BackendError(f"Redis {backend.url}: ca=: {exc}") from None
+    client = client_for(backend, with_wait=False)
     try:
-        client.ping()
+        held = client.get(backend.key)
     except redis.sentinel.MasterNotFoundError:
         raise BackendError(
             f"Redis {backend.url}: no sentinel knows the primary {backend.service!r} "
             f"({'; '.join(_ask_each_sentinel(backend))})"
         ) from None
     except (redis.AuthenticationError, redis.ResponseError) as exc:
-        raise BackendError(f"Redis {backend.url}: {_refusal(backend, exc)}") from None
-    except redis.ConnectionError as exc:
+        raise BackendError(f"Redis {backend.url}: {_refusal(backend, client, exc)}") from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        mismatch = _tls_mismatch(backend, client)
+        if mismatch:
+            raise BackendError(f"Redis {backend.url}: {mismatch}") from None
         if backend.tls and "SSL" in str(exc).upper():
-            raise BackendError(f"Redis {backend.url}: TLS failed: {exc}") from None
-        log.warning("Redis %s is not reachable yet (%s); serving once it is", backend.url, exc)
+            raise BackendError(f"Redis {backend.url}: TLS failed: {_first_line(exc)}") from None
+        log.warning(
+            "Redis %s is not reachable yet (%s); serving once it is",
+            backend.url,
+            _first_line(exc),
+        )
+        return
     finally:
         client.close()
+    if held is not None and not (held.isdigit() and int(held) <= REDIS_MAX):
+        shown = held[:40].decode(errors="replace")
+        raise BackendError(
+            f"Redis {backend.url}: key {backend.key!r} holds {shown!r}, not a counter "
+            f"(0..2^63 - 1); choose another key= or set it (SET {backend.key} 0)"
+        )
 
 
-def _refusal(backend: Backend, exc: Exception) -> str:
+def _tls_mismatch(backend: Backend, client: redis.Redis) -> str | None:
+    """Why a Redis that cut or ignored us will not answer however long we
+    wait, if the reason is TLS: it speaks TLS and the URL does not, or the
+    other way round. None when it looks merely down."""
+    if backend.service is None:
+        host, port = backend.hosts[0]
+    else:
+        try:
+            host, port = sentinels_for(backend).discover_master(backend.service)
+        except redis.RedisError:
+            return None
+    where = format_address((host, port))
+    if backend.tls:
+        if _answers_plain_redis(host, port):
+            return f"{where} speaks plain Redis, not TLS: use redis:// (or redis+sentinel://)"
+        return None
+    if speaks_tls(host, port, CONNECT_TIMEOUT):
+        return (
+            f"{where} speaks TLS: use rediss:// (or rediss+sentinel://), with ?ca=FILE "
+            "unless a CA this machine trusts signed its certificate"
+        )
+    return None
+
+
+def _answers_plain_redis(host: str, port: int) -> bool:
+    """Whether ``host:port`` answers an unencrypted PING as Redis does."""
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT) as sock:
+            sock.sendall(b"PING\r\n")
+            answer = sock.recv(64)
+    except OSError:
+        return False
+    return answer.startswith((b"+PONG", b"-NOAUTH", b"-ERR", b"-WRONGPASS"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _refusal(backend: Backend, client: redis.Redis, exc: Exception) -> str:
     """What Redis's refusal at start means, in one phrase."""
     text = str(exc)
     if "NOAUTH" in text or "HELLO must be called" in text or "Authentication required" in text:
@@ -129,14 +194,37 @@ def _refusal(backend: Backend, exc: Exception) -> str:
     if "WRONGPASS" in text or "invalid password" in text or "invalid username" in text:
         who = f"user {backend.username!r}" if backend.username else "the password"
         return f"authentication failed: Redis refused {who}"
-    return text.splitlines()[0] if text else type(exc).__name__
+    if "unknown command" in text.lower() and backend.service is None:
+        sentinel = _as_sentinel(backend, client)
+        if sentinel:
+            return sentinel
+    return _first_line(exc)
+
+
+def _as_sentinel(backend: Backend, client: redis.Redis) -> str | None:
+    """If the URL's server is a Redis Sentinel: say so, with the URL to use."""
+    try:
+        if client.info("server").get("redis_mode") != "sentinel":
+            return None
+        services = sorted(client.sentinel_masters())
+    except redis.RedisError:
+        return None
+    where = format_address(backend.hosts[0])
+    key = f"?key={backend.key}" if backend.key != "counter" else ""
+    scheme = "rediss+sentinel" if backend.tls else "redis+sentinel"
+    service = services[0] if len(services) == 1 else "SERVICE"
+    monitors = f" (it monitors {', '.join(services)})" if services else " (it monitors nothing)"
+    return (
+        f"{where} is a Redis Sentinel, not a Redis server: use "
+        f"{scheme}://{where}/{service}/{backend.database}{key}{monitors}"
+    )
 
 
 def _ask_each_sentinel(backend: Backend) -> list[str]:
     """Why each sentinel of the URL gave no primary, one phrase each."""
     answers = []
     for host, port in backend.hosts:
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        where = format_address((host, port))
         sentinel = redis.Redis(host=host, port=port, socket_timeout=SENTINEL_TIMEOUT,
                                socket_connect_timeout=SENTINEL_TIMEOUT,
                                retry=Retry(NoBackoff(), 0))  # fmt: skip
@@ -370,18 +458,42 @@ class RedisCounterStore(BatchingStore):
             try:
                 self._checks.ping()
             except redis.RedisError as exc:
-                if attempt == 0 and self._unhealthy is None:
-                    log.warning("Redis: %s; retrying", exc)
-                self._unhealthy = f"Redis unreachable: {exc}"
+                self._no_answer(exc)
                 if attempt:  # the first retry is on a new connection: at once
                     gevent.sleep(RETRY_SECONDS)
                 continue
-            if self._unhealthy is not None:
-                log.warning("Redis: reachable again")
+            if self._unreachable:
+                self._answered()
             self._suspect = False
-            self._unhealthy = None
             return True
         return False
+
+    def _blocker(self) -> str | None:
+        """With replicas=: fewer replicas attached to the primary than a
+        reply waits for (WAIT cannot be satisfied until more attach)."""
+        if not self.backend.waits:
+            return None
+        asked = f"replicas={'all' if self.backend.all_replicas else self.backend.replicas}"
+        try:
+            needed = self._needed_replicas()
+        except StoreUnavailable as exc:
+            return f"{exc}; increments are not acknowledged until one is known"
+        try:
+            replication = self._checks.info("replication")
+        except redis.RedisError:
+            return None  # unreachable: the caller's read tells
+        online = sum(
+            1
+            for name, replica in replication.items()
+            if name.startswith("slave") and isinstance(replica, dict)
+            and replica.get("state") == "online"
+        )  # fmt: skip
+        if online >= needed:
+            return None
+        return (
+            f"only {online} of the {needed} replicas a reply waits for are attached to the "
+            f"primary ({asked}); increments are not acknowledged until they are"
+        )
 
     def _apply_prefix(self, increments: Sequence[int], confirmed: int) -> list[int]:
         """A read whose total would overflow: apply the frames that fit."""

@@ -55,6 +55,17 @@ class Backend:
         return terms
 
 
+def redact(raw: str) -> str:
+    """``raw`` as it may be shown: a password in it replaced by ``***``."""
+    scheme, sep, rest = raw.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return raw
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{hosts}{slash}{tail}"
+
+
 def parse_hosts(hostlist: str, default_port: int, raw: str, usage: str) -> list[tuple[str, int]]:
     """``HOST[:PORT],...`` (``[IPv6]:PORT``) of a backend URL; ValueError
     naming the URL ``raw`` and the ``usage`` if a host or port is unusable."""
@@ -71,7 +82,9 @@ def parse_hosts(hostlist: str, default_port: int, raw: str, usage: str) -> list[
 
 
 def parse_redis(raw: str) -> Backend:
-    """A Redis ``--backend`` URL; ValueError (one line) if it is not usable."""
+    """A Redis ``--backend`` URL; ValueError (one line, no password) if it is
+    not usable."""
+    shown = redact(raw)
     parts = urlsplit(raw)
     if parts.scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {parts.scheme + '://' if parts.scheme else ''!r}: "
@@ -79,7 +92,7 @@ def parse_redis(raw: str) -> Backend:
     sentinel = parts.scheme.endswith("+sentinel")
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
-    hosts = parse_hosts(hostlist, 26379 if sentinel else 6379, raw, USAGE)
+    hosts = parse_hosts(hostlist, 26379 if sentinel else 6379, shown, USAGE)
     if not sentinel and len(hosts) != 1:
         raise ValueError("several hosts need redis+sentinel://")
     path = parts.path.split("/")[1:]  # "/SERVICE/DB" or "/DB"
@@ -115,7 +128,6 @@ def parse_redis(raw: str) -> Backend:
     tls = parts.scheme.startswith("rediss")
     if "ca" in query and not tls:
         raise ValueError("ca= needs rediss:// (or rediss+sentinel://)")
-    shown = raw.replace(f":{password}@", ":***@") if password else raw
     return Backend(
         url=shown, key=key, database=int(database), hosts=tuple(hosts), service=service,
         username=unquote(username) or None, password=unquote(password) or None, tls=tls,

@@ -4,9 +4,11 @@ messages that say what is wrong, and a missing virtualenv."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from counter_server.common import __version__
@@ -21,7 +23,7 @@ COMMANDS = {
 }
 
 
-def run(script, *args: str, python: tuple[str, ...] = (sys.executable,)):
+def run(script, *args: str, python: tuple[str, ...] = (sys.executable,), env=None):
     return subprocess.run(
         [*python, str(script), *args],
         capture_output=True,
@@ -29,6 +31,7 @@ def run(script, *args: str, python: tuple[str, ...] = (sys.executable,)):
         timeout=30,
         cwd="/",
         stdin=subprocess.DEVNULL,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -232,3 +235,63 @@ def test_redis_down_at_start_is_said_plainly():
         assert line.lower().count("counter") == 2, line  # "Counter server", "?key=counter"
     finally:
         server.stop()
+
+
+def test_a_backend_password_kept_off_the_command_line(redis_with_password, tmp_path):
+    """$COUNTER_SERVER_BACKEND and --backend-file keep the password out of ps,
+    the output, /metrics and /healthz."""
+    from support import exchange, http_get, start_server
+
+    url = redis_with_password.url().replace("redis://", "redis://:s3cret@")
+    secret_file = tmp_path / "backend.url"
+    secret_file.write_text(url + "\n# anything after the first line is ignored\n")
+    secret_file.chmod(0o600)
+    ways = [
+        ((), {"COUNTER_SERVER_BACKEND": url}),
+        (("--backend-file", str(secret_file)), {}),
+        # A flag overrides the environment.
+        (("--backend-file", str(secret_file)), {"COUNTER_SERVER_BACKEND": "redis://nowhere:1/0"}),
+    ]
+    for args, env in ways:
+        server = start_server(*args, "--metrics-port", "0", env=env)
+        try:
+            assert exchange(server.port, 1)[0] >= 1
+            shown = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode()
+            for path in ("/metrics", "/healthz"):
+                shown += http_get(server.metrics_url(path))[1]
+        finally:
+            server.stop()
+        shown += server.stdout + server.stderr
+        assert "s3cret" not in shown, shown
+        assert f"127.0.0.1:{redis_with_password.port}" in server.stdout  # where, without the secret
+    assert redis_with_password.cli("get", "counter") == "3"
+
+
+def test_backend_file_and_environment_mistakes(tmp_path):
+    secret_file = tmp_path / "backend.url"
+    secret_file.write_text("redis://:s3cret@127.0.0.1:1/0\n")
+    secret_file.chmod(0o640)
+    env_url = {"COUNTER_SERVER_BACKEND": "redis://:s3cret@127.0.0.1:63x79/0"}
+    cases = [
+        (["--backend-file", str(secret_file)], {},
+         f"{secret_file} may be read by group or others (mode 0640): chmod 600"),
+        (["--backend", "redis://127.0.0.1:1/0", "--backend-file", str(secret_file)], {},
+         "--backend and --backend-file: give the URL one way"),
+        (["--backend-file", str(tmp_path / "absent")], {}, "cannot read"),
+        ([], env_url,
+         "$COUNTER_SERVER_BACKEND: bad port '63x79' in 'redis://:***@127.0.0.1:63x79/0'"),
+        (["--backend", "etcd://root:s3cret@127.0.0.1:23x79/k"], {},
+         "--backend: bad port '23x79' in 'etcd://root:***@127.0.0.1:23x79/k'"),
+        (["--state-file", str(tmp_path / "state")], {"COUNTER_SERVER_BACKEND": "redis://h:1/0"},
+         "$COUNTER_SERVER_BACKEND and --state-file"),
+    ]  # fmt: skip
+    for args, env, message in cases:
+        result = run(COMMANDS["server"], *args, env=env)
+        assert result.returncode == 2, (args, result.stderr)
+        first = result.stderr.splitlines()[0]
+        assert message in first, first
+        assert "s3cret" not in result.stderr
+    secret_file.write_text("")
+    secret_file.chmod(0o600)
+    result = run(COMMANDS["server"], "--backend-file", str(secret_file))
+    assert result.returncode == 2 and "is empty" in result.stderr

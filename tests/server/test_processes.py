@@ -17,6 +17,7 @@ from support import (
     connect,
     exchange,
     frames,
+    http_get,
     read_counter,
     recv_replies,
     run_server_command,
@@ -111,10 +112,14 @@ def test_a_burst_of_connections_is_spread_over_the_workers():
 
 
 def test_a_dead_worker_is_replaced_and_nothing_acknowledged_is_lost():
-    server = start_server("--processes", "2")
+    # With the metrics endpoint: a replacement is forked from a parent that
+    # serves it, and must leave the parent's endpoint alone (it once failed
+    # with EBADF and a traceback at the next scrape).
+    server = start_server("--processes", "2", "--metrics-port", "0")
     try:
         first, second = worker_pids(server)
         assert exchange(server.port, 5) == (5,)
+        assert http_get(server.metrics_url())[0] == 200
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while True:
@@ -126,8 +131,11 @@ def test_a_dead_worker_is_replaced_and_nothing_acknowledged_is_lost():
         assert second in workers
         values = [exchange(server.port, 1)[0] for _ in range(20)]
         assert values == list(range(6, 26))  # the counter lived on in shared memory
+        for _ in range(3):
+            assert http_get(server.metrics_url("/healthz"))[0] == 200
     finally:
         server.stop()
+    assert "Traceback" not in server.stderr and "Bad file descriptor" not in server.stderr
     assert "starting a new one" in server.stderr
     assert "killed by SIGKILL" in server.stderr
     assert server.totals[1] == 25

@@ -13,6 +13,7 @@ from support import (
     AnswerProxy,
     EtcdCluster,
     Load,
+    StandIn,
     assert_exact,
     exchange,
     http_get,
@@ -316,6 +317,10 @@ def test_tls(tmp_path, pki):
         assert "does not verify" in stranger.stderr
         plain = run_server_command("--backend", members.url().replace("etcds://", "etcd://"))
         assert plain.returncode == 1 and plain.stderr.count("\n") == 1, plain
+        assert f"{members.endpoints} speaks TLS: use etcds://" in plain.stderr, plain.stderr
+        absent = run_server_command("--backend", members.url(query=f"?ca={tmp_path}/absent.pem"))
+        assert absent.returncode == 1 and absent.stderr.count("\n") == 1, absent
+        assert f"ca=: cannot read {tmp_path}/absent.pem: no such file" in absent.stderr
         server = start_server("--backend", members.url(query=f"?ca={pki['ca']}"))
         try:
             assert exchange(server.port, 4) == (4,)
@@ -323,3 +328,24 @@ def test_tls(tmp_path, pki):
             server.stop()
     finally:
         members.kill()
+
+
+def test_urls_that_reach_no_etcd_client_port_are_one_line_exit_1(cluster, pki):
+    """TLS to a plain member, its peer port, and a port that is not etcd at
+    all: each says what it is, at once, without a traceback."""
+    member = cluster.names[0]
+    cases = [
+        (cluster.url(query=f"?ca={pki['ca']}").replace("etcd://", "etcds://"),
+         "speaks plain HTTP, not TLS: use etcd://"),
+        (f"etcd://127.0.0.1:{cluster.peer_ports[member]}/k",
+         "answers 404 for /v3/kv/txn: not an etcd v3 client endpoint (a peer port?)"),
+    ]  # fmt: skip
+    with StandIn(lambda conn: conn.recv(100)) as stand_in:  # reads, then hangs up
+        said = "closed the connection without an answer (not an etcd client endpoint?)"
+        cases.append((f"etcd://127.0.0.1:{stand_in.port}/k", said))
+        for url, said in cases:
+            started = time.monotonic()
+            result = run_server_command("--backend", url, timeout=20)
+            assert result.returncode == 1 and result.stderr.count("\n") == 1, result
+            assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
+            assert time.monotonic() - started < 10

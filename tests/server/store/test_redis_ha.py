@@ -22,6 +22,7 @@ from support import (
     assert_exact,
     closed_without_reply,
     connect,
+    documented,
     exchange,
     frames,
     free_port,
@@ -380,6 +381,9 @@ def test_replicas_all_refuses_when_the_sentinels_know_no_replica(tmp_path):
             assert status == 503 and "know no replica" in body, body
         finally:
             server.stop()
+        startup = server.stdout.splitlines()[0]
+        assert "but replicas=all: the sentinels know no replica" in startup, startup
+        assert "reachable" not in server.stdout + server.stderr
         assert alone.cli("get", "counter") == "", "incremented without a replica to confirm it"
     finally:
         sentinel.kill()
@@ -389,3 +393,96 @@ def test_replicas_all_refuses_when_the_sentinels_know_no_replica(tmp_path):
 def test_replicas_all_needs_sentinel():
     result = run_server_command("--backend", "redis://127.0.0.1:6379/0?replicas=all")
     assert result.returncode == 2 and "replicas=all needs redis+sentinel://" in result.stderr
+
+
+# --- mistakes that waiting will not heal: caught at start --------------------------------
+
+
+def refused_at_start(url: str, *extra: str) -> str:
+    """The one line the server prints when ``url`` cannot work; it must exit 1
+    at once (a mistake retried for ever would time out here)."""
+    started = time.monotonic()
+    result = run_server_command("--backend", url, *extra, timeout=15)
+    assert result.returncode == 1, (url, result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 10
+    return result.stderr
+
+
+def test_permanent_redis_mistakes_are_one_line_exit_1(tmp_path, pki):
+    tls_port = free_port()
+    redis = RedisServer(
+        tmp_path, "--tls-port", str(tls_port), "--tls-cert-file", pki["server_cert"],
+        "--tls-key-file", pki["server_key"], "--tls-ca-cert-file", pki["ca"],
+        "--tls-auth-clients", "no",
+    )  # fmt: skip
+    redis.start()
+    sentinel = Sentinel(tmp_path, redis.port)
+    try:
+        wait_until(lambda: sentinel.primary() == str(redis.port), 15, "sentinel watching")
+        # Plain Redis spoken to the TLS port, and TLS to the plain one.
+        line = refused_at_start(f"redis://127.0.0.1:{tls_port}/0")
+        assert f"127.0.0.1:{tls_port} {documented('speaks TLS: use rediss://')}" in line, line
+        line = refused_at_start(f"rediss://127.0.0.1:{redis.port}/0?ca={pki['ca']}")
+        said = documented("speaks plain Redis, not TLS: use redis://")
+        assert f"127.0.0.1:{redis.port} {said}" in line, line
+        # A CA file that is not there.
+        line = refused_at_start(f"rediss://127.0.0.1:{tls_port}/0?ca={tmp_path}/nonexistent.pem")
+        assert f"cannot read {tmp_path}/nonexistent.pem: no such file" in line, line
+        # A sentinel's port given as a Redis server: the URL to use instead.
+        line = refused_at_start(f"redis://:pw@127.0.0.1:{sentinel.port}/0")
+        said = documented("is a Redis Sentinel, not a Redis server: use redis+sentinel://")
+        assert f"127.0.0.1:{sentinel.port} {said}" in line, line
+        assert f"use redis+sentinel://127.0.0.1:{sentinel.port}/primary/0" in line, line
+        assert "pw" not in line
+        # A key that holds something else.
+        redis.cli("set", "words", "hello")
+        line = refused_at_start(redis.url("words"))
+        said = documented("key 'NAME' holds 'hello', not a counter")
+        assert said.replace("NAME", "words") in line, line
+        assert redis.cli("get", "words") == "hello"
+        # The same Redis, rightly addressed, serves.
+        server = start_server("--backend", f"rediss://127.0.0.1:{tls_port}/0?ca={pki['ca']}")
+        try:
+            assert exchange(server.port, 3) == (3,)
+        finally:
+            server.stop()
+    finally:
+        sentinel.kill()
+        redis.kill()
+
+
+def test_replicas_not_attached_yet_are_said_and_heal(tmp_path):
+    """replicas=1 on a primary with no replica: the server starts and says
+    why it cannot acknowledge (never that Redis is reachable again), then
+    serves once a replica attaches."""
+    (tmp_path / "primary").mkdir()
+    primary = RedisServer(tmp_path / "primary", "--repl-diskless-sync-delay", "0")
+    primary.start()
+    replica = None
+    server = start_server(
+        "--backend", f"redis://127.0.0.1:{primary.port}/0?replicas=1&replica_timeout_ms=200",
+        "--metrics-port", "0",
+    )  # fmt: skip
+    try:
+        status, body = http_get(server.metrics_url("/healthz"))
+        assert status == 503 and "only 0 of the 1 replicas" in body, body
+        assert try_increment(server.port) is None
+        status, body = http_get(server.metrics_url("/healthz"))
+        assert status == 503 and "only 0 of 1 replicas confirmed" in body, body
+        (tmp_path / "replica").mkdir()
+        replica = RedisServer(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port))
+        replica.start()
+        wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 200, 20, "healthy")
+        assert try_increment(server.port) is not None
+    finally:
+        server.stop()
+        primary.kill()
+        if replica is not None:
+            replica.kill()
+    startup = server.stdout.splitlines()[0]
+    said = documented("but only 0 of the 1 replicas a reply waits for are attached to the primary")
+    assert said in startup, startup
+    assert "reachable" not in server.stdout + server.stderr
+    assert "Traceback" not in server.stderr
