@@ -146,8 +146,26 @@ for i in $(seq 1 "$CLIENTS"); do
         >"$WORKDIR/client-$i.json" 2>"$WORKDIR/client-$i.err" </dev/null &
     CLIENT_PIDS+=($!)
 done
+# Progress every 5 s: the run takes longer than DURATION, since each client
+# sends for DURATION from its own start, and starting many Python processes
+# on few CPUs takes a while (70 on 2 CPUs: about 10 s).
+echo "spam.sh: started $(plural "$CLIENTS" client); each sends for ${DURATION}s once" \
+     "it is up (starting many takes a while on $NCPU CPUs)"
+STARTED_AT=$SECONDS
+SAID_AT=$SECONDS
+while :; do
+    running=0
+    for pid in "${CLIENT_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && running=$((running + 1)); done
+    ((running == 0)) && break
+    if ((SECONDS - SAID_AT >= 5)); then
+        echo "spam.sh: $((SECONDS - STARTED_AT))s: $running of $CLIENTS clients still running"
+        SAID_AT=$SECONDS
+    fi
+    sleep 0.2
+done
 for pid in "${CLIENT_PIDS[@]}"; do wait "$pid"; done
 CLIENT_PIDS=()
+echo "spam.sh: all clients done after $((SECONDS - STARTED_AT))s; checking the counter"
 
 AFTER="$(client --get)" || { echo "spam.sh: cannot read the counter at $SERVER after the run" >&2; exit 1; }
 (cd "$ROOT" && "$PYTHON" -m counter_server.client.spam_report --before "$BEFORE" --after "$AFTER" \

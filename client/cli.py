@@ -10,7 +10,7 @@ import time
 import gevent
 from counter_server.client.load import LoadRun, LoadSettings, read_counter
 from counter_server.client.report import format_text, summarize
-from counter_server.common import __version__
+from counter_server.common import DISTRIBUTION, __version__
 from counter_server.common.cli import convert, cpu_count, parse_args, usage_exit
 from counter_server.common.signals import StopSignals
 from counter_server.common.tls import TLSSetupError, client_context
@@ -55,7 +55,7 @@ went wrong, 2 for a usage error, 130 when interrupted without errors.
 
 def main(argv: list[str] | None = None) -> int:
     """Run the client; returns the process exit status."""
-    args = parse_args(__doc__, argv, version=f"counter {__version__}")
+    args = parse_args(__doc__, argv, version=f"{DISTRIBUTION} {__version__}")
     host, port = convert(__doc__, "--serverAddress", args["--serverAddress"], host_port)
     timeout = convert(__doc__, "--timeout", args["--timeout"], positive_float)
     tls = _tls_context(args)

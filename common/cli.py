@@ -25,6 +25,7 @@ def parse_args(
     mistake (``unknown option --bogus``), 0 after ``--version`` if given.
     Go's flag forms of the long options are accepted too (``-port 8080``,
     ``-port=8080``: one dash or two, as the Go original takes them)."""
+    doc = as_invoked(doc)
     given = go_flags(doc, list(sys.argv[1:] if argv is None else argv))
     try:
         return docopt(doc, given, version=version)
@@ -34,7 +35,8 @@ def parse_args(
             usage_exit(doc, f"unknown option {unknown}")
         detail = str(exc).split("\n", 1)[0].strip()
         if not detail or detail.lower().startswith("usage:") or "unmatched" in detail:
-            detail = "unexpected arguments: " + " ".join(given)
+            stray = stray_arguments(doc, given)
+            detail = "unexpected arguments: " + " ".join(stray or given)
         usage_exit(doc, detail)
 
 
@@ -62,6 +64,23 @@ def go_flags(doc: str, argv: list[str]) -> list[str]:
     return rewritten
 
 
+def stray_arguments(doc: str, argv: list[str]) -> list[str]:
+    """The words of ``argv`` that are neither options nor their values
+    (``doc``'s options, which take none of their own positional arguments)."""
+    takes = {name: option.argcount for option in parse_options(doc)
+             for name in (option.short, option.longer) if name}  # fmt: skip
+    stray, expecting_value = [], False
+    for token in argv:
+        if expecting_value:
+            expecting_value = False
+        elif token.startswith("-") and token != "-":
+            name = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+            expecting_value = bool(takes.get(name)) and token == name
+        else:
+            stray.append(token)
+    return stray
+
+
 def unknown_option(doc: str, argv: list[str]) -> str | None:
     """The first option in ``argv`` that ``doc`` does not define, or None.
     Values of options that take one are skipped (``--rate -5`` is a value)."""
@@ -83,9 +102,21 @@ def unknown_option(doc: str, argv: list[str]) -> str | None:
     return None
 
 
+def as_invoked(doc: str) -> str:
+    """``doc`` with its usage lines naming the program as it was started:
+    ``counter-server`` once installed, ``server.py`` from a clone."""
+    prog = os.path.basename(sys.argv[0])
+    usage = doc[doc.lower().find("usage:") :].split()
+    written = usage[1] if len(usage) > 1 else ""
+    if not prog or prog.startswith("-") or prog == written or not written:
+        return doc  # python -c, or already so
+    return doc.replace(f"\n  {written} ", f"\n  {prog} ")
+
+
 def usage_exit(doc: str, message: str) -> NoReturn:
     """Print ``message`` on one line and the usage section to stderr; exit 2."""
     prog = os.path.basename(sys.argv[0]) or "counter"
+    doc = as_invoked(doc)
     usage = doc[doc.lower().find("usage:") :].split("\n\n", 1)[0]
     print(f"{prog}: error: {message}\n{usage}", file=sys.stderr)
     sys.exit(2)

@@ -58,6 +58,23 @@ def speaks_tls(host: str, port: int, timeout: float) -> bool:
         return False
 
 
+def speaks_plain(host: str, port: int, hello: bytes, answers: tuple[bytes, ...],
+                 timeout: float) -> bool:  # fmt: skip
+    """Whether the server at ``host:port`` answers ``hello``, sent
+    unencrypted, with bytes that start with one of ``answers`` within
+    ``timeout`` seconds (a TLS port waits for a handshake instead)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(hello)
+            return sock.recv(64).startswith(answers)
+    except OSError:
+        return False
+
+
+# What a URL's user is told when its server speaks TLS and the URL does not.
+CA_HINT = "with ?ca=FILE unless a CA this machine trusts signed its certificate"
+
+
 def _load_chain(context: ssl.SSLContext, cert: str, key: str | None) -> None:
     for path in (cert, key):
         _check_readable(path)

@@ -44,17 +44,20 @@ class Ready:
 
 def startup_line(ready: Ready) -> str:
     """The one line printed on stdout once the server accepts connections."""
-    pool = f"pool {ready.pool} = {ready.cpus} CPUs x {ready.multiplier}"
+    per_process = f"{ready.cpus} CPUs x {ready.multiplier}"
     if ready.workers:
+        processes = len(ready.workers)
         how = (
-            f"{pool} per process, {len(ready.workers)} processes, parent pid {ready.pid}, "
-            f"workers {ready.workers}"
+            f"pool {ready.pool * processes} = {processes} processes x {ready.pool} "
+            f"({per_process}), parent pid {ready.pid}, workers {ready.workers}"
         )
     else:
-        how = f"{pool}, pid {ready.pid}"
+        how = f"pool {ready.pool} = {per_process}, pid {ready.pid}"
+    metrics = f", metrics on {ready.metrics_url}" if ready.metrics_url else ""
     origin = f", {ready.origin}" if ready.origin else ""
     families = " (IPv4 and IPv6)" if ready.dual_stack else ""
-    return f"Counter server listening on {ready.address}{families} ({how}{origin})"
+    tls = " with TLS" if ready.tls else ""
+    return f"Counter server listening on {ready.address}{families}{tls} ({how}{metrics}{origin})"
 
 
 def write_ready_file(path: str, ready: Ready) -> None:

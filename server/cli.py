@@ -12,7 +12,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from counter_server.common import __version__
+from counter_server.common import DISTRIBUTION, __version__
 from counter_server.common.cli import convert, cpu_count, parse_args, usage_exit
 from counter_server.common.values import (
     log_format,
@@ -72,7 +72,7 @@ Options:
   --tls-client-ca FILE     Require client certificates signed by this CA
                            (mutual TLS).
   --backend URL            Keep the counter in a shared store, for every instance
-                           using it (default: this process's memory). etcd
+                           using it (default: memory, this process's). etcd
                            (survives partitions):
                            etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/KEY,
                            etcds://...?ca=FILE for TLS. Redis:
@@ -132,7 +132,7 @@ class ServerSettings:
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     """The settings for ``argv``; a usage error exits 2."""
-    args = parse_args(__doc__, argv, version=f"counter {__version__}")
+    args = parse_args(__doc__, argv, version=f"{DISTRIBUTION} {__version__}")
 
     def value(option: str, parser):
         return convert(__doc__, option, args[option], parser)
@@ -147,6 +147,9 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     host, port = value("--port", listen_port)
     if host is not None and args["--host"] is not None:
         usage_exit(__doc__, f"--port {args['--port']} names the host already: drop --host")
+    metrics_port = optional("--metrics-port", port_number)
+    if metrics_port and metrics_port == port:
+        usage_exit(__doc__, f"--metrics-port {metrics_port}: --port uses it; choose another")
     rate = optional("--rate", positive_rate)
     burst = optional("--burst", positive_int)
     if burst is not None and rate is None:
@@ -174,7 +177,7 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
         multiplier=value("--multiplier", positive_int),
         shutdown_timeout=value("--shutdown-timeout", non_negative_float),
         metrics_host=args["--metrics-host"],
-        metrics_port=optional("--metrics-port", port_number),
+        metrics_port=metrics_port,
         log_level=value("--log-level", log_level),
         log_format=value("--log-format", log_format),
         timeouts=Timeouts(
@@ -202,6 +205,7 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
 # Where the backend URL may come from instead of --backend, so that its
 # password is not in the process list.
 BACKEND_ENV = "COUNTER_SERVER_BACKEND"
+MEMORY = "memory"  # --backend memory: the default, this process's memory
 
 
 def backend_setting(
@@ -209,10 +213,13 @@ def backend_setting(
 ) -> tuple[str, str] | None:
     """(where it came from, the URL) of the backend: ``--backend``, the
     first line of ``--backend-file`` or ``$COUNTER_SERVER_BACKEND``, in
-    that order; None for memory. A usage error for both flags, or for a
-    file that cannot be read or that group or others may read."""
+    that order; None for memory (``--backend memory`` says so outright). A
+    usage error for both flags, or for a file that cannot be read or that
+    group or others may read."""
     if flag is not None and file is not None:
         usage_exit(__doc__, "--backend and --backend-file: give the URL one way")
+    if flag == MEMORY:
+        return None
     if flag is not None:
         return "--backend", flag
     if file is not None:

@@ -14,7 +14,7 @@ from enum import Enum
 class CloseReason(Enum):
     """``value`` is the label in logs and metrics; ``level`` the log level."""
 
-    PEER_CLOSED = "peer_closed", logging.INFO
+    PEER_CLOSED = "peer_closed", logging.DEBUG  # a client leaving is not news
     RESET = "reset", logging.INFO
     REFUSED = "refused", logging.WARNING
     IDLE_TIMEOUT = "idle_timeout", logging.WARNING

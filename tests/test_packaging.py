@@ -70,7 +70,11 @@ def test_pip_install_into_a_fresh_virtualenv(tmp_path):
     for command in ("counter-server", "counter-client"):
         version = subprocess.run([str(bin_dir / command), "--version"], capture_output=True,
                                  text=True, timeout=60)  # fmt: skip
-        assert version.returncode == 0 and version.stdout.startswith("counter "), version
+        assert version.returncode == 0 and version.stdout.startswith("counter-server "), version
+        helped = subprocess.run([str(bin_dir / command), "--help"], capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        assert f"\n  {command} [options]" in helped.stdout, helped.stdout
+        assert ".py" not in helped.stdout.partition("Options:")[0], helped.stdout
     # Only one top-level name in site-packages, never "server" or "client".
     site = next((env_dir / "lib").glob("python*/site-packages"))
     ours = {p.name for p in site.iterdir() if "counter" in p.name}

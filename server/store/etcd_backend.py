@@ -45,12 +45,17 @@ import base64
 import json
 import logging
 import secrets
-import socket
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import urllib3
-from counter_server.common.tls import TLSSetupError, client_context, speaks_tls
+from counter_server.common.tls import (
+    CA_HINT,
+    TLSSetupError,
+    client_context,
+    speaks_plain,
+    speaks_tls,
+)
 from counter_server.common.values import format_address
 from counter_server.protocol import MAX_COUNTER
 from counter_server.server.store.base import Figure, StoreUnavailable, advance
@@ -64,6 +69,7 @@ log = logging.getLogger("counter.etcd")
 # tried: a commit takes milliseconds; an election about a second.
 REQUEST_TIMEOUT = 1.0
 SWAP_ATTEMPTS = 64  # compares lost to other writers in a row before a flush gives up
+PLAIN_HELLO = b"GET /version HTTP/1.0\r\n\r\n"  # asks a port whether it speaks plain HTTP
 
 
 class Seen(NamedTuple):
@@ -319,25 +325,11 @@ def _tls_mismatch(backend: EtcdBackend, host: str, port: int) -> str | None:
     """Why an endpoint that did not answer never will, if the reason is TLS:
     it speaks TLS and the URL does not, or the other way round."""
     where = format_address((host, port))
-    if backend.tls:
-        if _answers_plain_http(host, port):
-            return f"{where} speaks plain HTTP, not TLS: use etcd://"
-    elif speaks_tls(host, port, REQUEST_TIMEOUT):
-        return (
-            f"{where} speaks TLS: use etcds://, with ?ca=FILE unless a CA this machine "
-            "trusts signed its certificate"
-        )
+    if backend.tls and speaks_plain(host, port, PLAIN_HELLO, (b"HTTP/",), REQUEST_TIMEOUT):
+        return f"{where} speaks plain HTTP, not TLS: use etcd://"
+    if not backend.tls and speaks_tls(host, port, REQUEST_TIMEOUT):
+        return f"{where} speaks TLS: use etcds://, {CA_HINT}"
     return None
-
-
-def _answers_plain_http(host: str, port: int) -> bool:
-    """Whether ``host:port`` answers an unencrypted HTTP request."""
-    try:
-        with socket.create_connection((host, port), timeout=REQUEST_TIMEOUT) as sock:
-            sock.sendall(b"GET /version HTTP/1.0\r\n\r\n")
-            return sock.recv(16).startswith(b"HTTP/")
-    except OSError:
-        return False
 
 
 def _auth_message(backend: EtcdBackend, exc: EtcdAnswer) -> str:

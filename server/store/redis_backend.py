@@ -32,14 +32,19 @@ noticed within ``COMMAND_TIMEOUT``.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import gevent
 import redis
-from counter_server.common.tls import TLSSetupError, client_context, speaks_tls
+from counter_server.common.tls import (
+    CA_HINT,
+    TLSSetupError,
+    client_context,
+    speaks_plain,
+    speaks_tls,
+)
 from counter_server.common.values import format_address
 from counter_server.server.store.base import Figure, StoreUnavailable, advance
 from counter_server.server.store.batching import Batch, BatchingStore, WentBack
@@ -67,6 +72,8 @@ CONNECT_TIMEOUT = 1.0  # to Redis
 SENTINEL_TIMEOUT = 0.3
 FLUSHERS = 2  # round trips to Redis in flight at once
 REPLICA_SET_SECONDS = 1.0  # replicas=all: how often the sentinels are asked for the set
+# How a plain Redis answers an unencrypted PING, password or not.
+PLAIN_ANSWERS = (b"+PONG", b"-NOAUTH", b"-ERR", b"-WRONGPASS")
 
 
 def client_for(backend: Backend, with_wait: bool = True) -> redis.Redis:
@@ -125,7 +132,7 @@ def check_backend(backend: Backend) -> None:
     except (redis.AuthenticationError, redis.ResponseError) as exc:
         raise BackendError(f"Redis {backend.url}: {_refusal(backend, client, exc)}") from None
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        mismatch = _tls_mismatch(backend, client)
+        mismatch = _tls_mismatch(backend)
         if mismatch:
             raise BackendError(f"Redis {backend.url}: {mismatch}") from None
         if backend.tls and "SSL" in str(exc).upper():
@@ -146,7 +153,7 @@ def check_backend(backend: Backend) -> None:
         )
 
 
-def _tls_mismatch(backend: Backend, client: redis.Redis) -> str | None:
+def _tls_mismatch(backend: Backend) -> str | None:
     """Why a Redis that cut or ignored us will not answer however long we
     wait, if the reason is TLS: it speaks TLS and the URL does not, or the
     other way round. None when it looks merely down."""
@@ -158,27 +165,11 @@ def _tls_mismatch(backend: Backend, client: redis.Redis) -> str | None:
         except redis.RedisError:
             return None
     where = format_address((host, port))
-    if backend.tls:
-        if _answers_plain_redis(host, port):
-            return f"{where} speaks plain Redis, not TLS: use redis:// (or redis+sentinel://)"
-        return None
-    if speaks_tls(host, port, CONNECT_TIMEOUT):
-        return (
-            f"{where} speaks TLS: use rediss:// (or rediss+sentinel://), with ?ca=FILE "
-            "unless a CA this machine trusts signed its certificate"
-        )
+    if backend.tls and speaks_plain(host, port, b"PING\r\n", PLAIN_ANSWERS, CONNECT_TIMEOUT):
+        return f"{where} speaks plain Redis, not TLS: use redis:// (or redis+sentinel://)"
+    if not backend.tls and speaks_tls(host, port, CONNECT_TIMEOUT):
+        return f"{where} speaks TLS: use rediss:// (or rediss+sentinel://), {CA_HINT}"
     return None
-
-
-def _answers_plain_redis(host: str, port: int) -> bool:
-    """Whether ``host:port`` answers an unencrypted PING as Redis does."""
-    try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT) as sock:
-            sock.sendall(b"PING\r\n")
-            answer = sock.recv(64)
-    except OSError:
-        return False
-    return answer.startswith((b"+PONG", b"-NOAUTH", b"-ERR", b"-WRONGPASS"))
 
 
 def _first_line(exc: BaseException) -> str:

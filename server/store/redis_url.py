@@ -58,9 +58,11 @@ class Backend:
 def redact(raw: str) -> str:
     """``raw`` as it may be shown: a password in it replaced by ``***``."""
     scheme, sep, rest = raw.partition("://")
+    if not sep:  # not a URL: whatever comes before an @ may be a secret
+        return f"***@{raw.rpartition('@')[2]}" if "@" in raw else raw
     netloc, slash, tail = rest.partition("/")
     userinfo, at, hosts = netloc.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
+    if not at or ":" not in userinfo:
         return raw
     user = userinfo.partition(":")[0]
     return f"{scheme}://{user}:***@{hosts}{slash}{tail}"

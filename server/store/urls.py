@@ -9,7 +9,7 @@ from counter_server.server.store.etcd_url import USAGE as ETCD_USAGE
 from counter_server.server.store.etcd_url import EtcdBackend, parse_etcd
 from counter_server.server.store.redis_url import SCHEMES as REDIS_SCHEMES
 from counter_server.server.store.redis_url import USAGE as REDIS_USAGE
-from counter_server.server.store.redis_url import Backend, parse_redis
+from counter_server.server.store.redis_url import Backend, parse_redis, redact
 
 AnyBackend = Backend | EtcdBackend
 
@@ -21,10 +21,14 @@ class BackendError(Exception):
 
 def parse_backend(raw: str) -> AnyBackend:
     """The ``--backend`` URL; ValueError (one line) if it is not usable."""
-    scheme = raw.partition("://")[0] if "://" in raw else ""
+    if "://" not in raw:
+        raise ValueError(
+            f"{redact(raw)!r} is not a URL (SCHEME://...), nor memory: expected "
+            f"{REDIS_USAGE}, or {ETCD_USAGE}"
+        )
+    scheme = raw.partition("://")[0]
     if scheme in ETCD_SCHEMES:
         return parse_etcd(raw)
     if scheme in REDIS_SCHEMES:
         return parse_redis(raw)
-    shown = repr(scheme + "://") if scheme else "none"
-    raise ValueError(f"unknown scheme {shown}: expected {REDIS_USAGE}, or {ETCD_USAGE}")
+    raise ValueError(f"unknown scheme {scheme + '://'!r}: expected {REDIS_USAGE}, or {ETCD_USAGE}")

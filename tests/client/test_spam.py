@@ -49,6 +49,9 @@ def test_spam_starts_its_own_server_and_checks_the_sums():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "clients ok / failed      4 / 0" in out
+    # It says what it is doing while the clients run, and when they are done.
+    assert "spam.sh: started 4 clients; each sends for" in out
+    assert re.search(r"spam\.sh: all clients done after \d+s; checking the counter", out), out
     assert "RESULT: OK" in out
     acked = int(re.search(r"increments acknowledged\s+([\d,]+)", out)[1].replace(",", ""))
     moved = int(re.search(r"moved by ([\d,]+)", out)[1].replace(",", ""))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from counter_server.common import __version__
+from counter_server.common import DISTRIBUTION, __version__
 from counter_server.common.values import UsageError, host_port, positive_rate
 from support import REPO_ROOT
 
@@ -56,12 +56,13 @@ def test_an_option_value_that_looks_like_an_option_is_a_value():
 def test_version(command):
     result = run(COMMANDS[command], "--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"counter {__version__}"
+    assert result.stdout.strip() == f"counter-server {__version__}"
 
 
-def test_the_version_has_one_value():
+def test_the_version_and_name_have_one_value():
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     assert re.search(r'^version = "([^"]+)"', pyproject, re.M)[1] == __version__
+    assert re.search(r'^name = "([^"]+)"', pyproject, re.M)[1] == DISTRIBUTION
 
 
 @pytest.mark.parametrize(
@@ -150,7 +151,8 @@ def test_the_default_listens_on_ipv4_and_ipv6_and_shows_ipv4_clients_as_ipv4():
 
     from support import exchange, start_server
 
-    server = start_server("--max-conns-per-ip", "5", host=None)
+    # At debug level, where a client that closed is logged.
+    server = start_server("--max-conns-per-ip", "5", "--log-level", "debug", host=None)
     try:
         assert "(IPv4 and IPv6)" in server.stdout_path.read_text()
         with socket.create_connection(("::1", server.port), timeout=5):

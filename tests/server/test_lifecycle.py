@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -14,7 +15,9 @@ from support import (
     REPO_ROOT,
     Load,
     assert_exact,
+    connect,
     exchange,
+    frames,
     free_port,
     read_counter,
     run_server_command,
@@ -31,8 +34,39 @@ def test_startup_line_names_address_pool_and_pid():
         assert f"127.0.0.1:{server.port}" in first_line
         assert f"pid {server.proc.pid}" in first_line
         assert server.pool_size % 3 == 0 and server.pool_size >= 3
+        assert "TLS" not in first_line and "metrics" not in first_line
     finally:
         server.stop()
+
+
+def test_startup_line_says_tls_the_metrics_url_and_the_whole_pool(pki):
+    server = start_server(
+        "--processes", "2", "--multiplier", "3", "--metrics-port", "0", "--backend", "memory",
+        "--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"],
+    )  # fmt: skip
+    try:
+        line = server.stdout_path.read_text().splitlines()[0]
+    finally:
+        server.stop()
+    per_process = server.ready.pool
+    assert f"127.0.0.1:{server.port} with TLS (" in line, line
+    assert f"pool {2 * per_process} = 2 processes x {per_process} (" in line, line
+    assert f"metrics on {server.ready.metrics_url}" in line, line
+
+
+def test_a_client_leaving_is_logged_only_at_debug():
+    for level, logged in (("info", False), ("debug", True)):
+        server = start_server("--log-level", level)
+        try:
+            assert exchange(server.port, 1) == (1,)
+            with connect(server.port) as sock:  # an abrupt end stays news
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.sendall(frames(1)[:5])
+            log = server.stderr_path
+            wait_until(lambda: "closed: reset" in log.read_text(), 10, "reset")  # noqa: B023
+        finally:
+            server.stop()
+        assert ("closed: peer closed" in server.stderr) is logged, server.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -135,9 +169,13 @@ def test_go_style_port_and_default_host():
         (["--shutdown-timeout", "-1"], "--shutdown-timeout: must be a number of seconds >= 0"),
         (["--log-level", "loud"], "--log-level: must be one of"),
         (["--bogus"], "error:"),
-        (["extra-argument"], "error:"),
+        (["--port", "1", "extra", "argument"], "error: unexpected arguments: extra argument"),
+        (["--port", "9100", "--metrics-port", "9100"],
+         "--metrics-port 9100: --port uses it; choose another"),
+        (["--backend", "redis:/:pw@host"],
+         "--backend: '***@host' is not a URL (SCHEME://...), nor memory"),
     ],
-)
+)  # fmt: skip
 def test_bad_flags_give_one_line_and_usage_and_exit_2(args, message):
     result = run_server_command(*args)
     assert result.returncode == 2

@@ -64,14 +64,44 @@ def test_a_password_and_an_acl_user(tmp_path):
         redis.kill()
 
 
-def test_tls_to_redis_with_a_ca(tmp_path, pki):
+def test_a_password_changed_under_a_running_server_is_not_called_unreachable(tmp_path):
+    redis = RedisServer(tmp_path, "--requirepass", "s3cret", password="s3cret")
+    redis.start()
+    url = f"redis://:s3cret@127.0.0.1:{redis.port}/0"
+    server = start_server("--backend", url, "--metrics-port", "0")
+    try:
+        assert exchange(server.port, 1) == (1,)
+        redis.cli("config", "set", "requirepass", "changed")
+        redis.password = "changed"
+        redis.cli("client", "kill", "type", "normal")  # its connections log in again
+        wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 503, 10, "unhealthy")
+        body = http_get(server.metrics_url("/healthz"))[1]
+        assert "unreachable" not in body and "invalid username-password" in body, body
+        redis.cli("config", "set", "requirepass", "s3cret")
+        redis.password = "s3cret"
+        wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 200, 10, "healthy")
+        assert exchange(server.port, 1) == (2,)
+    finally:
+        server.stop()
+        redis.kill()
+    assert "reachable" not in server.stderr, server.stderr
+    assert "s3cret" not in server.stdout + server.stderr
+
+
+def tls_redis(directory, pki) -> tuple[RedisServer, int]:
+    """A started redis-server with a plain port and a TLS one (its port)."""
     tls_port = free_port()
     redis = RedisServer(
-        tmp_path, "--tls-port", str(tls_port), "--tls-cert-file", pki["server_cert"],
+        directory, "--tls-port", str(tls_port), "--tls-cert-file", pki["server_cert"],
         "--tls-key-file", pki["server_key"], "--tls-ca-cert-file", pki["ca"],
         "--tls-auth-clients", "no",
     )  # fmt: skip
     redis.start()
+    return redis, tls_port
+
+
+def test_tls_to_redis_with_a_ca(tmp_path, pki):
+    redis, tls_port = tls_redis(tmp_path, pki)
     try:
         url = f"rediss://127.0.0.1:{tls_port}/0?key=tls&ca={pki['ca']}"
         server = start_server("--backend", url)
@@ -411,13 +441,7 @@ def refused_at_start(url: str, *extra: str) -> str:
 
 
 def test_permanent_redis_mistakes_are_one_line_exit_1(tmp_path, pki):
-    tls_port = free_port()
-    redis = RedisServer(
-        tmp_path, "--tls-port", str(tls_port), "--tls-cert-file", pki["server_cert"],
-        "--tls-key-file", pki["server_key"], "--tls-ca-cert-file", pki["ca"],
-        "--tls-auth-clients", "no",
-    )  # fmt: skip
-    redis.start()
+    redis, tls_port = tls_redis(tmp_path, pki)
     sentinel = Sentinel(tmp_path, redis.port)
     try:
         wait_until(lambda: sentinel.primary() == str(redis.port), 15, "sentinel watching")
@@ -475,7 +499,8 @@ def test_replicas_not_attached_yet_are_said_and_heal(tmp_path):
         replica = RedisServer(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port))
         replica.start()
         wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 200, 20, "healthy")
-        assert try_increment(server.port) is not None
+        # The first WAIT after the replica attached may still fall short.
+        wait_until(lambda: try_increment(server.port) is not None, 20, "acknowledged again")
     finally:
         server.stop()
         primary.kill()
