@@ -65,6 +65,9 @@ class BatchingStore:
     service = "the store"
     flushers = 1  # round trips in flight at once
     errors_caught: tuple[type[BaseException], ...] = ()  # what _read_value raises on failure
+    # Those of errors_caught that the service sent (a refused password): it
+    # answers, so it is not called unreachable.
+    refusals: tuple[type[BaseException], ...] = ()
 
     def __init__(self, key: str, log: logging.Logger) -> None:
         self.key = key
@@ -265,11 +268,17 @@ class BatchingStore:
                 self._answered()
 
     def _no_answer(self, exc: BaseException) -> None:
-        """The service did not answer a check (a PING, a read)."""
-        if not self._unreachable:
-            self._log.warning("%s: %s; retrying", self.service, exc)
-        self._unreachable = True
-        self._unhealthy = f"{self.service} unreachable: {exc}"
+        """A check (a PING, a read) failed: no answer, or a refusal."""
+        if isinstance(exc, self.refusals):
+            reason = f"{self.service}: {exc}"
+            if reason != self._unhealthy:
+                self._log.warning("%s; retrying", reason)
+            self._unhealthy = reason
+        else:
+            if not self._unreachable:
+                self._log.warning("%s: %s; retrying", self.service, exc)
+            self._unreachable = True
+            self._unhealthy = f"{self.service} unreachable: {exc}"
         self._suspect = True
 
     def _answered(self) -> None:

@@ -353,6 +353,7 @@ class EtcdCounterStore(BatchingStore):
     # reordering and each lost compare is a Raft round of its own.
     flushers = 1
     errors_caught = (EtcdUnavailable, EtcdAnswer, ValueError)
+    refusals = (EtcdAnswer, ValueError)
 
     def __init__(self, backend: EtcdBackend) -> None:
         super().__init__(backend.key, log)

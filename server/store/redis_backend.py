@@ -240,6 +240,7 @@ class RedisCounterStore(BatchingStore):
     # queued meanwhile (each INCRBY is atomic, so replies stay exact).
     flushers = FLUSHERS
     errors_caught = (redis.RedisError,)
+    refusals = (redis.AuthenticationError, redis.ResponseError)
 
     def __init__(self, backend: Backend) -> None:
         super().__init__(backend.key, log)
