@@ -41,7 +41,11 @@ class RateLimitedLog:
         """Log ``message % args`` under ``key`` unless over the limit; True if logged.
 
         ``kwargs`` go to ``Logger.log`` (``exc_info=True`` for a traceback).
+        A message below the logger's level is neither logged nor counted, so
+        no summary line speaks for lines nobody asked to see.
         """
+        if not self._logger.isEnabledFor(level):
+            return False
         now = self._clock()
         window = self._windows.get(key)
         if window is None or now - window[0] >= self._interval:

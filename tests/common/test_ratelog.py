@@ -32,3 +32,12 @@ def test_burst_then_suppression_then_summary(caplog):
         "other key",
         "bad frame 10 (7 similar messages suppressed)",
     ]
+
+
+def test_messages_below_the_level_are_not_counted_either(caplog):
+    events = RateLimitedLog(logging.getLogger("quiet"), interval=10, burst=3, clock=FakeClock())
+    with caplog.at_level(logging.INFO, logger="quiet"):
+        logged = [events.log("peer", logging.DEBUG, "client left %d", i) for i in range(10)]
+        events.flush()  # at stop: no summary of lines that were never wanted
+    assert logged == [False] * 10
+    assert caplog.records == []

@@ -489,10 +489,21 @@ def test_replicas_not_attached_yet_are_said_and_heal(tmp_path):
         "--backend", f"redis://127.0.0.1:{primary.port}/0?replicas=1&replica_timeout_ms=200",
         "--metrics-port", "0",
     )  # fmt: skip
+    unanswered, acknowledged = 0, []
+
+    def increment() -> bool:  # each frame adds 1: the counter counts what was applied
+        nonlocal unanswered
+        value = try_increment(server.port)
+        if value is None:
+            unanswered += 1
+        else:
+            acknowledged.append(value)
+        return value is not None
+
     try:
         status, body = http_get(server.metrics_url("/healthz"))
         assert status == 503 and "only 0 of the 1 replicas" in body, body
-        assert try_increment(server.port) is None
+        assert not increment()
         status, body = http_get(server.metrics_url("/healthz"))
         assert status == 503 and "only 0 of 1 replicas confirmed" in body, body
         (tmp_path / "replica").mkdir()
@@ -500,12 +511,20 @@ def test_replicas_not_attached_yet_are_said_and_heal(tmp_path):
         replica.start()
         wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 200, 20, "healthy")
         # The first WAIT after the replica attached may still fall short.
-        wait_until(lambda: try_increment(server.port) is not None, 20, "acknowledged again")
+        wait_until(increment, 20, "acknowledged again")
+        assert increment() and increment()
+        final = int(primary.cli("get", "counter"))
     finally:
         server.stop()
         primary.kill()
         if replica is not None:
             replica.kill()
+    # An increment that WAIT did not confirm was applied on the primary, or
+    # not: unanswered, never acknowledged; nothing acknowledged is missing
+    # and no value was handed out twice.
+    assert len(set(acknowledged)) == len(acknowledged) == 3
+    assert len(acknowledged) <= final <= len(acknowledged) + unanswered, (final, unanswered)
+    assert max(acknowledged) <= final
     startup = server.stdout.splitlines()[0]
     said = documented("but only 0 of the 1 replicas a reply waits for are attached to the primary")
     assert said in startup, startup
