@@ -11,9 +11,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
+
+from counter_server.common.files import replace_file
 
 _TOTALS = re.compile(
     r"Server stopped after processing total requests: (\d+)\nFinal counter value: (\d+)"
@@ -62,10 +63,7 @@ def startup_line(ready: Ready) -> str:
 
 def write_ready_file(path: str, ready: Ready) -> None:
     """Write ``ready`` as JSON to ``path`` atomically (a reader never sees half)."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as f:
-        json.dump(asdict(ready), f)
-    os.replace(temporary, path)
+    replace_file(path, json.dumps(asdict(ready)).encode())
 
 
 def read_ready_file(path: str) -> Ready | None:

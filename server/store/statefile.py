@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
+from counter_server.common.files import replace_file
 from counter_server.common.ratelog import RateLimitedLog
 
 log = logging.getLogger("counter.state")
@@ -250,18 +251,9 @@ class StateFile:
         """Write a whole new file holding ``value`` (both slots, the newer one
         numbered ``sequence``) under a temporary name, sync it, rename it into
         place and sync the directory."""
-        directory = os.path.dirname(os.path.abspath(self.path))
-        temporary = f"{self.path}.{os.getpid()}.new"
+        newer, older = encode_slot(sequence, value), encode_slot(sequence - 1, value)
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                newer, older = encode_slot(sequence, value), encode_slot(sequence - 1, value)
-                os.write(fd, older + newer if sequence % 2 else newer + older)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(temporary, self.path)
-            sync_directory(directory)
+            replace_file(self.path, older + newer if sequence % 2 else newer + older, durable=True)
         except OSError as exc:
             raise StateFileError(
                 f"state file {self.path}: cannot create it: {exc.strerror.lower()}"
@@ -273,12 +265,3 @@ class StateFile:
         for fd in {self._fd, self._owner_fd} - {-1}:
             os.close(fd)
         self._fd = self._owner_fd = -1
-
-
-def sync_directory(directory: str) -> None:
-    """fsync a directory so a rename inside it is durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,11 +11,14 @@ import re
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from counter_server.common.procinfo import children_of
 from counter_server.server.cli import parse_settings
+from counter_server.server.launcher import SERVER_SCRIPT
 from counter_server.server.store.shared import SharedCounter
 from counter_server.server.store.statefile import FILE_SIZE, StateFile, StateFileError
 from counter_server.server.wiring import claim, open_store
@@ -212,6 +215,50 @@ def test_a_state_file_lost_while_running_is_restored(tmp_path, fsync, damage):
         assert again.ready.initial == last
     finally:
         again.stop()
+
+
+def test_a_link_planted_where_the_old_temporary_name_was_is_never_written_through(tmp_path):
+    """Anyone who can write to the state file's directory could plant a
+    symlink at the predictable ``PATH.PID.new`` and have the restore truncate
+    and overwrite the link's target."""
+    path, victim = tmp_path / "counter.state", tmp_path / "victim.txt"
+    victim.write_bytes(b"not yours 1234")
+    server = start_server("--state-file", str(path), "--fsync", "always")
+    try:
+        exchange(server.port, 5)
+        (tmp_path / f"counter.state.{server.pid}.new").symlink_to(victim)
+        path.unlink()
+        assert exchange(server.port, 1) == (6,)  # restored under --fsync always
+    finally:
+        assert server.stop() == 0
+    assert victim.read_bytes() == b"not yours 1234"
+    assert not path.is_symlink() and on_disk(path) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "counter.state",
+        f"counter.state.{server.pid}.new",
+        "victim.txt",
+    ]  # no temporary left behind
+
+
+def test_a_link_planted_where_the_ready_file_was_written_is_never_written_through(tmp_path):
+    ready, victim = tmp_path / "ready.json", tmp_path / "victim.txt"
+    victim.write_bytes(b"not yours 1234")
+    argv = [sys.executable, str(SERVER_SCRIPT), "--host", "127.0.0.1", "--port", "0"]
+    server = subprocess.Popen(
+        [*argv, "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        # Planted before the interpreter has even imported the server.
+        (tmp_path / f"ready.json.{server.pid}.tmp").symlink_to(victim)
+        wait_until(lambda: ready.exists() or server.poll() is not None, 30, "the ready file")
+        assert json.loads(ready.read_text())["pid"] == server.pid
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0, stderr
+    assert victim.read_bytes() == b"not yours 1234"
+    assert not ready.is_symlink()
 
 
 def test_a_stop_that_cannot_save_the_final_value_exits_non_zero(tmp_path):
