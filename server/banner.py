@@ -42,6 +42,11 @@ class Ready:
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def total_pool(self) -> int:
+        """Connections the whole server serves at once (every process)."""
+        return self.pool * (len(self.workers) or 1)
+
 
 def startup_line(ready: Ready) -> str:
     """The one line printed on stdout once the server accepts connections."""
@@ -49,7 +54,7 @@ def startup_line(ready: Ready) -> str:
     if ready.workers:
         processes = len(ready.workers)
         how = (
-            f"pool {ready.pool * processes} = {processes} processes x {ready.pool} "
+            f"pool {ready.total_pool} = {processes} processes x {ready.pool} "
             f"({per_process}), parent pid {ready.pid}, workers {ready.workers}"
         )
     else:

@@ -55,8 +55,9 @@ Options:
   --write-timeout SECS     Close a client that leaves its replies unread so that
                            sending blocks this long (0: never). [default: 30]
   --evict-idle-after SECS  While the pool is full and connections wait, close
-                           connections idle this long to free their slots
-                           (0: never). [default: 1]
+                           connections idle this long, or this long in a TLS
+                           handshake or a frame, to free their slots (0:
+                           never). [default: 1]
   --rate R                 Frames per second allowed per client IP; faster
                            clients are slowed down, not refused (off when not given).
   --burst B                Frames a client IP may send at full speed before the

@@ -58,12 +58,31 @@ class ClientTimeout(ConnectionEnded):
 
 
 class Evicted(ConnectionEnded):
-    """Closed while idle because the pool was full and connections waited."""
+    """Closed because the pool was full, connections waited, and this one
+    held its slot without using it: idle, or in a TLS handshake or a frame
+    for as long (a trickle)."""
 
     reason = CloseReason.IDLE_EVICTED
 
     def __init__(self, idle_for: float) -> None:
-        super().__init__(f"idle for {idle_for:g}s or more while the pool was full")
+        super().__init__(f"no whole frame for {idle_for:g}s or more while the pool was full")
+
+
+class PeerLeft(ConnectionEnded):
+    """The client shut its side while its frames waited for rate tokens:
+    the frames not yet applied are dropped (they were never acknowledged)."""
+
+    reason = CloseReason.PEER_CLOSED
+
+    def __init__(self) -> None:
+        super().__init__("while its frames waited for rate tokens")
+
+
+class Stopped(ConnectionEnded):
+    """Shutdown ended a connection that was not reading frames (in its TLS
+    handshake, or waiting for rate tokens)."""
+
+    reason = CloseReason.SHUTDOWN
 
 
 class HandshakeFailed(ConnectionEnded):

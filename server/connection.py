@@ -13,13 +13,12 @@ import time
 from typing import Protocol
 
 from counter_server.common.sockets import Reader, reader
-from counter_server.protocol import FrameDecoder, InvalidFrame, encode_replies, overflow
+from counter_server.protocol import InvalidFrame, encode_replies, overflow
 from counter_server.server.close import ConnectionEnded
 from counter_server.server.outbox import Outbox
-from counter_server.server.ratelimit import TokenBucket
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import CounterStore, DeferringStore
-from counter_server.server.timeouts import TimeoutReaper, Watched
+from counter_server.server.timeouts import Bucket, Watched
 
 # Bytes read at once: up to 1024 frames. Bounds what one connection holds
 # while its client does not read (at most one read's 8 KiB of replies), and
@@ -37,27 +36,27 @@ class ServerState(Protocol):
 
 
 def serve(
-    sock: socket.socket,
+    watched: Watched,
     store: CounterStore,
     stats: ServerStats,
     state: ServerState,
-    reaper: TimeoutReaper,
-    bucket: TokenBucket | None = None,
+    bucket: Bucket | None = None,
 ) -> InvalidFrame | None:
-    """Serve frames until the peer closes, a frame is refused or shutdown begins.
+    """Serve frames on ``watched.sock`` until the peer closes, a frame is
+    refused or shutdown begins.
 
     Every complete valid frame of a read is applied in order and all their
-    replies go out in one write. Returns the refusal (checksum or overflow;
-    truncated if the peer closed mid-frame), or None. Raises ClientTimeout when
-    the reaper timed the connection out; OSError from the socket (reset,
-    broken pipe) propagates, except when shutdown cut the read side.
+    replies go out in one write; with a ``bucket``, each frame's rate token
+    is taken before it is applied. Returns the refusal (checksum or overflow;
+    truncated if the peer closed mid-frame), or None. Raises the reaper's
+    verdict (ConnectionEnded) when it ended the connection; OSError from the
+    socket (reset, broken pipe) propagates, except when shutdown cut the
+    read side.
     """
-    decoder = FrameDecoder()
-    watched = reaper.watch(sock, decoder)
-    deferred = isinstance(store, DeferringStore) and Reader.supports(sock)
+    deferred = isinstance(store, DeferringStore) and Reader.supports(watched.sock)
     loop = _serve_deferred if deferred else _serve
     try:
-        return loop(sock, decoder, watched, store, stats, state, bucket)
+        return loop(watched, store, stats, state, bucket)
     except OSError:
         # The reaper or shutdown cut the socket under a blocked send.
         if watched.verdict is not None:
@@ -65,34 +64,30 @@ def serve(
         if state.stopping:
             return None
         raise
-    finally:
-        reaper.forget(watched)
-        stats.bytes_in += watched.bytes_in
-        stats.bytes_out += watched.bytes_out
 
 
 def _serve(
-    sock: socket.socket,
-    decoder: FrameDecoder,
     watched: Watched,
     store: CounterStore,
     stats: ServerStats,
     state: ServerState,
-    bucket: TokenBucket | None,
+    bucket: Bucket | None,
 ) -> InvalidFrame | None:
     """The hot loop. Blocking steps: ``recv`` (the reaper watches bytes_in),
-    ``watched.write`` and ``watched.wait_for_tokens`` (which flag themselves)."""
+    ``watched.write`` and, over the rate, ``watched.read_budget`` and
+    ``watched.take_tokens`` (which flag themselves)."""
+    decoder = watched.decoder
     # Bound methods in locals: one attribute lookup per connection instead of
     # one per request.
     feed = decoder.feed
     apply = store.apply
-    recv = reader(sock)
+    recv = reader(watched.sock)
     write = watched.write
     writes_by_size = stats.replies_per_write
     read_size = RECV_SIZE
     while not state.stopping:
         if bucket is not None:  # over its rate: stop reading until tokens refill
-            read_size = watched.wait_for_tokens(bucket)
+            read_size = watched.read_budget(bucket, RECV_SIZE)
 
         chunk = recv(read_size)
         if not chunk:
@@ -102,6 +97,8 @@ def _serve(
         watched.bytes_in += len(chunk)
         increments = feed(chunk)
         if increments:
+            if bucket is not None:
+                watched.take_tokens(bucket, len(increments))
             replies = apply(increments)
             applied = len(replies)
             refused = increments[applied] if applied < len(increments) else None
@@ -112,8 +109,6 @@ def _serve(
                 chunk = increments = replies = None
                 write(out)
                 writes_by_size[applied.bit_length()] += 1
-                if bucket is not None:
-                    bucket.spend(applied)
             if refused is not None:
                 return overflow(refused, store.value)
         if decoder.error is not None:
@@ -122,20 +117,20 @@ def _serve(
 
 
 def _serve_deferred(
-    sock: socket.socket,
-    decoder: FrameDecoder,
     watched: Watched,
     store: DeferringStore,
     stats: ServerStats,
     state: ServerState,
-    bucket: TokenBucket | None,
+    bucket: Bucket | None,
 ) -> InvalidFrame | None:
     """The loop for a store that answers later (Redis): each read's
     increments go to the store and the loop reads on, while the store's side
     writes the replies (server.outbox). Same outcomes as ``_serve``. Blocking
     steps: ``recv``, ``outbox.submit`` (a pipelined read waits for the
-    previous one's replies), ``outbox.settle`` and ``watched.wait_for_tokens``."""
-    incoming = Reader(sock)
+    previous one's replies), ``outbox.settle`` and, over the rate,
+    ``watched.read_budget`` and ``watched.take_tokens``."""
+    decoder = watched.decoder
+    incoming = Reader(watched.sock)
     outbox = Outbox(watched, incoming, stats)
     feed = decoder.feed
     recv = incoming.recv
@@ -145,7 +140,7 @@ def _serve_deferred(
     try:
         while not state.stopping:
             if bucket is not None:
-                read_size = watched.wait_for_tokens(bucket)
+                read_size = watched.read_budget(bucket, RECV_SIZE)
             chunk = recv(read_size)
             if outbox.ending is not None:  # the store's side ended it (and woke the recv)
                 break
@@ -155,9 +150,9 @@ def _serve_deferred(
             watched.bytes_in += len(chunk)
             increments = feed(chunk)
             if increments:
-                submit(store, increments)
                 if bucket is not None:
-                    bucket.spend(len(increments))
+                    watched.take_tokens(bucket, len(increments))
+                submit(store, increments)
             if decoder.error is not None or outbox.ending is not None:
                 break
     except BaseException:

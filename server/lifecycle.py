@@ -17,18 +17,28 @@ import traceback
 
 import gevent
 from counter_server.common.ratelog import RateLimitedLog
-from counter_server.common.sockets import shut_down
 from counter_server.common.values import format_address
 from counter_server.protocol import InvalidFrame, RejectReason
 from counter_server.server.admission import Admission, client_ip, peer_key
 from counter_server.server.balance import PAUSE, AcceptBalance
-from counter_server.server.close import ClientTimeout, CloseReason, ConnectionEnded, HandshakeFailed
+from counter_server.server.close import (
+    ClientTimeout,
+    CloseReason,
+    ConnectionEnded,
+    HandshakeFailed,
+)
 from counter_server.server.connection import close_gently, serve
-from counter_server.server.ratelimit import RateLimiter, TokenBucket
+from counter_server.server.ratelimit import RateLimiter
 from counter_server.server.saturation import SaturationWatch
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import CounterStore
-from counter_server.server.timeouts import DEFAULT_TIMEOUTS, TimeoutReaper, Timeouts
+from counter_server.server.timeouts import (
+    DEFAULT_TIMEOUTS,
+    Bucket,
+    TimeoutReaper,
+    Timeouts,
+    Watched,
+)
 from gevent import GreenletExit
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -53,17 +63,20 @@ CLOSE_GENTLY = frozenset({CloseReason.SHUTDOWN, CloseReason.TLS_FAILED})
 class _Connection:
     """One accepted connection while it is handled: what its close must undo."""
 
-    __slots__ = ("address", "admitted", "bucket", "conn", "ip", "key", "refusal", "sock")
+    __slots__ = (
+        "address", "admitted", "bucket", "conn", "ip", "key", "refusal", "sock", "watched"
+    )  # fmt: skip
 
     def __init__(self, sock: socket.socket, address: tuple, ipv6_prefix: int) -> None:
         self.sock = sock
-        self.conn: socket.socket = sock  # the TLS socket once the handshake is done
+        self.conn: socket.socket = sock  # the TLS socket once the handshake starts
         self.address = address
         self.ip = client_ip(address)
         self.key = peer_key(self.ip, ipv6_prefix)  # what per-IP limits count
         self.admitted = False
-        self.bucket: TokenBucket | None = None
+        self.bucket: Bucket | None = None
         self.refusal: InvalidFrame | None = None
+        self.watched: Watched | None = None  # by the reaper, once admitted
 
 
 class PausingAcceptor:
@@ -190,8 +203,7 @@ class CounterServer:
             self._balance.absent(self._worker)
         self._saturation.stop()
         self._stream_server.close()
-        for watched in list(self.reaper.watched):
-            shut_down(watched.sock, socket.SHUT_RD)
+        self.reaper.stop_all()
         cut = 0
         if not self.pool.join(timeout=timeout):
             cut = len(self.pool)
@@ -253,14 +265,13 @@ class CounterServer:
             connection.bucket = self.rate_limiter.acquire(connection.key)
         if self.stopping:
             return CloseReason.SHUTDOWN
+        connection.watched = self.reaper.watch(connection.sock)
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
             self._handshake(connection)
             if self.stopping:
                 return CloseReason.SHUTDOWN
-        refusal = serve(
-            connection.conn, self.store, self.stats, self, self.reaper, connection.bucket
-        )
+        refusal = serve(connection.watched, self.store, self.stats, self, connection.bucket)
         if refusal is not None:
             connection.refusal = refusal
             if refusal.reason is not RejectReason.TRUNCATED:
@@ -275,6 +286,10 @@ class CounterServer:
             self.admission.release(connection.key)
         if connection.bucket is not None:
             self.rate_limiter.release(connection.key)
+        if connection.watched is not None:
+            self.reaper.forget(connection.watched)
+            self.stats.bytes_in += connection.watched.bytes_in
+            self.stats.bytes_out += connection.watched.bytes_out
         if connection.refusal is not None:
             self._refuse(connection.conn, connection.address, connection.refusal)
         elif reason is not CloseReason.ERROR:  # _unexpected logged it
@@ -304,18 +319,27 @@ class CounterServer:
 
     def _handshake(self, connection: _Connection) -> None:
         """The TLS handshake; the whole of it must finish within the frame
-        timeout (or 10 s), however the client trickles its bytes.
-        HandshakeFailed if it fails, ClientTimeout if it is too slow. The
-        TLS socket becomes ``connection.conn`` first (it takes over the
+        timeout (or 10 s), however the client trickles its bytes, and it
+        gives way to waiting clients under pool pressure like an idle
+        connection. HandshakeFailed if it fails, ClientTimeout if it is too
+        slow, the reaper's verdict if it was evicted or stopped. The TLS
+        socket becomes ``connection.conn`` first (it takes over the
         descriptor), so a failure is closed through it, gently."""
         limit = self.timeouts.frame or HANDSHAKE_TIMEOUT
+        watched = connection.watched
         try:
-            with gevent.Timeout(limit, ClientTimeout(CloseReason.HANDSHAKE_TIMEOUT, limit)):
+            with (
+                self.reaper.handshake(watched),
+                gevent.Timeout(limit, ClientTimeout(CloseReason.HANDSHAKE_TIMEOUT, limit)),
+            ):
                 connection.conn = self.tls.wrap_socket(
                     connection.sock, server_side=True, do_handshake_on_connect=False
                 )
+                watched.wrapped(connection.conn)
                 connection.conn.do_handshake()
         except OSError as exc:  # ssl.SSLError included
+            if watched.verdict is not None:
+                raise watched.verdict from None
             raise HandshakeFailed(exc.strerror or str(exc) or type(exc).__name__) from None
 
     def _unexpected(self, address: tuple, exc: Exception) -> None:

@@ -194,12 +194,29 @@ def make_app(registry: CollectorRegistry, health: Callable[[], str | None]) -> W
 class _BoundedWSGIServer(PausingAcceptor, WSGIServer):
     """gevent's WSGI server with each connection's whole life bounded: a
     client that sends half a request and waits is closed after the limit;
-    and reachable when the process is out of descriptors (a reserve)."""
+    when every slot is taken, the connection waiting longest for a request
+    gives its slot to the newcomer (so idle connections cannot keep a
+    health probe out); and reachable when the process is out of descriptors
+    (a reserve)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._reserve: list[int] = []
         self._refill()
+        # Connections between requests, oldest first (dicts keep their order).
+        self._waiting: dict[gevent.Greenlet, None] = {}
+        self.application = self._tracked(self.application)
+
+    def _tracked(self, app: WSGIApp) -> WSGIApp:
+        def tracked(environ: dict, start_response: Callable) -> Iterable[bytes]:
+            me = gevent.getcurrent()
+            self._waiting.pop(me, None)  # a request came: busy
+            try:
+                return app(environ, start_response)
+            finally:
+                self._waiting[me] = None  # waiting for the next one (keep-alive)
+
+        return tracked
 
     def do_read(self):
         try:
@@ -225,10 +242,17 @@ class _BoundedWSGIServer(PausingAcceptor, WSGIServer):
                 return  # none free now: after the next scrape
 
     def handle(self, sock: socket.socket, address: tuple) -> None:
+        me = gevent.getcurrent()
+        if self.pool.full() and self._waiting:
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.kill(block=False)  # closes its socket on the way out
+        self._waiting[me] = None
         try:
             with gevent.Timeout(REQUEST_SECONDS, False):  # False: end quietly
                 super().handle(sock, address)
         finally:
+            self._waiting.pop(me, None)
             sock.close()
             self._refill()
 

@@ -6,9 +6,11 @@ Every operation takes an exclusive ``flock`` on a lock file that each worker
 opens for itself (the kernel releases it if a worker dies). Connection
 counts are kept per worker so that the parent can drop a dead worker's
 connections (``forget_worker``). An entry lives while its peer has
-connections; the table is an open-addressing hash with linear probing and
-backward-shift deletion, sized at twice the connections the server can
-serve at once.
+connections, and after that while its bucket is in debt (until it would be
+full again), so that reconnecting does not forget the debt. The table is an
+open-addressing hash with linear probing and backward-shift deletion, sized
+at twice the connections the server can serve at once; entries of peers
+that are gone and rested are swept when a probe grows long.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-import gevent
-from counter_server.protocol import FRAME_SIZE
 from counter_server.server.admission import Admission, Network
 from counter_server.server.close import CloseReason, Refused
 
 _EMPTY = bytes(16)
+# A probe this long for a new entry sweeps out the rested ones first: with
+# live entries at most half the table, longer probes mean stale entries.
+LONG_PROBE = 32
 
 
 def _digest(key: str) -> bytes:
@@ -82,8 +85,17 @@ class PeerTable:
         return int.from_bytes(digest[:8], "little") % self.size
 
     def _find(self, digest: bytes, create: bool) -> int | None:
+        index = self._probe(digest, create)
+        if index is None and create:
+            self._sweep()
+            index = self._probe(digest, create, limit=self.size)
+        return index
+
+    def _probe(self, digest: bytes, create: bool, limit: int = LONG_PROBE) -> int | None:
+        """The slot of ``digest``; with ``create``, a new entry in the first
+        free slot within ``limit`` steps (None if there is none)."""
         index = self._home(digest)
-        for _ in range(self.size):
+        for _ in range(self.size if not create else min(limit, self.size)):
             stored = self.memory[index * self._slot.size : index * self._slot.size + 16]
             if stored == digest:
                 return index
@@ -94,7 +106,24 @@ class PeerTable:
                 self._write(index, [digest, burst, time.monotonic(), *([0] * self.workers)])
                 return index
             index = (index + 1) % self.size
-        return None  # full
+        return None  # full, or a long probe
+
+    def _rested(self, fields: Sequence, now: float) -> bool:
+        """An entry with no connection whose bucket is full again (or no rate)."""
+        if sum(fields[3:]):
+            return False
+        return self.rate is None or fields[1] + (now - fields[2]) * self.rate >= self.burst
+
+    def _sweep(self) -> None:
+        """Delete every rested entry (backward shift may move another entry
+        into the slot just emptied: look at it again)."""
+        now, index = time.monotonic(), 0
+        while index < self.size:
+            fields = self._read(index)
+            if fields[0] != _EMPTY and self._rested(fields, now):
+                self._delete(index)
+                continue
+            index += 1
 
     def _delete(self, index: int) -> None:
         """Backward-shift deletion: keeps every other key reachable."""
@@ -137,24 +166,20 @@ class PeerTable:
                 return
             fields = self._read(index)
             fields[3 + worker] = max(0, fields[3 + worker] - 1)
-            if sum(fields[3:]):
-                self._write(index, fields)
-            else:
+            if self._rested(fields, time.monotonic()):
                 self._delete(index)
+            else:
+                self._write(index, fields)
 
     def forget_worker(self, worker: int) -> None:
         """A worker died: its connections are gone (the parent calls this)."""
         with self._locked():
-            index = 0
-            while index < self.size:
+            for index in range(self.size):
                 fields = self._read(index)
                 if fields[0] != _EMPTY and fields[3 + worker]:
                     fields[3 + worker] = 0
-                    if not sum(fields[3:]):
-                        self._delete(index)
-                        continue  # another entry may have moved here
                     self._write(index, fields)
-                index += 1
+            self._sweep()
 
     def connections(self, key: str) -> int:
         """Connections of ``key`` across every worker."""
@@ -164,28 +189,28 @@ class PeerTable:
 
     # --- token buckets -----------------------------------------------------------
 
-    def take_budget(self, key: str, pending_bytes: int) -> tuple[int, float]:
-        """(bytes the key may read now, seconds to wait first): refills the
-        key's bucket and, when it is empty, says how long until one token."""
+    def take(self, key: str, frames: int) -> tuple[int, float]:
+        """Take up to ``frames`` whole tokens from ``key``'s bucket (0: only
+        look); returns how many were taken and the tokens left."""
         with self._locked():
             index = self._find(_digest(key), create=False)
-            if index is None:
-                return FRAME_SIZE - pending_bytes, 0.0
+            if index is None:  # not admitted through the table: not limited
+                return frames, float(self.burst or 0)
             fields = self._read(index)
             now = time.monotonic()
             tokens = min(self.burst, fields[1] + (now - fields[2]) * self.rate)
-            fields[1], fields[2] = tokens, now
+            taken = min(frames, int(tokens))
+            fields[1], fields[2] = tokens - taken, now
             self._write(index, fields)
-        wait = (1 - tokens) / self.rate if tokens < 1 else 0.0
-        return max(1, int(tokens)) * FRAME_SIZE - pending_bytes, wait
+        return taken, tokens - taken
 
-    def spend(self, key: str, frames: int) -> None:
+    def __len__(self) -> int:
+        """Peers with an entry (connected, or in debt)."""
         with self._locked():
-            index = self._find(_digest(key), create=False)
-            if index is not None:
-                fields = self._read(index)
-                fields[1] -= frames
-                self._write(index, fields)
+            return sum(
+                self.memory[i * self._slot.size : i * self._slot.size + 16] != _EMPTY
+                for i in range(self.size)
+            )
 
 
 class SharedAdmission(Admission):
@@ -215,35 +240,29 @@ class SharedAdmission(Admission):
 class SharedBucket:
     """A peer's token bucket in the table, with ``TokenBucket``'s interface."""
 
-    __slots__ = ("_key", "_limiter")
+    __slots__ = ("_key", "_limiter", "rate")
 
     def __init__(self, limiter: SharedRateLimiter, key: str) -> None:
         self._limiter, self._key = limiter, key
+        self.rate = limiter.table.rate
 
-    def read_budget(self, pending_bytes: int) -> int:
-        table = self._limiter.table
-        budget, wait = table.take_budget(self._key, pending_bytes)
-        if wait:
-            self._limiter.throttled_seconds += wait
-            self._limiter.sleep(wait)
-            budget, _ = table.take_budget(self._key, pending_bytes)
-        return budget
+    def take(self, frames: int) -> tuple[int, float]:
+        return self._limiter.table.take(self._key, frames)
 
-    def spend(self, frames: int) -> None:
-        self._limiter.table.spend(self._key, frames)
+    def waited(self, seconds: float) -> None:
+        self._limiter.throttled_seconds += seconds
 
 
 class SharedRateLimiter:
-    """``RateLimiter`` whose buckets live in a ``PeerTable`` (pinned by
-    ``SharedAdmission``), so the rate holds across every worker."""
+    """``RateLimiter`` whose buckets live in a ``PeerTable`` (whose entries
+    ``SharedAdmission`` creates), so the rate holds across every worker."""
 
-    def __init__(self, table: PeerTable, sleep: Callable[[float], None] = gevent.sleep) -> None:
+    def __init__(self, table: PeerTable) -> None:
         self.table = table
-        self.sleep = sleep
         self.throttled_seconds = 0.0  # this worker's waits
 
     def acquire(self, key: str) -> SharedBucket:
         return SharedBucket(self, key)
 
     def release(self, key: str) -> None:
-        pass  # the admission's release drops the entry with the last connection
+        pass  # the admission's release leaves the table, which keeps a debt

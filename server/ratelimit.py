@@ -1,8 +1,16 @@
-"""Per-client-IP rate limiting with token buckets.
+"""Per-client rate limiting with token buckets.
 
-An over-limit client is slowed, not refused: its connection stops reading
-until tokens refill, so TCP backpressure holds the client back and nothing it
-sent is lost. All connections from one IP share one bucket.
+A client is an IP (an IPv6 client is its prefix, server.admission.peer_key).
+All its connections share one bucket, and a frame is applied only after its
+token has been taken, so a client gets at most ``burst + rate x t`` frames
+over any interval of t seconds, however many connections it opens. An
+over-limit client is slowed, not refused: its connection stops reading until
+tokens refill (TCP backpressure holds the client back, nothing it sent is
+lost). The waiting itself is the connection's (server.timeouts.Watched), so
+that shutdown and a peer that left can end it.
+
+A bucket outlives the client's connections until it would be full again:
+closing every connection and reconnecting does not forget a debt.
 """
 
 from __future__ import annotations
@@ -10,82 +18,92 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import gevent
-from counter_server.protocol import FRAME_SIZE
+# Drop rested buckets (no connection, full again) when the table has grown to
+# twice what the last sweep left, and never below this: amortised O(1) per
+# connection, memory proportional to the clients of the last burst/rate seconds.
+MIN_SWEEP = 64
 
 
 class TokenBucket:
-    """``rate`` tokens per second, holding at most ``burst``; one token per frame."""
+    """``rate`` tokens per second, holding at most ``burst``; one token per
+    frame applied. The balance never goes below zero: tokens are taken
+    before the frames they pay for are applied."""
 
-    __slots__ = (
-        "_clock", "_sleep", "burst", "rate", "throttled_seconds", "tokens", "updated", "users"
-    )  # fmt: skip
+    __slots__ = ("_clock", "burst", "limiter", "rate", "tokens", "updated", "users")
 
     def __init__(
         self,
         rate: float,
         burst: int,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = gevent.sleep,
+        limiter: RateLimiter | None = None,
     ) -> None:
-        """``clock`` and ``sleep`` are injectable so tests need not wait."""
+        """``clock`` is injectable so tests need not wait."""
         self.rate = rate
         self.burst = burst
         self.tokens = float(burst)
         self._clock = clock
-        self._sleep = sleep
         self.updated = clock()
-        self.throttled_seconds = 0.0
+        self.limiter = limiter
         self.users = 0  # connections sharing this bucket
 
-    def _refill(self) -> None:
+    def take(self, frames: int) -> tuple[int, float]:
+        """Take up to ``frames`` whole tokens (0: only look); returns how many
+        were taken and the tokens left."""
         now = self._clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
+        tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        taken = min(frames, int(tokens))
+        self.tokens, self.updated = tokens - taken, now
+        return taken, self.tokens
 
-    def read_budget(self, pending_bytes: int) -> int:
-        """Bytes a connection may read now: waits (yielding to other greenlets)
-        until at least one frame's worth of tokens is there."""
-        self._refill()
-        if self.tokens < 1:
-            wait = (1 - self.tokens) / self.rate
-            self.throttled_seconds += wait
-            self._sleep(wait)
-            self._refill()
-        return max(1, int(self.tokens)) * FRAME_SIZE - pending_bytes
+    def waited(self, seconds: float) -> None:
+        """A connection of this client waited ``seconds`` for tokens."""
+        if self.limiter is not None:
+            self.limiter.throttled_seconds += seconds
 
-    def spend(self, frames: int) -> None:
-        """Take one token per frame applied (the balance may dip below zero
-        when connections of one IP read at once; they then wait longer)."""
-        self.tokens -= frames
+    def full(self) -> bool:
+        """Whether the bucket has refilled to its burst (forgetting it then
+        loses nothing)."""
+        return self.tokens + (self._clock() - self.updated) * self.rate >= self.burst
 
 
 class RateLimiter:
-    """One bucket per client IP, created on its first connection and dropped
-    with its last, so memory follows the connections."""
+    """One bucket per client, created on its first connection and dropped
+    once it has no connection and is full again."""
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate = rate
         self.burst = burst
+        self._clock = clock
         self._buckets: dict[str, TokenBucket] = {}
-        self.throttled_seconds_closed = 0.0  # from buckets already dropped
+        self._sweep_at = MIN_SWEEP
+        self.throttled_seconds = 0.0  # time connections waited for tokens, all clients
 
-    def acquire(self, ip: str) -> TokenBucket:
-        bucket = self._buckets.get(ip)
+    def acquire(self, key: str) -> TokenBucket:
+        """The bucket of client ``key`` for one more connection."""
+        bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[ip] = TokenBucket(self.rate, self.burst)
+            if len(self._buckets) >= self._sweep_at:
+                self._sweep()
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, self._clock, self)
         bucket.users += 1
         return bucket
 
-    def release(self, ip: str) -> None:
-        bucket = self._buckets[ip]
+    def release(self, key: str) -> None:
+        """A connection of client ``key`` closed; its bucket stays while in debt."""
+        bucket = self._buckets[key]
         bucket.users -= 1
-        if not bucket.users:
-            del self._buckets[ip]
-            self.throttled_seconds_closed += bucket.throttled_seconds
+        if not bucket.users and bucket.full():
+            del self._buckets[key]
 
-    @property
-    def throttled_seconds(self) -> float:
-        """Time connections spent waiting for tokens, all clients together."""
-        live = sum(b.throttled_seconds for b in self._buckets.values())
-        return self.throttled_seconds_closed + live
+    def _sweep(self) -> None:
+        rested = [key for key, b in self._buckets.items() if not b.users and b.full()]
+        for key in rested:
+            del self._buckets[key]
+        self._sweep_at = max(MIN_SWEEP, 2 * len(self._buckets))
+
+    def __len__(self) -> int:
+        """Clients with a bucket (connected, or in debt)."""
+        return len(self._buckets)

@@ -79,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
             "initial_value": ready.initial,
         },
     )
+    cap = settings.max_conns_per_ip
+    if cap is not None and cap >= ready.total_pool:
+        log.warning(
+            "--max-conns-per-ip %d is not below the pool of %d: one client can still take "
+            "every slot; use at most %d (half the pool)",
+            cap,
+            ready.total_pool,
+            max(1, ready.total_pool // 2),
+            extra={"max_conns_per_ip": cap, "pool_size": ready.total_pool},
+        )
     if settings.ready_file:
         write_ready_file(settings.ready_file, ready)
 

@@ -7,20 +7,37 @@ reaper looks at every connection a few times per timeout period and shuts
 down the sockets of those that broke a limit. The connection loop then wakes
 (end of stream, or a failed send), sees ``verdict`` and ends with the
 reason. Precision is a quarter of the shortest timeout (or one second).
+
+A connection is watched from its accept (its TLS handshake included) to its
+close. Under pool pressure the connections that hold a slot without using
+it give way: idle ones, ones whose TLS handshake or current frame has been
+under way for as long (a trickle), longest first. A connection waiting for
+rate tokens is not reading, so the reaper looks whether its peer has left.
 """
 
 from __future__ import annotations
 
+import contextlib
+import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import gevent
 from counter_server.common.sockets import raw_send, shut_down
-from counter_server.protocol import FrameDecoder
-from counter_server.server.close import ClientTimeout, CloseReason, ConnectionEnded, Evicted
-from counter_server.server.ratelimit import TokenBucket
+from counter_server.protocol import FRAME_SIZE, FrameDecoder
+from counter_server.server.close import (
+    ClientTimeout,
+    CloseReason,
+    ConnectionEnded,
+    Evicted,
+    PeerLeft,
+    Stopped,
+)
+from gevent.event import Event
+from gevent.monkey import get_original
 
 # The reaper looks at every connection this often: at least four times per
 # shortest timeout, and at most half a second apart (eviction needs to know
@@ -30,6 +47,21 @@ MIN_INTERVAL, MAX_INTERVAL = 0.05, 0.5
 # it is reached: with float seconds, (t + 5) - (t + 2) can come out an ulp
 # short of 3, depending on t.
 NS_PER_SECOND = 1_000_000_000
+# The kernel's own poll (gevent's patched one has no POLLRDHUP): asked with
+# no timeout whether peers of throttled connections have shut their side.
+_poll = get_original("select", "poll")
+# The peer sent its FIN (or reset): even with unread bytes pending (Linux).
+PEER_GONE = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
+
+
+class Bucket(Protocol):
+    """A client's token bucket (server.ratelimit, or server.peers with --processes)."""
+
+    rate: float
+
+    def take(self, frames: int) -> tuple[int, float]: ...
+
+    def waited(self, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -62,10 +94,11 @@ DEFAULT_TIMEOUTS = Timeouts()
 class Watched:
     """One connection as the reaper sees it.
 
-    The hot path bumps ``bytes_in``; its two blocking steps other than the
-    read go through ``write`` and ``wait_for_tokens``, which raise the
-    ``writing`` and ``throttled`` flags around the wait, so the reaper always
-    knows whether the server or the client is the one holding things up.
+    The hot path bumps ``bytes_in``; its blocking steps other than the
+    read go through ``write``, ``read_budget`` and ``take_tokens``, which
+    raise the ``writing`` and ``throttled`` flags around the wait, so the
+    reaper always knows whether the server or the client is the one holding
+    things up. ``handshaking`` is set while the TLS handshake runs.
     """
 
     __slots__ = (
@@ -73,26 +106,30 @@ class Watched:
         "_frame_start",
         "_idle_since",
         "_raw_send",
+        "_resume",
         "_seen_in",
         "_seen_out",
         "_write_since",
         "bytes_in",
         "bytes_out",
         "decoder",
+        "handshaking",
         "sock",
         "throttled",
         "verdict",
         "writing",
     )
 
-    def __init__(self, sock: socket.socket, decoder: FrameDecoder, now: int) -> None:
+    def __init__(self, sock: socket.socket, now: int) -> None:
         self.sock = sock
         self._raw_send = raw_send(sock)
-        self.decoder = decoder
+        self.decoder = FrameDecoder()
         self.bytes_in = 0
         self.bytes_out = 0
         self.writing = False
         self.throttled = False
+        self.handshaking = False
+        self._resume: Event | None = None  # while throttled: set to end the wait early
         self.verdict: ConnectionEnded | None = None  # set by the reaper: how it ends
         self._seen_in = 0
         self._idle_since = now
@@ -124,12 +161,61 @@ class Watched:
         self.writing = False
         self.bytes_out += len(data)
 
-    def wait_for_tokens(self, bucket: TokenBucket) -> int:
-        """Bytes the connection may read now, after waiting for rate tokens."""
+    def wrapped(self, sock: socket.socket) -> None:
+        """The TLS socket took over the descriptor: watch it from now on."""
+        self.sock = sock
+        self._raw_send = raw_send(sock)
+
+    def read_budget(self, bucket: Bucket, most: int) -> int:
+        """Bytes to read next (at most ``most``): as many whole frames as the
+        client has tokens for, after waiting for one if it has none."""
         self.throttled = True
-        budget = bucket.read_budget(self.decoder.pending_bytes)
-        self.throttled = False
-        return budget
+        try:
+            _, tokens = bucket.take(0)
+            while tokens < 1:
+                self._pause(bucket, (1 - tokens) / bucket.rate)
+                _, tokens = bucket.take(0)
+        finally:
+            self.throttled = False
+        return min(most, int(tokens) * FRAME_SIZE) - self.decoder.pending_bytes
+
+    def take_tokens(self, bucket: Bucket, frames: int) -> None:
+        """Take one token per frame about to be applied, waiting for the
+        tokens the client's other connections took meanwhile."""
+        taken, tokens = bucket.take(frames)
+        if taken == frames:
+            return
+        self.throttled = True
+        try:
+            frames -= taken
+            while frames:
+                self._pause(bucket, (1 - tokens) / bucket.rate)
+                taken, tokens = bucket.take(frames)
+                frames -= taken
+        finally:
+            self.throttled = False
+
+    def _pause(self, bucket: Bucket, seconds: float) -> None:
+        """Wait ``seconds`` for tokens, unless ``end`` cuts it short (raising
+        the ending then)."""
+        self._resume = resume = Event()
+        started = time.monotonic()
+        try:
+            resume.wait(seconds)
+        finally:
+            self._resume = None
+            bucket.waited(time.monotonic() - started)
+        if self.verdict is not None:
+            raise self.verdict
+
+    def end(self, verdict: ConnectionEnded, how: int = socket.SHUT_RDWR) -> None:
+        """End the connection with ``verdict``: shut the socket (``how``), which
+        wakes a read or a write, and cut short a wait for tokens."""
+        if self.verdict is None:
+            self.verdict = verdict
+        shut_down(self.sock, how)
+        if self._resume is not None:
+            self._resume.set()
 
 
 def nanoseconds(seconds: float | None) -> int | None:
@@ -150,10 +236,22 @@ class TimeoutReaper:
         self._limits = tuple(nanoseconds(limit) for limit in limits)
         self._greenlet: gevent.Greenlet | None = None
 
-    def watch(self, sock: socket.socket, decoder: FrameDecoder) -> Watched:
-        watched = Watched(sock, decoder, self._clock())
+    def watch(self, sock: socket.socket) -> Watched:
+        """Watch a connection from its accept on; ``forget`` it at its close."""
+        watched = Watched(sock, self._clock())
         self.watched.add(watched)
         return watched
+
+    @contextlib.contextmanager
+    def handshake(self, watched: Watched) -> Iterator[None]:
+        """Around the TLS handshake: the connection is evictable while it
+        lasts, and its idle clock starts when it is done."""
+        watched.handshaking = True
+        try:
+            yield
+        finally:
+            watched.handshaking = False
+            watched._idle_since = watched._frame_since = self._clock()
 
     def forget(self, watched: Watched) -> None:
         self.watched.discard(watched)
@@ -172,36 +270,72 @@ class TimeoutReaper:
             self.check()
 
     def check(self) -> None:
-        """One pass: time out, and shut down, every connection over a limit."""
+        """One pass: time out, and shut down, every connection over a limit,
+        and end those waiting for rate tokens whose peer has left."""
         now = self._clock()
+        throttled = []
         for watched in list(self.watched):
             if watched.verdict is None:
                 broken = self._broken_limit(watched, now)
                 if broken is not None:
-                    watched.verdict = broken
-                    shut_down(watched.sock, socket.SHUT_RDWR)
+                    watched.end(broken)
+                elif watched.throttled:
+                    throttled.append(watched)
+        if throttled:
+            self._end_if_peer_left(throttled)
+
+    @staticmethod
+    def _end_if_peer_left(throttled: list[Watched]) -> None:
+        poller = _poll()
+        by_fd = {}
+        for watched in throttled:
+            fd = watched.sock.fileno()
+            if fd >= 0:
+                by_fd[fd] = watched
+                poller.register(fd, PEER_GONE)
+        for fd, _ in poller.poll(0):
+            by_fd[fd].end(PeerLeft())
+
+    def stop_all(self) -> None:
+        """Shutdown: stop reading on every connection (a read returns end of
+        stream, replies owed still go out) and end waits for tokens."""
+        for watched in list(self.watched):
+            if watched.throttled or watched.handshaking:
+                watched.end(Stopped(), socket.SHUT_RD)
+            else:
+                shut_down(watched.sock, socket.SHUT_RD)
 
     def evict_idle(self, idle_for: float, count: int) -> int:
-        """Close up to ``count`` connections that have been idle for at least
-        ``idle_for`` seconds (no byte in, no partial frame, nothing being sent
-        or throttled), longest idle first; returns how many. Only the read
-        side is shut: a reply still being produced goes out before the close."""
-        now, idle_ns = self._clock(), nanoseconds(idle_for)
-        idle = [
-            w
-            for w in self.watched
-            if w.verdict is None
-            and not w.writing
-            and not w.throttled
-            and not w.decoder.pending_bytes
-            and w.bytes_in == w._seen_in
-            and now - w._idle_since >= idle_ns
-        ]
-        idle.sort(key=lambda w: w._idle_since)
-        for w in idle[:count]:
-            w.verdict = Evicted(idle_for)
-            shut_down(w.sock, socket.SHUT_RD)
-        return min(count, len(idle))
+        """Close up to ``count`` connections that hold their slot without
+        using it, for at least ``idle_for`` seconds: idle (no byte in, no
+        partial frame, nothing being sent or throttled), or with a TLS
+        handshake or a frame under way that long (a trickle delivers less
+        than a frame per ``idle_for``). Longest first; returns how many. Only
+        the read side is shut: a reply still being produced goes out first."""
+        now, limit = self._clock(), nanoseconds(idle_for)
+        unused = []
+        for w in self.watched:
+            since = self._unused_since(w)
+            if since is not None and now - since >= limit:
+                unused.append((since, w))
+        unused.sort(key=lambda pair: pair[0])
+        for _, w in unused[:count]:
+            w.end(Evicted(idle_for), socket.SHUT_RD)
+        return min(count, len(unused))
+
+    @staticmethod
+    def _unused_since(w: Watched) -> int | None:
+        """Since when ``w`` has held its slot without using it, or None."""
+        if w.verdict is not None or w.writing or w.throttled:
+            return None
+        if w.handshaking:
+            return w._idle_since  # since its accept: bytes_in counts frames only
+        pending = w.decoder.pending_bytes
+        if not pending:
+            return w._idle_since if w.bytes_in == w._seen_in else None
+        if w.bytes_in - pending == w._frame_start:  # the frame the reaper timed
+            return w._frame_since
+        return None
 
     def _broken_limit(self, w: Watched, now: int) -> ClientTimeout | None:
         idle, frame, write = self._limits
@@ -209,6 +343,8 @@ class TimeoutReaper:
             w._seen_out, w._write_since = w.bytes_out, now
         elif write is not None and now - w._write_since >= write:
             return ClientTimeout(CloseReason.WRITE_TIMEOUT, self.timeouts.write)
+        if w.handshaking:
+            return None  # its own timeout (server.lifecycle) bounds it
         if w.bytes_in != w._seen_in or w.writing or w.throttled:
             w._seen_in, w._idle_since = w.bytes_in, now
         elif idle is not None and now - w._idle_since >= idle:

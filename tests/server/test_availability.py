@@ -5,8 +5,10 @@ that never read, and a metrics endpoint that cannot starve the counter port."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import ssl
 import threading
 import time
 
@@ -82,6 +84,52 @@ def test_without_a_frame_timeout_a_silent_tls_handshake_ends_after_10s(pki):
     assert "closed: handshake timeout (handshake timeout after 10s)" in server.stderr
 
 
+def fill_the_pool(server, count: int | None = None) -> list[socket.socket]:
+    """``count`` (the whole pool) connections that never send, once the
+    server has taken every one into its pool."""
+    count = server.pool_size if count is None else count
+    held = [connect(server.port) for _ in range(count)]
+    wait_until(
+        lambda: metric(server.metrics_url(), "counter_server_pool_in_use") == count,
+        10, f"{count} connections in the pool",
+    )  # fmt: skip
+    return held
+
+
+def test_tls_handshakes_that_never_start_give_their_slots_to_waiting_clients(pki):
+    server = start_tls_server(pki, "--multiplier", "2", "--metrics-port", "0")
+    held = fill_the_pool(server)  # TCP only: no ClientHello, ever
+    try:
+        context = ssl.create_default_context(cafile=pki["ca"])
+        started = time.monotonic()
+        with context.wrap_socket(connect(server.port), server_hostname="127.0.0.1") as sock:
+            sock.sendall(frames(1))
+            assert recv_replies(sock, 1) == (1,)
+        waited = time.monotonic() - started
+        # Evicted after 1 s (--evict-idle-after) and the next check; before,
+        # they held their slots until the 10 s handshake timeout.
+        assert waited < 5.0, f"a TLS client waited {waited:.1f}s"
+        assert closed_count(server, "idle_evicted") >= 1
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_shutdown_ends_tls_handshakes_that_never_start(pki):
+    server = start_tls_server(pki, "--metrics-port", "0")
+    held = fill_the_pool(server, 4)
+    try:
+        started = time.monotonic()
+        assert server.stop() == 0
+        took = time.monotonic() - started
+        assert took < 5.0, f"the shutdown waited {took:.1f}s for handshakes"  # not 10 s
+        assert "did not finish within" not in server.stderr
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def exchange_tls_still_works(pki, server) -> bool:
     result = run_client(
         "--get", "--tls", "--tls-ca", pki["ca"], "--serverAddress", f"127.0.0.1:{server.port}"
@@ -142,6 +190,37 @@ def test_idle_connections_give_their_slots_to_waiting_ones():
         server.stop()
     assert "closed: idle evicted" in server.stderr
     assert "closed 1 idle connections" in server.stderr
+
+
+def test_connections_that_trickle_their_frames_give_their_slots_to_waiting_ones():
+    """A whole pool of connections sending one byte every 0.6 s (each frame
+    takes 9.6 s, inside the 10 s frame timeout) must not keep others out."""
+    server = start_server("--multiplier", "2", "--metrics-port", "0")
+    held = fill_the_pool(server)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.6):
+            for sock in held:
+                with contextlib.suppress(OSError):
+                    sock.send(b"\1")
+
+    thread = threading.Thread(daemon=True, target=trickle)
+    thread.start()
+    try:
+        stop.wait(1.5)  # every connection has a frame under way
+        started = time.monotonic()
+        assert served_within(server.port, 10, 1) == (1,)
+        waited = time.monotonic() - started
+        assert waited < 5.0, f"a new client waited {waited:.1f}s behind trickles"
+        assert closed_count(server, "idle_evicted") >= 1
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in held:
+            sock.close()
+        server.stop()
+    assert server.totals[1] == 1  # no trickled byte became an increment
 
 
 def test_busy_connections_are_never_evicted():

@@ -40,20 +40,21 @@ def run(pair, payload: bytes, store=None, stats=None):
     store = store or MemoryCounterStore()
     stats = stats or ServerStats()
     reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None))
-    outcome = serve(server_side, store, stats, State(), reaper)
+    watched = reaper.watch(server_side)
+    outcome = serve(watched, store, stats, State())
     server_side.shutdown(socket.SHUT_WR)
     received = b""
     while chunk := client_side.recv(65536):
         received += chunk
-    return outcome, decode_replies(received), store, stats
+    return outcome, decode_replies(received), store, watched
 
 
 def test_frames_get_their_replies_in_order_and_the_peer_close_ends_it(pair):
-    outcome, replies, store, stats = run(pair, b"".join(map(encode_request, [1, 2, 0, 3])))
+    outcome, replies, store, watched = run(pair, b"".join(map(encode_request, [1, 2, 0, 3])))
     assert outcome is None
     assert replies == (1, 3, 3, 6)
     assert store.requests_applied == 4
-    assert stats.bytes_in == 64 and stats.bytes_out == 32
+    assert watched.bytes_in == 64 and watched.bytes_out == 32
 
 
 def test_replies_owed_before_a_bad_frame_are_sent_then_it_is_refused(pair):
@@ -98,7 +99,7 @@ def test_a_reaper_verdict_ends_the_loop_as_that_timeout(pair):
 
     def serving() -> None:
         try:
-            serve(server_side, MemoryCounterStore(), ServerStats(), State(), reaper)
+            serve(reaper.watch(server_side), MemoryCounterStore(), ServerStats(), State())
         except ClientTimeout as exc:
             outcome.append(exc)
 
@@ -122,7 +123,7 @@ def test_shutdown_stops_reading_quietly(pair):
     state.stopping = True
     client_side.sendall(encode_request(1))
     reaper = TimeoutReaper(Timeouts())
-    assert serve(server_side, MemoryCounterStore(), ServerStats(), state, reaper) is None
+    assert serve(reaper.watch(server_side), MemoryCounterStore(), ServerStats(), state) is None
 
 
 def test_the_gevent_read_path_keeps_framing_across_short_and_full_reads():
@@ -137,7 +138,8 @@ def test_the_gevent_read_path_keeps_framing_across_short_and_full_reads():
     store = MemoryCounterStore()
     stats = ServerStats()
     reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None))
-    serving = gevent.spawn(serve, server_side, store, stats, State(), reaper)
+    watched = reaper.watch(server_side)
+    serving = gevent.spawn(serve, watched, store, stats, State())
     received = bytearray()
     reader = gevent.spawn(
         lambda: [received.extend(c) for c in iter(lambda: client_side.recv(65536), b"")]
@@ -152,6 +154,6 @@ def test_the_gevent_read_path_keeps_framing_across_short_and_full_reads():
     server_side.shutdown(socket.SHUT_WR)
     reader.join(timeout=10)
     assert decode_replies(bytes(received)) == tuple(range(1, burst + 3))
-    assert stats.bytes_in == (burst + 2) * 16
+    assert watched.bytes_in == (burst + 2) * 16
     server_side.close()
     client_side.close()

@@ -234,3 +234,19 @@ def test_metrics_answer_while_the_process_is_out_of_descriptors():
             sock.close()
         server.stop()
     assert "Traceback" not in server.stderr
+
+
+def test_idle_connections_to_the_metrics_port_cannot_keep_a_health_probe_out(metered):
+    """Each HTTP connection may live 5 s and 16 are served at once: 100
+    connections that never send a request kept /healthz unanswered for
+    half a minute; the one waiting longest now gives way to a newcomer."""
+    port = int(metered.metrics_url().rsplit(":", 1)[1].split("/")[0])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+    try:
+        started = time.monotonic()
+        assert http_get(metered.metrics_url("/healthz")) == (200, "ok\n")
+        took = time.monotonic() - started
+        assert took < 3.0, f"/healthz answered after {took:.1f}s behind idle connections"
+    finally:
+        for sock in idle:
+            sock.close()

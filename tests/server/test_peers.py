@@ -6,7 +6,6 @@ import os
 import random
 
 import pytest
-from counter_server.protocol import FRAME_SIZE
 from counter_server.server.close import CloseReason, Refused
 from counter_server.server.peers import PeerTable, SharedAdmission
 
@@ -62,15 +61,38 @@ def test_entries_stay_reachable_through_any_deletions(table):
 
 def test_one_bucket_per_peer_shared_by_processes(table):
     table.enter("192.0.2.1", 0, limit=None)
-    assert table.take_budget("192.0.2.1", 0) == (5 * FRAME_SIZE, 0.0)
+    assert table.take("192.0.2.1", 0) == (0, 5.0)
     pid = os.fork()
-    if pid == 0:  # another worker spends the bucket
+    if pid == 0:  # another worker takes the whole burst
         table.open()
-        table.spend("192.0.2.1", 5)
-        os._exit(0)
-    os.waitpid(pid, 0)
-    budget, wait = table.take_budget("192.0.2.1", 0)
-    assert budget == FRAME_SIZE and wait == pytest.approx(0.1, abs=0.02)
+        os._exit(0 if table.take("192.0.2.1", 7)[0] == 5 else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    taken, left = table.take("192.0.2.1", 5)
+    assert taken == 0 and left < 1  # nothing left for this worker, nothing overdrawn
+
+
+def test_a_debt_outlives_the_peers_connections(table):
+    table.enter("192.0.2.1", 0, limit=None)
+    assert table.take("192.0.2.1", 5)[0] == 5
+    table.leave("192.0.2.1", 0)
+    table.enter("192.0.2.1", 1, limit=None)  # reconnects on another worker
+    assert table.take("192.0.2.1", 5)[0] == 0  # still in debt, not a new burst
+    table.leave("192.0.2.1", 1)
+    assert len(table) == 1
+
+
+def test_rested_entries_are_swept_when_probes_grow_long():
+    table = PeerTable(capacity=8, workers=1, rate=1000.0, burst=1)
+    table.open()
+    try:
+        for n in range(3 * table.size):  # more peers than slots, one after another
+            key = f"10.{n // 65536}.{n // 256 % 256}.{n % 256}"
+            table.enter(key, 0, limit=None)
+            table.take(key, 1)  # each leaves a debt paid 1 ms later
+            table.leave(key, 0)
+        assert len(table) < table.size  # never full: new peers were always admitted
+    finally:
+        table.remove()
 
 
 def test_shared_admission_applies_the_allowlist_locally(table):

@@ -21,6 +21,7 @@ from support import (
     connect_from,
     exchange,
     frames,
+    metric,
     read_counter,
     recv_replies,
     run_client,
@@ -29,6 +30,7 @@ from support import (
     stall_server,
     start_server,
     start_tls_server,
+    wait_until,
 )
 
 
@@ -200,6 +202,76 @@ def test_rate_limit_slows_a_greedy_client_and_spares_another():
         server.stop()
 
 
+def replies_within(socks: list[socket.socket], seconds: float) -> int:
+    """Replies that arrive on ``socks`` within ``seconds``, all together."""
+    import selectors
+
+    counts, deadline = 0, time.monotonic() + seconds
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(left):
+                data = key.fileobj.recv(65536)
+                if not data:
+                    selector.unregister(key.fileobj)
+                counts += len(data)
+    return counts // REPLY_SIZE
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_client_gets_one_burst_however_many_connections_it_opens(processes):
+    """40 connections of one IP each send 100 frames at once: together they
+    get the burst of 100 and 10 a second, not 40 bursts; and once the client
+    has closed them, none keeps its pool slot waiting for tokens."""
+    server = start_server(
+        "--rate", "10", "--burst", "100", "--max-conns-per-ip", "100",
+        "--processes", processes, "--metrics-port", "0",
+    )  # fmt: skip
+    try:
+        socks = [connect(server.port) for _ in range(40)]
+        started = time.monotonic()
+        for sock in socks:
+            sock.sendall(frames(*[1] * 100))
+        replies = replies_within(socks, 2.0)
+        for sock in socks:
+            sock.close()
+        elapsed = time.monotonic() - started
+        assert replies <= 100 + 10 * elapsed + 5, f"{replies} replies in {elapsed:.1f}s"
+        assert replies >= 100  # the burst itself is served at once
+        with connect_from("127.0.0.2", server.port) as other:  # another client's bucket
+            other.sendall(frames(0))
+            counter = recv_replies(other, 1)[0]
+        assert counter <= 100 + 10 * (time.monotonic() - started) + 5, counter
+        wait_until(
+            lambda: metric(server.metrics_url(), "counter_server_pool_in_use") == 0,
+            5, "the closed connections to leave the pool",
+        )  # fmt: skip
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_closing_every_connection_does_not_forget_the_debt(processes):
+    """One connection at a time: 100 frames, close, wait 0.3 s, reconnect.
+    The client's bucket outlives its connections."""
+    server = start_server(
+        "--rate", "10", "--burst", "100", "--max-conns-per-ip", "100", "--processes", processes
+    )
+    try:
+        replies, started = 0, time.monotonic()
+        while time.monotonic() - started < 3.0:
+            with connect(server.port) as sock:
+                sock.sendall(frames(*[1] * 100))
+                replies += replies_within([sock], 0.3)
+            time.sleep(0.3)
+        elapsed = time.monotonic() - started
+        assert replies <= 100 + 10 * elapsed + 5, f"{replies} replies in {elapsed:.1f}s"
+    finally:
+        server.stop()
+
+
 # --- admission: allowlist and per-IP cap -----------------------------------------
 
 
@@ -251,6 +323,21 @@ def test_connections_per_ip_are_capped():
     finally:
         server.stop()
     assert "closed: per ip limit" in server.stderr
+
+
+def test_a_per_ip_cap_that_is_not_below_the_pool_is_warned_about():
+    server = start_server("--max-conns-per-ip", "64", "--multiplier", "2")
+    try:
+        pool = server.pool_size
+    finally:
+        server.stop()
+    assert (
+        f"--max-conns-per-ip 64 is not below the pool of {pool}: one client can still take "
+        f"every slot; use at most {pool // 2} (half the pool)"
+    ) in server.stderr
+    below = start_server("--max-conns-per-ip", "2", "--multiplier", "2")
+    below.stop()
+    assert "max-conns-per-ip" not in below.stderr
 
 
 # --- TLS ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from counter_server.protocol import FrameDecoder, encode_request
+from counter_server.protocol import encode_request
 from counter_server.server.close import CloseReason
 from counter_server.server.timeouts import NS_PER_SECOND, TimeoutReaper, Timeouts
 
@@ -32,9 +32,8 @@ def check_at(reaper: TimeoutReaper, clock: FakeClock, seconds: float) -> None:
 def watched_connection(pair, timeouts: Timeouts, clock: FakeClock | None = None):
     clock = clock or FakeClock()
     reaper = TimeoutReaper(timeouts, clock)
-    decoder = FrameDecoder()
-    watched = reaper.watch(pair[0], decoder)
-    return reaper, decoder, watched, clock
+    watched = reaper.watch(pair[0])
+    return reaper, watched.decoder, watched, clock
 
 
 def test_idle_connection_times_out_and_is_shut_down(pair):
@@ -131,15 +130,15 @@ def test_eviction_takes_the_longest_idle_connections_only(pair):
     reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None), clock)
     others = [socket.socketpair() for _ in range(3)]
     try:
-        busy = reaper.watch(others[0][0], FrameDecoder())
+        busy = reaper.watch(others[0][0])
         busy.writing = True  # replies owed: never evicted
-        partial = reaper.watch(pair[0], FrameDecoder())
+        partial = reaper.watch(pair[0])
         partial.decoder.feed(encode_request(1)[:3])  # a frame in progress
         partial.bytes_in = partial._seen_in = 3
         clock.at(1)
-        idle_long = reaper.watch(others[1][0], FrameDecoder())
+        idle_long = reaper.watch(others[1][0])
         clock.at(4)
-        idle_short = reaper.watch(others[2][0], FrameDecoder())
+        idle_short = reaper.watch(others[2][0])
         clock.at(6)
         assert reaper.evict_idle(idle_for=1.0, count=1) == 1
         assert idle_long.verdict.reason is CloseReason.IDLE_EVICTED
@@ -151,6 +150,47 @@ def test_eviction_takes_the_longest_idle_connections_only(pair):
         for a, b in others:
             a.close()
             b.close()
+
+
+def test_a_frame_trickled_for_as_long_as_an_idle_one_is_evicted_too(pair):
+    clock = FakeClock()
+    reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None), clock)
+    trickle = reaper.watch(pair[0])
+    trickle.decoder.feed(encode_request(1)[:3])
+    trickle.bytes_in = 3
+    check_at(reaper, clock, 0.5)  # the reaper sees the frame begin
+    trickle.decoder.feed(encode_request(1)[3:5])
+    trickle.bytes_in = 5  # a byte now and then: never idle, but the same frame
+    check_at(reaper, clock, 1.4)
+    assert reaper.evict_idle(idle_for=1.0, count=1) == 0  # under way 0.9 s
+    clock.at(1.5)
+    assert reaper.evict_idle(idle_for=1.0, count=1) == 1
+    assert trickle.verdict.reason is CloseReason.IDLE_EVICTED
+    assert str(trickle.verdict) == "no whole frame for 1s or more while the pool was full"
+
+
+def test_a_tls_handshake_under_way_is_evictable_and_its_end_restarts_the_idle_clock(pair):
+    clock = FakeClock()
+    reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None), clock)
+    watched = reaper.watch(pair[0])
+    with reaper.handshake(watched):
+        clock.at(1.0)
+        assert reaper._unused_since(watched) == clock.start  # since its accept
+    assert reaper.evict_idle(idle_for=1.0, count=1) == 0  # the handshake just ended
+    clock.at(2.0)
+    assert reaper.evict_idle(idle_for=1.0, count=1) == 1
+
+
+def test_a_peer_that_left_while_throttled_is_noticed(pair):
+    reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None), FakeClock())
+    watched = reaper.watch(pair[0])
+    watched.throttled = True  # waiting for rate tokens: not reading
+    pair[1].sendall(b"\0" * 100)  # unread bytes do not hide the close
+    reaper.check()
+    assert watched.verdict is None
+    pair[1].close()
+    reaper.check()
+    assert watched.verdict.reason is CloseReason.PEER_CLOSED
 
 
 @pytest.mark.parametrize("power", [10, 11, 20])
