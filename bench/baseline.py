@@ -6,10 +6,14 @@ another checkout (say the commit before a change, from `git worktree add`),
 so a change is measured against its parent in the same run. With --redis,
 our server (and the other checkout's) keep the counter in a redis-server
 started here on CPU 1 beside the load generator (--backend), and our server
-with the memory store is measured too, as the reference.
+with the memory store is measured too, as the reference. With --rate, our
+servers (ours and the other checkout's) limit each client to R frames per
+second with a burst of R: set it above what the run reaches to measure what
+the token bucket costs a client it never slows.
 
 Usage:
   baseline.py [--duration SECS] [--runs N] [--depth N] [--against DIR] [--redis]
+              [--rate R]
   baseline.py -h | --help
 
 Options:
@@ -18,6 +22,7 @@ Options:
   --depth N        Frames in flight per connection (1: ping-pong). [default: 1]
   --against DIR    Another checkout of this repository (it must know --ready-file).
   --redis          The servers count in Redis (--backend) instead of in memory.
+  --rate R         Our servers run with --rate R --burst R.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ def main() -> int:
     loadgen = build_loadgen(workdir)
     redis = start_redis(workdir, LOAD_CPU) if args["--redis"] else None
     backend = ("--backend", f"redis://127.0.0.1:{redis[1]}/0?key=baseline") if redis else ()
+    if args["--rate"]:
+        rate = str(convert(__doc__, "--rate", args["--rate"], positive_int))
+        backend = (*backend, "--rate", rate, "--burst", rate)
     servers = {
         "bare gevent loop (bench/echo.py)": OurServer(loadgen, script=ROOT / "bench" / "echo.py"),
         "our server" + (", Redis" if redis else ""): OurServer(loadgen, backend),
@@ -74,7 +82,8 @@ def main() -> int:
         if redis:
             stop_process(redis[0])
     shape = "ping-pong" if depth == 1 else f"x {depth} frames in flight"
-    print(f"40 connections {shape}, pinned, {duration}s per run, median of {runs}")
+    limited = f", --rate {args['--rate']}" if args["--rate"] else ""
+    print(f"40 connections {shape}{limited}, pinned, {duration}s per run, median of {runs}")
     for name, measured in results.items():
         rate = statistics.median(r["replies_per_second"] for r in measured)
         cpu = statistics.median(r["server_us_per_request"] for r in measured)

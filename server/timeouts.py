@@ -115,6 +115,7 @@ class Watched:
         "decoder",
         "handshaking",
         "sock",
+        "stopped",
         "throttled",
         "verdict",
         "writing",
@@ -129,6 +130,7 @@ class Watched:
         self.writing = False
         self.throttled = False
         self.handshaking = False
+        self.stopped = False  # shutdown began: no more waiting for tokens
         self._resume: Event | None = None  # while throttled: set to end the wait early
         self.verdict: ConnectionEnded | None = None  # set by the reaper: how it ends
         self._seen_in = 0
@@ -197,7 +199,9 @@ class Watched:
 
     def _pause(self, bucket: Bucket, seconds: float) -> None:
         """Wait ``seconds`` for tokens, unless ``end`` cuts it short (raising
-        the ending then)."""
+        the ending then) or shutdown has begun (raising Stopped)."""
+        if self.stopped:
+            raise Stopped()
         self._resume = resume = Event()
         started = time.monotonic()
         try:
@@ -300,6 +304,7 @@ class TimeoutReaper:
         """Shutdown: stop reading on every connection (a read returns end of
         stream, replies owed still go out) and end waits for tokens."""
         for watched in list(self.watched):
+            watched.stopped = True
             if watched.throttled or watched.handshaking:
                 watched.end(Stopped(), socket.SHUT_RD)
             else:

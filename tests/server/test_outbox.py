@@ -44,7 +44,7 @@ class LaterStore(MemoryCounterStore):
 def start(pair, store, stats=None):
     server_side, _ = pair
     reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None))
-    return gevent.spawn(serve, server_side, store, stats or ServerStats(), State(), reaper)
+    return gevent.spawn(serve, reaper.watch(server_side), store, stats or ServerStats(), State())
 
 
 def wait_for(condition, what: str) -> None:

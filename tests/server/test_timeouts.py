@@ -6,7 +6,8 @@ import socket
 
 import pytest
 from counter_server.protocol import encode_request
-from counter_server.server.close import CloseReason
+from counter_server.server.close import CloseReason, Stopped
+from counter_server.server.ratelimit import TokenBucket
 from counter_server.server.timeouts import NS_PER_SECOND, TimeoutReaper, Timeouts
 
 
@@ -191,6 +192,17 @@ def test_a_peer_that_left_while_throttled_is_noticed(pair):
     pair[1].close()
     reaper.check()
     assert watched.verdict.reason is CloseReason.PEER_CLOSED
+
+
+def test_after_shutdown_began_a_connection_no_longer_waits_for_tokens(pair):
+    reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None), FakeClock())
+    watched = reaper.watch(pair[0])
+    bucket = TokenBucket(rate=0.001, burst=1, clock=lambda: 0.0)  # refills in 1,000 s
+    watched.take_tokens(bucket, 1)
+    reaper.stop_all()
+    with pytest.raises(Stopped):
+        watched.take_tokens(bucket, 1)
+    assert watched.verdict is None  # it was not waiting: shut for reading only
 
 
 @pytest.mark.parametrize("power", [10, 11, 20])
