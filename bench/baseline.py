@@ -8,12 +8,12 @@ our server (and the other checkout's) keep the counter in a redis-server
 started here on CPU 1 beside the load generator (--backend), and our server
 with the memory store is measured too, as the reference. With --rate, our
 servers (ours and the other checkout's) limit each client to R frames per
-second with a burst of R: set it above what the run reaches to measure what
-the token bucket costs a client it never slows.
+second with a burst of --burst (default R): set R above what the run reaches
+to measure what the token bucket costs a client it never slows.
 
 Usage:
   baseline.py [--duration SECS] [--runs N] [--depth N] [--against DIR] [--redis]
-              [--rate R]
+              [--rate R [--burst B]]
   baseline.py -h | --help
 
 Options:
@@ -22,7 +22,8 @@ Options:
   --depth N        Frames in flight per connection (1: ping-pong). [default: 1]
   --against DIR    Another checkout of this repository (it must know --ready-file).
   --redis          The servers count in Redis (--backend) instead of in memory.
-  --rate R         Our servers run with --rate R --burst R.
+  --rate R         Our servers run with --rate R.
+  --burst B        With --rate: their --burst (default: R).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def main() -> int:
     backend = ("--backend", f"redis://127.0.0.1:{redis[1]}/0?key=baseline") if redis else ()
     if args["--rate"]:
         rate = str(convert(__doc__, "--rate", args["--rate"], positive_int))
-        backend = (*backend, "--rate", rate, "--burst", rate)
+        burst = str(convert(__doc__, "--burst", args["--burst"] or rate, positive_int))
+        backend = (*backend, "--rate", rate, "--burst", burst)
     servers = {
         "bare gevent loop (bench/echo.py)": OurServer(loadgen, script=ROOT / "bench" / "echo.py"),
         "our server" + (", Redis" if redis else ""): OurServer(loadgen, backend),
@@ -82,7 +84,7 @@ def main() -> int:
         if redis:
             stop_process(redis[0])
     shape = "ping-pong" if depth == 1 else f"x {depth} frames in flight"
-    limited = f", --rate {args['--rate']}" if args["--rate"] else ""
+    limited = f", {' '.join(backend[-4:])}" if args["--rate"] else ""
     print(f"40 connections {shape}{limited}, pinned, {duration}s per run, median of {runs}")
     for name, measured in results.items():
         rate = statistics.median(r["replies_per_second"] for r in measured)

@@ -93,7 +93,7 @@ def run(count: int, extra: list[str]) -> None:
             sock.close()
         server.stop()
     options = " ".join(extra) or "defaults"
-    print(f"{options:<32} {waited:7.2f} s   closed: {closed}", flush=True)
+    print(f"{options:<40} {waited:7.2f} s   closed: {closed}", flush=True)
 
 
 def main() -> int:

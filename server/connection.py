@@ -74,8 +74,8 @@ def _serve(
     bucket: Bucket | None,
 ) -> InvalidFrame | None:
     """The hot loop. Blocking steps: ``recv`` (the reaper watches bytes_in),
-    ``watched.write`` and, over the rate, ``watched.read_budget`` and
-    ``watched.take_tokens`` (which flag themselves)."""
+    ``watched.write`` and, over the rate, ``watched.take_tokens`` and
+    ``watched.read_size`` (which flag themselves)."""
     decoder = watched.decoder
     # Bound methods in locals: one attribute lookup per connection instead of
     # one per request.
@@ -85,10 +85,9 @@ def _serve(
     write = watched.write
     writes_by_size = stats.replies_per_write
     read_size = RECV_SIZE
+    if bucket is not None:  # read no more frames than the client has tokens for
+        read_size = watched.read_size(bucket, bucket.take(0)[1], RECV_SIZE)
     while not state.stopping:
-        if bucket is not None:  # over its rate: stop reading until tokens refill
-            read_size = watched.read_budget(bucket, RECV_SIZE)
-
         chunk = recv(read_size)
         if not chunk:
             if watched.verdict is not None:
@@ -97,8 +96,8 @@ def _serve(
         watched.bytes_in += len(chunk)
         increments = feed(chunk)
         if increments:
-            if bucket is not None:
-                watched.take_tokens(bucket, len(increments))
+            if bucket is not None:  # no frame is applied before its token is taken
+                tokens = watched.take_tokens(bucket, len(increments))
             replies = apply(increments)
             applied = len(replies)
             refused = increments[applied] if applied < len(increments) else None
@@ -111,6 +110,8 @@ def _serve(
                 writes_by_size[applied.bit_length()] += 1
             if refused is not None:
                 return overflow(refused, store.value)
+            if bucket is not None:  # out of tokens: stop reading until they refill
+                read_size = watched.read_size(bucket, tokens, RECV_SIZE)
         if decoder.error is not None:
             return decoder.error
     return None
@@ -128,7 +129,7 @@ def _serve_deferred(
     writes the replies (server.outbox). Same outcomes as ``_serve``. Blocking
     steps: ``recv``, ``outbox.submit`` (a pipelined read waits for the
     previous one's replies), ``outbox.settle`` and, over the rate,
-    ``watched.read_budget`` and ``watched.take_tokens``."""
+    ``watched.take_tokens`` and ``watched.read_size``."""
     decoder = watched.decoder
     incoming = Reader(watched.sock)
     outbox = Outbox(watched, incoming, stats)
@@ -138,9 +139,9 @@ def _serve_deferred(
     read_size = RECV_SIZE
     read_ended = False  # the peer closed, or the reaper or shutdown cut the read side
     try:
+        if bucket is not None:
+            read_size = watched.read_size(bucket, bucket.take(0)[1], RECV_SIZE)
         while not state.stopping:
-            if bucket is not None:
-                read_size = watched.read_budget(bucket, RECV_SIZE)
             chunk = recv(read_size)
             if outbox.ending is not None:  # the store's side ended it (and woke the recv)
                 break
@@ -151,8 +152,10 @@ def _serve_deferred(
             increments = feed(chunk)
             if increments:
                 if bucket is not None:
-                    watched.take_tokens(bucket, len(increments))
+                    tokens = watched.take_tokens(bucket, len(increments))
                 submit(store, increments)
+                if bucket is not None:
+                    read_size = watched.read_size(bucket, tokens, RECV_SIZE)
             if decoder.error is not None or outbox.ending is not None:
                 break
     except BaseException:

@@ -95,8 +95,8 @@ class Watched:
     """One connection as the reaper sees it.
 
     The hot path bumps ``bytes_in``; its blocking steps other than the
-    read go through ``write``, ``read_budget`` and ``take_tokens``, which
-    raise the ``writing`` and ``throttled`` flags around the wait, so the
+    read go through ``write``, ``take_tokens`` and ``read_size``, which raise
+    the ``writing`` and ``throttled`` flags around the wait, so the
     reaper always knows whether the server or the client is the one holding
     things up. ``handshaking`` is set while the TLS handshake runs.
     """
@@ -168,34 +168,33 @@ class Watched:
         self.sock = sock
         self._raw_send = raw_send(sock)
 
-    def read_budget(self, bucket: Bucket, most: int) -> int:
+    def take_tokens(self, bucket: Bucket, frames: int) -> float:
+        """Take one token per frame about to be applied, waiting for those
+        the client's other connections took meanwhile; returns the tokens
+        left (for ``read_size``)."""
+        taken, tokens = bucket.take(frames)
+        if taken < frames:
+            tokens = self._wait_for_tokens(bucket, frames - taken, tokens, 0)
+        return tokens
+
+    def read_size(self, bucket: Bucket, tokens: float, most: int) -> int:
         """Bytes to read next (at most ``most``): as many whole frames as the
-        client has tokens for, after waiting for one if it has none."""
-        self.throttled = True
-        try:
-            _, tokens = bucket.take(0)
-            while tokens < 1:
-                self._pause(bucket, (1 - tokens) / bucket.rate)
-                _, tokens = bucket.take(0)
-        finally:
-            self.throttled = False
+        client has ``tokens`` for, after waiting for one if it has none."""
+        if tokens < 1:
+            tokens = self._wait_for_tokens(bucket, 0, tokens, 1)
         return min(most, int(tokens) * FRAME_SIZE) - self.decoder.pending_bytes
 
-    def take_tokens(self, bucket: Bucket, frames: int) -> None:
-        """Take one token per frame about to be applied, waiting for the
-        tokens the client's other connections took meanwhile."""
-        taken, tokens = bucket.take(frames)
-        if taken == frames:
-            return
+    def _wait_for_tokens(self, bucket: Bucket, frames: int, tokens: float, left: int) -> float:
+        """Take ``frames`` more tokens, then wait until ``left`` are left."""
         self.throttled = True
         try:
-            frames -= taken
-            while frames:
+            while frames or tokens < left:
                 self._pause(bucket, (1 - tokens) / bucket.rate)
                 taken, tokens = bucket.take(frames)
                 frames -= taken
         finally:
             self.throttled = False
+        return tokens
 
     def _pause(self, bucket: Bucket, seconds: float) -> None:
         """Wait ``seconds`` for tokens, unless ``end`` cuts it short (raising

@@ -198,7 +198,7 @@ def test_after_shutdown_began_a_connection_no_longer_waits_for_tokens(pair):
     reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None), FakeClock())
     watched = reaper.watch(pair[0])
     bucket = TokenBucket(rate=0.001, burst=1, clock=lambda: 0.0)  # refills in 1,000 s
-    watched.take_tokens(bucket, 1)
+    assert watched.take_tokens(bucket, 1) == 0.0
     reaper.stop_all()
     with pytest.raises(Stopped):
         watched.take_tokens(bucket, 1)
