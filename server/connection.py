@@ -74,7 +74,7 @@ def _serve(
     bucket: Bucket | None,
 ) -> InvalidFrame | None:
     """The hot loop. Blocking steps: ``recv`` (the reaper watches bytes_in),
-    ``watched.write`` and, over the rate, ``watched.take_tokens`` and
+    ``watched.write`` and, over the rate, ``watched.paid`` and
     ``watched.read_size`` (which flag themselves)."""
     decoder = watched.decoder
     # Bound methods in locals: one attribute lookup per connection instead of
@@ -86,7 +86,8 @@ def _serve(
     writes_by_size = stats.replies_per_write
     read_size = RECV_SIZE
     if bucket is not None:  # read no more frames than the client has tokens for
-        read_size = watched.read_size(bucket, bucket.take(0)[1], RECV_SIZE)
+        tokens = bucket.take(0)[1]
+        read_size, tokens = watched.read_size(bucket, tokens, RECV_SIZE)
     while not state.stopping:
         chunk = recv(read_size)
         if not chunk:
@@ -95,9 +96,10 @@ def _serve(
             return None if state.stopping else decoder.close()
         watched.bytes_in += len(chunk)
         increments = feed(chunk)
-        if increments:
+        while increments:
+            later = None
             if bucket is not None:  # no frame is applied before its token is taken
-                tokens = watched.take_tokens(bucket, len(increments))
+                increments, later, tokens = watched.paid(bucket, increments)
             replies = apply(increments)
             applied = len(replies)
             refused = increments[applied] if applied < len(increments) else None
@@ -110,8 +112,9 @@ def _serve(
                 writes_by_size[applied.bit_length()] += 1
             if refused is not None:
                 return overflow(refused, store.value)
-            if bucket is not None:  # out of tokens: stop reading until they refill
-                read_size = watched.read_size(bucket, tokens, RECV_SIZE)
+            increments = later
+        if bucket is not None:  # out of tokens: stop reading until they refill
+            read_size, tokens = watched.read_size(bucket, tokens, RECV_SIZE)
         if decoder.error is not None:
             return decoder.error
     return None
@@ -129,7 +132,7 @@ def _serve_deferred(
     writes the replies (server.outbox). Same outcomes as ``_serve``. Blocking
     steps: ``recv``, ``outbox.submit`` (a pipelined read waits for the
     previous one's replies), ``outbox.settle`` and, over the rate,
-    ``watched.take_tokens`` and ``watched.read_size``."""
+    ``watched.paid`` and ``watched.read_size``."""
     decoder = watched.decoder
     incoming = Reader(watched.sock)
     outbox = Outbox(watched, incoming, stats)
@@ -140,7 +143,8 @@ def _serve_deferred(
     read_ended = False  # the peer closed, or the reaper or shutdown cut the read side
     try:
         if bucket is not None:
-            read_size = watched.read_size(bucket, bucket.take(0)[1], RECV_SIZE)
+            tokens = bucket.take(0)[1]
+            read_size, tokens = watched.read_size(bucket, tokens, RECV_SIZE)
         while not state.stopping:
             chunk = recv(read_size)
             if outbox.ending is not None:  # the store's side ended it (and woke the recv)
@@ -150,12 +154,14 @@ def _serve_deferred(
                 break
             watched.bytes_in += len(chunk)
             increments = feed(chunk)
-            if increments:
+            while increments and outbox.ending is None:
+                later = None
                 if bucket is not None:
-                    tokens = watched.take_tokens(bucket, len(increments))
+                    increments, later, tokens = watched.paid(bucket, increments)
                 submit(store, increments)
-                if bucket is not None:
-                    read_size = watched.read_size(bucket, tokens, RECV_SIZE)
+                increments = later
+            if bucket is not None:
+                read_size, tokens = watched.read_size(bucket, tokens, RECV_SIZE)
             if decoder.error is not None or outbox.ending is not None:
                 break
     except BaseException:

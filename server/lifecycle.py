@@ -203,7 +203,7 @@ class CounterServer:
             self._balance.absent(self._worker)
         self._saturation.stop()
         self._stream_server.close()
-        self.reaper.stop_all()
+        self.reaper.stop_reading()
         cut = 0
         if not self.pool.join(timeout=timeout):
             cut = len(self.pool)

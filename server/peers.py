@@ -85,17 +85,19 @@ class PeerTable:
         return int.from_bytes(digest[:8], "little") % self.size
 
     def _find(self, digest: bytes, create: bool) -> int | None:
-        index = self._probe(digest, create)
-        if index is None and create:
+        if not create:
+            return self._probe(digest, False, self.size)
+        index = self._probe(digest, True, LONG_PROBE)
+        if index is None:  # a long probe: sweep out the rested entries first
             self._sweep()
-            index = self._probe(digest, create, limit=self.size)
+            index = self._probe(digest, True, self.size)
         return index
 
-    def _probe(self, digest: bytes, create: bool, limit: int = LONG_PROBE) -> int | None:
-        """The slot of ``digest``; with ``create``, a new entry in the first
-        free slot within ``limit`` steps (None if there is none)."""
+    def _probe(self, digest: bytes, create: bool, limit: int) -> int | None:
+        """The slot of ``digest``, looking at most ``limit`` slots; with
+        ``create``, a new entry in the first free one (None if there is none)."""
         index = self._home(digest)
-        for _ in range(self.size if not create else min(limit, self.size)):
+        for _ in range(min(limit, self.size)):
             stored = self.memory[index * self._slot.size : index * self._slot.size + 16]
             if stored == digest:
                 return index
@@ -106,7 +108,7 @@ class PeerTable:
                 self._write(index, [digest, burst, time.monotonic(), *([0] * self.workers)])
                 return index
             index = (index + 1) % self.size
-        return None  # full, or a long probe
+        return None  # full, or past the limit
 
     def _rested(self, fields: Sequence, now: float) -> bool:
         """An entry with no connection whose bucket is full again (or no rate)."""

@@ -95,8 +95,8 @@ class Watched:
     """One connection as the reaper sees it.
 
     The hot path bumps ``bytes_in``; its blocking steps other than the
-    read go through ``write``, ``take_tokens`` and ``read_size``, which raise
-    the ``writing`` and ``throttled`` flags around the wait, so the
+    read go through ``write``, ``paid`` and ``read_size``, which raise the
+    ``writing`` and ``throttled`` flags around the wait, so the
     reaper always knows whether the server or the client is the one holding
     things up. ``handshaking`` is set while the TLS handshake runs.
     """
@@ -168,44 +168,41 @@ class Watched:
         self.sock = sock
         self._raw_send = raw_send(sock)
 
-    def take_tokens(self, bucket: Bucket, frames: int) -> float:
-        """Take one token per frame about to be applied, waiting for those
-        the client's other connections took meanwhile; returns the tokens
-        left (for ``read_size``)."""
-        taken, tokens = bucket.take(frames)
-        if taken < frames:
-            tokens = self._wait_for_tokens(bucket, frames - taken, tokens, 0)
-        return tokens
+    def paid(
+        self, bucket: Bucket, increments: list[int]
+    ) -> tuple[list[int], list[int] | None, float]:
+        """Split ``increments`` into the frames whose rate tokens are taken now
+        (at least one: waits while the client has none, its other
+        connections having taken them) and the rest; and the tokens left."""
+        taken, tokens = bucket.take(len(increments))
+        while not taken:
+            self._wait_for_tokens(bucket, tokens)
+            taken, tokens = bucket.take(len(increments))
+        if taken == len(increments):
+            return increments, None, tokens
+        return increments[:taken], increments[taken:], tokens
 
-    def read_size(self, bucket: Bucket, tokens: float, most: int) -> int:
+    def read_size(self, bucket: Bucket, tokens: float, most: int) -> tuple[int, float]:
         """Bytes to read next (at most ``most``): as many whole frames as the
-        client has ``tokens`` for, after waiting for one if it has none."""
-        if tokens < 1:
-            tokens = self._wait_for_tokens(bucket, 0, tokens, 1)
-        return min(most, int(tokens) * FRAME_SIZE) - self.decoder.pending_bytes
+        client has ``tokens`` for, after waiting for one if it has none; and
+        the tokens it has then."""
+        while tokens < 1:
+            self._wait_for_tokens(bucket, tokens)
+            _, tokens = bucket.take(0)
+        return min(most, int(tokens) * FRAME_SIZE) - self.decoder.pending_bytes, tokens
 
-    def _wait_for_tokens(self, bucket: Bucket, frames: int, tokens: float, left: int) -> float:
-        """Take ``frames`` more tokens, then wait until ``left`` are left."""
-        self.throttled = True
-        try:
-            while frames or tokens < left:
-                self._pause(bucket, (1 - tokens) / bucket.rate)
-                taken, tokens = bucket.take(frames)
-                frames -= taken
-        finally:
-            self.throttled = False
-        return tokens
-
-    def _pause(self, bucket: Bucket, seconds: float) -> None:
-        """Wait ``seconds`` for tokens, unless ``end`` cuts it short (raising
-        the ending then) or shutdown has begun (raising Stopped)."""
+    def _wait_for_tokens(self, bucket: Bucket, tokens: float) -> None:
+        """Wait until one whole token is there, unless ``end`` cuts it short
+        (raising the ending then) or shutdown has begun (raising Stopped)."""
         if self.stopped:
             raise Stopped()
+        self.throttled = True
         self._resume = resume = Event()
         started = time.monotonic()
         try:
-            resume.wait(seconds)
+            resume.wait((1 - tokens) / bucket.rate)
         finally:
+            self.throttled = False
             self._resume = None
             bucket.waited(time.monotonic() - started)
         if self.verdict is not None:
@@ -299,7 +296,7 @@ class TimeoutReaper:
         for fd, _ in poller.poll(0):
             by_fd[fd].end(PeerLeft())
 
-    def stop_all(self) -> None:
+    def stop_reading(self) -> None:
         """Shutdown: stop reading on every connection (a read returns end of
         stream, replies owed still go out) and end waits for tokens."""
         for watched in list(self.watched):

@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from counter_server.common.procinfo import fd_count
@@ -35,6 +36,19 @@ from support import (
 
 def closed_count(server, reason: str) -> float:
     return metric(server.metrics_url(), "counter_server_connections_closed_total", reason=reason)
+
+
+def served_by_eviction(server, exchange_: Callable[[], tuple], limit: float, who: str) -> tuple:
+    """The replies ``exchange_()`` (a new client's) got, having checked that
+    it took under ``limit`` seconds because the full pool evicted a
+    connection holding its slot without using it."""
+    started = time.monotonic()
+    replies = exchange_()
+    waited = time.monotonic() - started
+    print(f"\n{who} waited {waited:.2f}s")
+    assert waited < limit, f"{who} waited {waited:.1f}s"
+    assert closed_count(server, "idle_evicted") >= 1
+    return replies
 
 
 # --- TLS handshake ------------------------------------------------------------------
@@ -101,15 +115,15 @@ def test_tls_handshakes_that_never_start_give_their_slots_to_waiting_clients(pki
     held = fill_the_pool(server)  # TCP only: no ClientHello, ever
     try:
         context = ssl.create_default_context(cafile=pki["ca"])
-        started = time.monotonic()
-        with context.wrap_socket(connect(server.port), server_hostname="127.0.0.1") as sock:
-            sock.sendall(frames(1))
-            assert recv_replies(sock, 1) == (1,)
-        waited = time.monotonic() - started
+
+        def tls_exchange() -> tuple[int, ...]:
+            with context.wrap_socket(connect(server.port), server_hostname="127.0.0.1") as sock:
+                sock.sendall(frames(1))
+                return recv_replies(sock, 1)
+
         # Evicted after 1 s (--evict-idle-after) and the next check; before,
         # they held their slots until the 10 s handshake timeout.
-        assert waited < 5.0, f"a TLS client waited {waited:.1f}s"
-        assert closed_count(server, "idle_evicted") >= 1
+        assert served_by_eviction(server, tls_exchange, 5.0, "a TLS client") == (1,)
     finally:
         for sock in held:
             sock.close()
@@ -176,14 +190,10 @@ def test_idle_connections_give_their_slots_to_waiting_ones():
             lambda: metric(server.metrics_url(), "counter_server_connections_active")
             == server.pool_size, 10, "every slot taken",
         )  # fmt: skip
-        started = time.monotonic()
-        assert exchange(server.port, 0)[0] >= server.pool_size
-        waited = time.monotonic() - started
-        print(f"\na new client waited {waited:.2f}s with {server.pool_size} slow senders")
         # Idle 1 s (--evict-idle-after) and the next check; without eviction
         # it would wait for ever (the exchange's 10 s).
-        assert waited < 4.0, f"a new client waited {waited:.1f}s"
-        assert closed_count(server, "idle_evicted") >= 1
+        replies = served_by_eviction(server, lambda: exchange(server.port, 0), 4.0, "a new client")
+        assert replies[0] >= server.pool_size
     finally:
         for sender in senders:
             sender.close()
@@ -209,11 +219,10 @@ def test_connections_that_trickle_their_frames_give_their_slots_to_waiting_ones(
     thread.start()
     try:
         stop.wait(1.5)  # every connection has a frame under way
-        started = time.monotonic()
-        assert served_within(server.port, 10, 1) == (1,)
-        waited = time.monotonic() - started
-        assert waited < 5.0, f"a new client waited {waited:.1f}s behind trickles"
-        assert closed_count(server, "idle_evicted") >= 1
+        served = served_by_eviction(
+            server, lambda: served_within(server.port, 10, 1), 5.0, "a client behind trickles"
+        )
+        assert served == (1,)
     finally:
         stop.set()
         thread.join(5)

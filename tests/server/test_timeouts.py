@@ -198,11 +198,21 @@ def test_after_shutdown_began_a_connection_no_longer_waits_for_tokens(pair):
     reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None), FakeClock())
     watched = reaper.watch(pair[0])
     bucket = TokenBucket(rate=0.001, burst=1, clock=lambda: 0.0)  # refills in 1,000 s
-    assert watched.take_tokens(bucket, 1) == 0.0
-    reaper.stop_all()
+    assert watched.paid(bucket, [1]) == ([1], None, 0.0)
+    reaper.stop_reading()
     with pytest.raises(Stopped):
-        watched.take_tokens(bucket, 1)
+        watched.paid(bucket, [1])
     assert watched.verdict is None  # it was not waiting: shut for reading only
+
+
+def test_the_frames_paid_for_go_now_and_the_rest_wait(pair):
+    """A batch is never held back whole for tokens that come one by one:
+    waiting batches of one client would share them out and none would go."""
+    reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None), FakeClock())
+    watched = reaper.watch(pair[0])
+    bucket = TokenBucket(rate=10, burst=3, clock=lambda: 0.0)
+    assert watched.paid(bucket, [1, 2, 3, 4, 5]) == ([1, 2, 3], [4, 5], 0.0)
+    assert watched.read_size(TokenBucket(rate=10, burst=3), 2.5, 1024) == (32, 2.5)
 
 
 @pytest.mark.parametrize("power", [10, 11, 20])
