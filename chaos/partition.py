@@ -65,7 +65,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from counter_server.chaos.checker import judge
+from chaos.checker import judge
 from counter_server.common.cli import convert, parse_args
 from counter_server.common.values import positive_int
 from counter_server.protocol import decode_replies, encode_request

@@ -37,7 +37,9 @@ import urllib.request
 from collections import Counter
 
 import gevent
-from counter_server.chaos.checker import judge
+from gevent.pool import Group
+
+from chaos.checker import judge
 from counter_server.client.load import recv_exactly
 from counter_server.common.cli import convert, cpu_count, parse_args
 from counter_server.common.procinfo import fd_count, rss_kib
@@ -45,7 +47,6 @@ from counter_server.common.values import positive_int
 from counter_server.protocol import MAX_COUNTER, REPLY_SIZE, decode_replies, encode_request
 from counter_server.server.banner import parse_totals
 from counter_server.server.launcher import start_server
-from gevent.pool import Group
 
 ZERO, ONE = encode_request(0), encode_request(1)
 TAMPERED = bytes.fromhex("00000000000000016021b5621680598b")  # checksum of '2' on 1

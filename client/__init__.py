@@ -12,6 +12,9 @@ asyncio tasks; neither imports gevent. The load client (``client.py``,
 ``counter-client``) lives in ``cli``, ``load`` and ``report``.
 """
 
+if __name__ != "counter_server.client":  # one module, one name (docs/development.md)
+    raise ImportError(f"import counter_server.client, not {__name__}")
+
 # Absolute names, so that ``client`` (from a clone) and ``counter_server.client``
 # are one set of classes.
 from counter_server.client.aio import AsyncCounterClient

@@ -1,14 +1,9 @@
 """The counter server, its client library and load client, as one package.
 
-Installed (``pip install .``), ``counter_server.server``, ``.client``,
-``.protocol`` and ``.common`` are its subpackages. In a clone of the
-repository they are the top-level folders ``server/``, ``client/``,
-``protocol/`` and ``common/``: this package then lists the repository root
-as where its subpackages live, so the same imports work in both.
+Its subpackages ``counter_server.server``, ``.client``, ``.protocol`` and
+``.common`` are the repository's top-level folders ``server/``, ``client/``,
+``protocol/`` and ``common/``: installed, ``pyproject.toml`` maps them; in a
+clone, ``counter_server/`` holds a symbolic link to each. Each refuses to be
+imported under any other name (``import server``), so every module has one
+name and every class one identity (docs/development.md, "Packaging").
 """
-
-import os
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "server")):
-    __path__.append(_ROOT)

@@ -1,8 +1,9 @@
 """`pip install` into fresh virtualenvs: `.[server]` installs the package
 with every runtime dependency, its commands run, and the library talks to the
 server it installed (started from the virtualenv, outside the repository);
-`.` alone installs the library with xxhash only, and the commands then say
-in one line how to add the rest."""
+`-e .` (editable) alone installs the library with xxhash only, imports it
+from the clone under its one name, and the commands then say in one line how
+to add the rest."""
 
 from __future__ import annotations
 
@@ -11,22 +12,24 @@ import subprocess
 import time
 import venv
 
-from counter_server.server.banner import read_ready_file
 from support import REPO_ROOT
+
+from counter_server.server.banner import read_ready_file
 
 SKIP = shutil.ignore_patterns(".venv", ".git", "__pycache__", "build", "*.egg-info", ".ruff_cache")
 
 
-def install(tmp_path, extra: str = ""):
+def install(tmp_path, extra: str = "", editable: bool = False):
     """A fresh virtualenv with a copy of the repository installed (``extra``:
-    ``[server]``); its python and bin folder."""
+    ``[server]``); its python, bin folder and virtualenv folder."""
     source = tmp_path / "source"
-    shutil.copytree(REPO_ROOT, source, ignore=SKIP)
+    shutil.copytree(REPO_ROOT, source, symlinks=True, ignore=SKIP)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python, bin_dir = env_dir / "bin" / "python", env_dir / "bin"
     installed = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"{source}{extra}"],
+        [str(python), "-m", "pip", "install", "--quiet", *(["-e"] if editable else []),
+         f"{source}{extra}"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert installed.returncode == 0, installed.stdout + installed.stderr
@@ -42,8 +45,8 @@ def test_the_library_pins_are_the_servers_too():
     assert pins("requirements-library.txt") <= pins("requirements.txt")
 
 
-def test_the_library_alone_installs_with_xxhash_only(tmp_path):
-    python, bin_dir, _ = install(tmp_path)
+def test_the_library_alone_installs_editable_with_xxhash_only(tmp_path):
+    python, bin_dir, _ = install(tmp_path, editable=True)
     listed = subprocess.run([str(python), "-m", "pip", "list", "--format", "freeze"],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     names = {line.split("==")[0].lower() for line in listed.stdout.split()}
@@ -53,10 +56,22 @@ def test_the_library_alone_installs_with_xxhash_only(tmp_path):
         "import counter_server.client\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'gevent', 'docopt', "
         "'pythonjsonlogger', 'redis', 'prometheus_client'}))\n"
+        "import counter_server.protocol.frames as frames\n"
+        "print(frames.__file__)\n"
+        "for name in ('server', 'counter_server.bench', 'counter_server.tests'):\n"
+        "    try:\n"
+        "        __import__(name)\n"
+        "    except ImportError:\n"
+        "        continue\n"
+        "    print('importable:', name)\n"
     )
     imported = subprocess.run([str(python), "-c", program], cwd=tmp_path, capture_output=True,
                               text=True, timeout=60)  # fmt: skip
-    assert imported.returncode == 0 and imported.stdout == "[]\n", imported
+    assert imported.returncode == 0, imported
+    assert imported.stdout.splitlines() == [
+        "[]",
+        str(tmp_path / "source" / "counter_server" / "protocol" / "frames.py"),
+    ], imported.stdout
     server = subprocess.run([str(bin_dir / "counter-server"), "--version"], capture_output=True,
                             text=True, timeout=60)  # fmt: skip
     assert server.returncode == 1 and "Traceback" not in server.stderr, server.stderr

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from counter_server.chaos.checker import judge
+from chaos.checker import judge
 
 
 def test_an_exact_run():

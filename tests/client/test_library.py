@@ -3,6 +3,7 @@ threads and greenlets; what each error says happened to the increment."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import signal
 import ssl
@@ -12,14 +13,6 @@ import threading
 import time
 
 import pytest
-from counter_server.client import (
-    CounterClient,
-    CounterError,
-    Indeterminate,
-    Refused,
-    Unavailable,
-)
-from counter_server.protocol import MAX_COUNTER
 from support import (
     REPO_ROOT,
     HangsUpFirst,
@@ -33,6 +26,15 @@ from support import (
     wait_until,
 )
 
+from counter_server.client import (
+    CounterClient,
+    CounterError,
+    Indeterminate,
+    Refused,
+    Unavailable,
+)
+from counter_server.protocol import MAX_COUNTER
+
 
 def test_increment_read_and_increment_many(server):
     with CounterClient(f"127.0.0.1:{server.port}", timeout=5.0) as counter:
@@ -44,10 +46,19 @@ def test_increment_read_and_increment_many(server):
         assert counter.increment(0) == 13
 
 
-def test_the_client_from_a_clone_is_the_installed_packages_client():
-    import client
+@pytest.mark.parametrize("package", ["client", "server", "protocol", "common"])
+def test_a_subpackage_has_one_name(package):
+    # The repository root is on sys.path in a clone; `import client` would load
+    # a second copy of every class (two Indeterminate, two CloseReason).
+    with pytest.raises(ImportError, match=f"import counter_server.{package}, not {package}"):
+        importlib.import_module(package)
+    assert package not in sys.modules
 
-    assert client.CounterClient is CounterClient and client.Indeterminate is Indeterminate
+
+@pytest.mark.parametrize("folder", ["bench", "chaos", "docs", "tests"])
+def test_the_package_holds_only_the_product(folder):
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(f"counter_server.{folder}")
 
 
 def test_ipv6_address():

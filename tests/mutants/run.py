@@ -281,10 +281,11 @@ def scratch_copy(into: Path) -> Path:
     ).stdout.decode().split("\0")  # fmt: skip
     root = into / "repo"
     for name in filter(None, listed):
-        source = REPO_ROOT / name
-        if source.is_file():
-            target = root / name
-            target.parent.mkdir(parents=True, exist_ok=True)
+        source, target = REPO_ROOT / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():  # counter_server/server -> ../server, and its kin
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():
             shutil.copy2(source, target)
     return root
 
