@@ -103,7 +103,7 @@ if [[ -z "$SERVER" ]]; then
     for _ in $(seq 1 200); do
         if [[ -s "$WORKDIR/ready.json" ]]; then
             read -r PORT POOL < <(cd "$ROOT" && "$PYTHON" -c 'import sys
-from counter_server.server.banner import read_ready_file
+from testing.launcher import read_ready_file
 ready = read_ready_file(sys.argv[1]); print(ready.port, ready.pool)' "$WORKDIR/ready.json")
             break
         fi
@@ -121,7 +121,7 @@ else
     WHERE="given by SERVER"
     POOL=""
     if [[ -n "$METRICS" ]]; then
-        POOL="$(cd "$ROOT" && "$PYTHON" -m counter_server.client.spam_report --pool-from "$METRICS")"
+        POOL="$(cd "$ROOT" && "$PYTHON" -m testing.spam_report --pool-from "$METRICS")"
     fi
 fi
 NCPU="$(cd "$ROOT" && "$PYTHON" -c 'from counter_server.common.cli import cpu_count; print(cpu_count())')"
@@ -168,7 +168,7 @@ CLIENT_PIDS=()
 echo "spam.sh: all clients done after $((SECONDS - STARTED_AT))s; checking the counter"
 
 AFTER="$(client --get)" || { echo "spam.sh: cannot read the counter at $SERVER after the run" >&2; exit 1; }
-(cd "$ROOT" && "$PYTHON" -m counter_server.client.spam_report --before "$BEFORE" --after "$AFTER" \
+(cd "$ROOT" && "$PYTHON" -m testing.spam_report --before "$BEFORE" --after "$AFTER" \
     --clients "$CLIENTS" "$WORKDIR"/client-*.json)
 STATUS=$?
 if [[ $STATUS -ne 0 ]]; then

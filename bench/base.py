@@ -2,7 +2,7 @@
 accounting, the C load generator, our server under load, and the common
 ``--duration``/``--runs`` options. Every script in bench/ builds on it.
 
-Servers are started through ``server.launcher`` like everywhere else.
+Servers are started through ``testing.launcher`` like everywhere else.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from counter_server.common.cli import convert, parse_args  # noqa: E402
-from counter_server.common.procinfo import children_of, context_switches, cpu_seconds, rss_kib  # noqa: E402
 from counter_server.common.values import positive_int  # noqa: E402
-from counter_server.server.launcher import ServerProcess, start_server  # noqa: E402
+from testing.launcher import ServerProcess, start_server  # noqa: E402
+from testing.procinfo import children_of, context_switches, cpu_seconds, rss_kib  # noqa: E402
 
 __all__ = ["ROOT", "rss_kib"]
 

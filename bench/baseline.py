@@ -34,9 +34,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from counter_server.common.cli import convert
-from counter_server.common.values import positive_int
-
 from bench.base import (
     LOAD_CPU,
     ROOT,
@@ -49,6 +46,8 @@ from bench.base import (
     stop_process,
     work_folder,
 )
+from counter_server.common.cli import convert
+from counter_server.common.values import positive_int
 
 
 def main() -> int:

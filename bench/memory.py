@@ -32,12 +32,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.base import raise_file_limit, rss_kib, start_redis, stop_process, work_folder
 from counter_server.common.cli import convert, cpu_count, parse_args
 from counter_server.common.values import positive_int
 from counter_server.protocol import REPLY_SIZE, encode_request
-from counter_server.server.launcher import start_server
-
-from bench.base import raise_file_limit, rss_kib, start_redis, stop_process, work_folder
+from testing.launcher import start_server
 
 PING = b"*1\r\n$4\r\nPING\r\n"
 

@@ -25,12 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.base import machine, raise_file_limit
 from counter_server.common.cli import convert, parse_args
 from counter_server.common.values import positive_int
 from counter_server.protocol import decode_replies, encode_request
-from counter_server.server.launcher import start_server
-
-from bench.base import machine, raise_file_limit
+from testing.launcher import start_server
 
 NEW_CLIENT_TIMEOUT = 120.0  # seconds the new client waits at most
 

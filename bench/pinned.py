@@ -35,12 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from counter_server.common.cli import convert, cpu_count
-from counter_server.common.procinfo import cpu_seconds
-from counter_server.common.values import positive_int
-from counter_server.server.launcher import start_server
-
 from bench.base import LOAD_CPU, SERVER_CPU, TASKSET, options, pinned
+from counter_server.common.cli import convert, cpu_count
+from counter_server.common.values import positive_int
+from testing.launcher import start_server
+from testing.procinfo import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = (("ping-pong", 1), ("64 in flight", 64))

@@ -27,8 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from counter_server.common.procinfo import cpu_seconds
-
 from bench.base import (
     OurServer,
     build_loadgen,
@@ -38,6 +36,7 @@ from bench.base import (
     stop_process,
     work_folder,
 )
+from testing.procinfo import cpu_seconds
 
 
 def machine_busy() -> tuple[int, int]:

@@ -69,7 +69,7 @@ from chaos.checker import judge
 from counter_server.common.cli import convert, parse_args
 from counter_server.common.values import positive_int
 from counter_server.protocol import decode_replies, encode_request
-from counter_server.server.launcher import start_server
+from testing.launcher import start_server
 
 BOGUS_MAC = "02:00:00:00:00:01"  # neighbour entries pointing here drop silently
 PORT = 8080

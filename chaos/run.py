@@ -42,11 +42,10 @@ from gevent.pool import Group
 from chaos.checker import judge
 from counter_server.client.load import recv_exactly
 from counter_server.common.cli import convert, cpu_count, parse_args
-from counter_server.common.procinfo import fd_count, rss_kib
 from counter_server.common.values import positive_int
 from counter_server.protocol import MAX_COUNTER, REPLY_SIZE, decode_replies, encode_request
-from counter_server.server.banner import parse_totals
-from counter_server.server.launcher import start_server
+from testing.launcher import parse_totals, start_server
+from testing.procinfo import fd_count, rss_kib
 
 ZERO, ONE = encode_request(0), encode_request(1)
 TAMPERED = bytes.fromhex("00000000000000016021b5621680598b")  # checksum of '2' on 1

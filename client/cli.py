@@ -8,6 +8,7 @@ import sys
 import time
 
 import gevent
+
 from counter_server.client.load import LoadRun, LoadSettings, read_counter
 from counter_server.client.report import format_text, summarize
 from counter_server.common import DISTRIBUTION, __version__

@@ -16,12 +16,13 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+
 from counter_server.common.sockets import reader, shut_down
 from counter_server.common.tls import speaks_tls
 from counter_server.common.values import plural
 from counter_server.protocol import REPLY_SIZE, encode_request
-from gevent.event import Event
-from gevent.pool import Pool
 
 RECV_SIZE = 64 * 1024
 

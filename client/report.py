@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
+from hdrh.histogram import HdrHistogram
+
 from counter_server.client.load import ERROR_KINDS, LoadRun
 from counter_server.common.values import plural
-from hdrh.histogram import HdrHistogram
 
 HIGHEST_LATENCY_US = 3_600_000_000  # one hour
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99_9", 99.9))

@@ -8,9 +8,12 @@ instead of a ModuleNotFoundError traceback.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import sys
+
+from counter_server.common import DISTRIBUTION
 
 # import name -> the requirements.txt name that provides it
 REQUIRED = {
@@ -36,10 +39,17 @@ def missing_package() -> str | None:
 
 
 def _installed() -> bool:
-    """True when run from an installed package rather than a clone."""
+    """True when run from an installed package (editable too) rather than a
+    bare clone, whose counter_server/ holds links to its folders."""
     package = importlib.util.find_spec("counter_server")
     where = (package.submodule_search_locations or [""])[0] if package else ""
-    return os.path.isdir(os.path.join(where, "server"))  # as counter_server/__init__.py tells
+    if not os.path.islink(os.path.join(where, "server")):
+        return True
+    try:
+        importlib.metadata.distribution(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def require_packages(program: str) -> None:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 
-from counter_server.common.ratelog import RateLimitedLog
 from gevent.hub import Hub
+
+from counter_server.common.ratelog import RateLimitedLog
 
 log = logging.getLogger("counter.gevent")
 _events = RateLimitedLog(log)

@@ -4,21 +4,17 @@
   the ``--ready-file`` (for programs: tests, chaos, benchmarks, spam.sh), written
   atomically once the server accepts connections.
 - The closing lines on stdout: the Go original's
-  ``Server stopped after processing total requests: N`` and the final value,
-  with ``parse_totals`` to read them back.
+  ``Server stopped after processing total requests: N`` and the final value.
+
+The readers of both are test tooling (``testing.launcher``).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 
 from counter_server.common.files import replace_file
-
-_TOTALS = re.compile(
-    r"Server stopped after processing total requests: (\d+)\nFinal counter value: (\d+)"
-)
 
 
 @dataclass(frozen=True)
@@ -71,24 +67,9 @@ def write_ready_file(path: str, ready: Ready) -> None:
     replace_file(path, json.dumps(asdict(ready)).encode())
 
 
-def read_ready_file(path: str) -> Ready | None:
-    """The facts a server wrote to ``path``, or None if it has not yet."""
-    try:
-        with open(path) as f:
-            return Ready(**json.load(f))
-    except FileNotFoundError:
-        return None
-
-
 def totals_lines(requests_applied: int, value: int) -> str:
     """The Go original's closing line, and the final value."""
     return (
         f"Server stopped after processing total requests: {requests_applied}\n"
         f"Final counter value: {value}"
     )
-
-
-def parse_totals(text: str) -> tuple[int, int] | None:
-    """(requests applied, final value) from a server's stdout, or None."""
-    match = _TOTALS.search(text)
-    return (int(match[1]), int(match[2])) if match else None

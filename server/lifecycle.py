@@ -16,6 +16,10 @@ import ssl
 import traceback
 
 import gevent
+from gevent import GreenletExit
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
 from counter_server.common.ratelog import RateLimitedLog
 from counter_server.common.values import format_address
 from counter_server.protocol import InvalidFrame, RejectReason
@@ -39,9 +43,6 @@ from counter_server.server.timeouts import (
     Timeouts,
     Watched,
 )
-from gevent import GreenletExit
-from gevent.pool import Pool
-from gevent.server import StreamServer
 
 log = logging.getLogger("counter.server")
 

@@ -13,14 +13,6 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 
 import gevent
-from counter_server.common.values import format_address
-from counter_server.protocol import REPLY_SIZE
-from counter_server.server.lifecycle import (
-    ACCEPT_RETRY_SECONDS,
-    OUT_OF_DESCRIPTORS,
-    CounterServer,
-    PausingAcceptor,
-)
 from gevent.monkey import get_original
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
@@ -38,6 +30,15 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from counter_server.common.values import format_address
+from counter_server.protocol import REPLY_SIZE
+from counter_server.server.lifecycle import (
+    ACCEPT_RETRY_SECONDS,
+    OUT_OF_DESCRIPTORS,
+    CounterServer,
+    PausingAcceptor,
+)
 
 log = logging.getLogger("counter.metrics")
 

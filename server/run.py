@@ -14,6 +14,7 @@ import sys
 import time
 
 import gevent
+
 from counter_server.common.cli import configure_logging, cpu_count
 from counter_server.common.gevent_errors import log_gevent_errors
 from counter_server.common.ratelog import flush_all

@@ -15,9 +15,10 @@ import struct
 from collections.abc import Callable
 
 import gevent
+from gevent.pool import Pool
+
 from counter_server.common.ratelog import RateLimitedLog
 from counter_server.server.stats import ServerStats
-from gevent.pool import Pool
 
 CHECK_INTERVAL = 0.5
 # struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked.

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import gevent
+from gevent.event import Event
+from gevent.monkey import get_original
+
 from counter_server.common.sockets import raw_send, shut_down
 from counter_server.protocol import FRAME_SIZE, FrameDecoder
 from counter_server.server.close import (
@@ -36,8 +39,6 @@ from counter_server.server.close import (
     PeerLeft,
     Stopped,
 )
-from gevent.event import Event
-from gevent.monkey import get_original
 
 # The reaper looks at every connection this often: at least four times per
 # shortest timeout, and at most half a second apart (eviction needs to know

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 import trustme
-from counter_server.common.procinfo import children_of
 from gevent import socket as gevent_socket
 from hypothesis import settings
+
 from support import ServerProcess, require, start_server
+from testing.procinfo import children_of
 
 # Shared CI machines stall now and then: judge examples by outcome, not speed.
 settings.register_profile("counter", deadline=None)
@@ -77,7 +78,7 @@ def pytest_runtest_setup(item) -> None:
 
 
 # Folders in the temporary directory that the project's own code makes
-# (server.launcher, bench/, chaos/partition.py, tests/mutants/run.py).
+# (testing.launcher, bench/, chaos/partition.py, tests/mutants/run.py).
 OUR_TEMP_PREFIXES = ("counter-", "bench-", "partition-", "mutant-")
 LINGER_SECONDS = 5.0  # for threads and processes a test is still closing
 

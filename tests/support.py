@@ -21,12 +21,11 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from install_servers import PACKAGES
-
 from chaos.checker import Verdict, judge
 from counter_server.protocol import REPLY_SIZE, decode_replies, encode_request
-from counter_server.server.launcher import SERVER_SCRIPT, ServerProcess, start_server
 from counter_server.server.store.statefile import Slot, decode_file
+from install_servers import PACKAGES
+from testing.launcher import SERVER_SCRIPT, ServerProcess, start_server
 
 __all__ = ["SERVER_SCRIPT", "ServerProcess", "Verdict", "judge", "start_server"]
 

@@ -13,8 +13,7 @@ import time
 import venv
 
 from support import REPO_ROOT
-
-from counter_server.server.banner import read_ready_file
+from testing.launcher import read_ready_file
 
 SKIP = shutil.ignore_patterns(".venv", ".git", "__pycache__", "build", "*.egg-info", ".ruff_cache")
 

@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import gevent
+from gevent.event import Event
+
 from counter_server.common.ratelog import RateLimitedLog
 from counter_server.server.store.base import Figure, StoreUnavailable
-from gevent.event import Event
 
 if TYPE_CHECKING:
     from counter_server.server.outbox import Outbox

@@ -25,10 +25,11 @@ import time
 from collections.abc import Sequence
 
 import gevent
+from gevent.event import Event
+
 from counter_server.common.ratelog import RateLimitedLog
 from counter_server.server.store.base import CounterStore, Figure, LayeredStore, StoreUnavailable
 from counter_server.server.store.statefile import StateFile, StateFileError
-from gevent.event import Event
 
 log = logging.getLogger("counter.state")
 

@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import urllib3
+
 from counter_server.common.tls import (
     CA_HINT,
     TLSSetupError,

@@ -38,6 +38,10 @@ from typing import TYPE_CHECKING
 
 import gevent
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
 from counter_server.common.tls import (
     CA_HINT,
     TLSSetupError,
@@ -50,9 +54,6 @@ from counter_server.server.store.base import Figure, StoreUnavailable, advance
 from counter_server.server.store.batching import Batch, BatchingStore, WentBack
 from counter_server.server.store.redis_url import Backend
 from counter_server.server.store.urls import BackendError
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-from redis.sentinel import Sentinel
 
 if TYPE_CHECKING:
     pass

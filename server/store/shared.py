@@ -29,6 +29,7 @@ import os
 from collections.abc import Sequence
 
 import gevent
+
 from counter_server.server.store.base import PlainStore, advance
 
 log = logging.getLogger("counter.server")

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
+
 from counter_server.common.files import replace_file
 from counter_server.common.ratelog import RateLimitedLog
 

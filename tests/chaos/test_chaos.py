@@ -8,9 +8,8 @@ import subprocess
 import sys
 from collections import Counter
 
-from support import REPO_ROOT
-
 from chaos.run import BAD_KINDS, closed, rejected, verdicts
+from support import REPO_ROOT
 
 CHAOS = REPO_ROOT / "chaos" / "chaos.py"
 

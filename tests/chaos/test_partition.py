@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+
 from support import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "chaos" / "partition.py"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from counter_server.client import (
     AsyncCounterClient,
     Indeterminate,

@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+
 from counter_server.client import (
     AsyncCounterClient,
     CounterClient,

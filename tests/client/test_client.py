@@ -14,6 +14,7 @@ import time
 from contextlib import suppress
 
 import pytest
+
 from counter_server.protocol import MAX_COUNTER
 from support import (
     CLIENT_SCRIPT,

@@ -13,6 +13,15 @@ import threading
 import time
 
 import pytest
+
+from counter_server.client import (
+    CounterClient,
+    CounterError,
+    Indeterminate,
+    Refused,
+    Unavailable,
+)
+from counter_server.protocol import MAX_COUNTER
 from support import (
     REPO_ROOT,
     HangsUpFirst,
@@ -25,15 +34,6 @@ from support import (
     unread_at,
     wait_until,
 )
-
-from counter_server.client import (
-    CounterClient,
-    CounterError,
-    Indeterminate,
-    Refused,
-    Unavailable,
-)
-from counter_server.protocol import MAX_COUNTER
 
 
 def test_increment_read_and_increment_many(server):

@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+
 from counter_server.client import (
     AsyncCounterClient,
     CounterClient,

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from counter_server.client.spam_report import verdict
 from support import REPO_ROOT, read_counter, start_server
+from testing.spam_report import verdict
 
 SPAM = REPO_ROOT / "spam.sh"
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from counter_server.common import DISTRIBUTION, __version__
 from counter_server.common.values import UsageError, host_port, positive_rate
 from support import REPO_ROOT

@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+
 from counter_server.common.files import replace_file
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import gevent
+
 from counter_server.common.gevent_errors import log_gevent_errors
 
 

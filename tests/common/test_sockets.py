@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket as stdlib_socket
 
 import gevent
+
 from counter_server.common.sockets import Reader, reader, shut_down
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from support import REPO_ROOT
 
 DOC = REPO_ROOT / "docs" / "library.md"

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from support import REPO_ROOT, RedisServer, exchange, http_get, require, start_server
 
 MONITORING = REPO_ROOT / "docs" / "monitoring"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+
 from support import documented, free_port, run_server_command, start_server
 
 DOC_PORT = "8080"  # the port the doc's examples use

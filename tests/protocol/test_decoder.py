@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from counter_server.protocol import (
     FRAME_SIZE,
     MAX_COUNTER,
@@ -13,8 +16,6 @@ from counter_server.protocol import (
     checksum,
     encode_request,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 from support import VECTORS
 
 increments = st.one_of(st.integers(0, 20), st.integers(0, MAX_COUNTER))

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
 
-from counter_server.protocol import encode_request
 from decoder_property import check
+
+from counter_server.protocol import encode_request
 
 pytestmark = pytest.mark.fuzz
 

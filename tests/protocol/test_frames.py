@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from counter_server.protocol import (
     MAX_COUNTER,
     InvalidFrame,
@@ -15,8 +18,6 @@ from counter_server.protocol import (
     encode_reply,
     encode_request,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 from support import VECTORS
 
 VALID = VECTORS["valid"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from counter_server.server.admission import Admission, client_ip, parse_network, peer_key
 from counter_server.server.close import CloseReason, Refused
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from counter_server.common.procinfo import fd_count
+
 from counter_server.protocol import encode_request
 from support import (
     closed_within,
@@ -32,6 +32,7 @@ from support import (
     start_tls_server,
     wait_until,
 )
+from testing.procinfo import fd_count
 
 
 def closed_count(server, reason: str) -> float:

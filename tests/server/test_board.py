@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from counter_server.server.board import Board, BoardCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from counter_server.server.board import Board, BoardCollector
 
 
 def figures(applied: float, value: float, healthy: float, in_use: float) -> list:

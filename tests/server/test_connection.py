@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 
 import pytest
+
 from counter_server.protocol import MAX_COUNTER, RejectReason, decode_replies, encode_request
 from counter_server.server.close import ClientTimeout, CloseReason
 from counter_server.server.connection import serve
@@ -131,8 +132,9 @@ def test_the_gevent_read_path_keeps_framing_across_short_and_full_reads():
     read, read on after a full one): a trickle, then more than one read's
     worth at once, then the peer's close, all answered exactly."""
     import gevent
-    from counter_server.server.connection import RECV_SIZE
     from gevent import socket as gsocket
+
+    from counter_server.server.connection import RECV_SIZE
 
     server_side, client_side = gsocket.socketpair()
     store = MemoryCounterStore()

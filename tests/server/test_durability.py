@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+
 from counter_server.server.store.statefile import FILE_SIZE, encode_slot
 from support import (
     Load,

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+
 from support import (
     REPO_ROOT,
     Load,

@@ -12,8 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from counter_server.protocol import MAX_COUNTER
 from prometheus_client.parser import text_string_to_metric_families
+
+from counter_server.protocol import MAX_COUNTER
 from support import (
     VECTORS,
     connect,

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import gevent
 import pytest
+from gevent import socket
+
 from counter_server.protocol import MAX_COUNTER, RejectReason, decode_replies, encode_request
 from counter_server.server.connection import serve
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import MemoryCounterStore, StoreUnavailable
 from counter_server.server.timeouts import TimeoutReaper, Timeouts
-from gevent import socket
 
 
 class State:

@@ -6,6 +6,7 @@ import os
 import random
 
 import pytest
+
 from counter_server.server.close import CloseReason, Refused
 from counter_server.server.peers import PeerTable, SharedAdmission
 

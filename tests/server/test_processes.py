@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from counter_server.common.procinfo import children_of
+
 from support import (
     REPO_ROOT,
     connect,
@@ -23,6 +23,7 @@ from support import (
     run_server_command,
     start_server,
 )
+from testing.procinfo import children_of
 
 
 def worker_pids(server) -> list[int]:

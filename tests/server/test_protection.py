@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from counter_server.common.procinfo import rss_kib
+
 from counter_server.protocol import REPLY_SIZE, decode_replies
 from support import (
     CLIENT_SCRIPT,
@@ -34,6 +34,7 @@ from support import (
     start_tls_server,
     wait_until,
 )
+from testing.procinfo import rss_kib
 
 
 def test_one_byte_then_silence_is_closed_by_the_frame_timeout():

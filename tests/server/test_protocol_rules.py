@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+
 from counter_server.protocol import MAX_COUNTER, decode_replies
 from support import (
     VECTORS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from counter_server.server.ratelimit import MIN_SWEEP, RateLimiter, TokenBucket
 
 

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from counter_server.common.procinfo import children_of
+
 from counter_server.server.cli import parse_settings
-from counter_server.server.launcher import SERVER_SCRIPT
 from counter_server.server.store.shared import SharedCounter
 from counter_server.server.store.statefile import FILE_SIZE, StateFile, StateFileError
 from counter_server.server.wiring import claim, open_store
@@ -35,6 +34,8 @@ from support import (
     state_on_disk,
     wait_until,
 )
+from testing.launcher import SERVER_SCRIPT
+from testing.procinfo import children_of
 
 
 def on_disk(path: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+
 from counter_server.protocol import encode_request
 from counter_server.server.close import CloseReason, Stopped
 from counter_server.server.ratelimit import TokenBucket

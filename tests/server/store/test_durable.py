@@ -7,6 +7,7 @@ import threading
 
 import gevent
 import pytest
+
 from counter_server.server.store import MemoryCounterStore, StoreUnavailable
 from counter_server.server.store.durable import DurableCounterStore
 

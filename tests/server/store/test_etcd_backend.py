@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+
 from counter_server.protocol import MAX_COUNTER
 from support import (
     AnswerProxy,

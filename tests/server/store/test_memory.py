@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from counter_server.protocol import MAX_COUNTER
-from counter_server.server.store import MemoryCounterStore
 from hypothesis import given
 from hypothesis import strategies as st
+
+from counter_server.protocol import MAX_COUNTER
+from counter_server.server.store import MemoryCounterStore
 
 
 def test_apply_returns_the_value_after_each_increment():

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+
 from counter_server.protocol import decode_replies
 from support import (
     Load,

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import redis
+
 from counter_server.server.store.redis_backend import COMMAND_TIMEOUT
 from support import (
     Load,

@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+
 from counter_server.server.store.shared import HOLDER, SharedCounter
 
 

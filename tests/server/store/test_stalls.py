@@ -13,6 +13,7 @@ import subprocess
 import threading
 
 import pytest
+
 from counter_server.server.store.durable import COMMIT_STALL_SECONDS
 from support import connect, frames, http_get, metric, recv_replies, start_server, wait_until
 

@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from counter_server.protocol import MAX_COUNTER
 from counter_server.server.store.statefile import (
     FILE_SIZE,
@@ -17,8 +20,6 @@ from counter_server.server.store.statefile import (
     decode_slot,
     encode_slot,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 from support import state_on_disk
 
 u64 = st.integers(0, MAX_COUNTER)

@@ -8,7 +8,9 @@ server cannot block on a full pipe.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -20,10 +22,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from counter_server.server.banner import Ready, parse_totals, read_ready_file
+from counter_server.server.banner import Ready
 
-SERVER_SCRIPT = Path(__file__).resolve().parent / "server.py"
+SERVER_SCRIPT = Path(__file__).resolve().parent.parent / "server" / "server.py"
 START_TIMEOUT = 20.0  # seconds for a server to become ready
+# The closing lines of server.banner.totals_lines.
+_TOTALS = re.compile(
+    r"Server stopped after processing total requests: (\d+)\nFinal counter value: (\d+)"
+)
+
+
+def read_ready_file(path: str) -> Ready | None:
+    """The facts a server wrote to ``path``, or None if it has not yet."""
+    try:
+        with open(path) as f:
+            return Ready(**json.load(f))
+    except FileNotFoundError:
+        return None
+
+
+def parse_totals(text: str) -> tuple[int, int] | None:
+    """(requests applied, final value) from a server's stdout, or None."""
+    match = _TOTALS.search(text)
+    return (int(match[1]), int(match[2])) if match else None
 
 
 class ServerDidNotStart(AssertionError):
