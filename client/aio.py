@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from types import TracebackType
 
 from counter_server.common.tls import probe_context
+from counter_server.common.values import phrase
 
 from .calls import (
     DEFAULT_POOL_SIZE,
@@ -34,7 +35,6 @@ from .calls import (
     nudge_margin,
     outcome,
     outgoing,
-    reason,
     split_probe,
     target,
 )
@@ -110,7 +110,7 @@ class _Connection(asyncio.BufferedProtocol):
         if exc is None:
             self._end("the server closed the connection", None)
         else:
-            self._end(f"the connection broke ({reason(exc)})", exc)
+            self._end(f"the connection broke ({phrase(exc)})", exc)
 
     def _end(self, why: str, cause: BaseException | None) -> None:
         """Nothing more will come: every call still owed replies ends. The
@@ -181,9 +181,9 @@ async def _connect(where: Target, deadline: Deadline) -> _Connection:
     except asyncio.TimeoutError:
         raise Unavailable(f"cannot connect to {where.address}: timed out") from None
     except ssl.SSLError as exc:
-        raise Unavailable(f"TLS with {where.address} failed: {reason(exc)}") from None
+        raise Unavailable(f"TLS with {where.address} failed: {phrase(exc)}") from None
     except OSError as exc:
-        raise Unavailable(f"cannot connect to {where.address}: {reason(exc)}") from None
+        raise Unavailable(f"cannot connect to {where.address}: {phrase(exc)}") from None
     return connection
 
 

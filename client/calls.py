@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from counter_server.common.tls import client_context
-from counter_server.common.values import host_port
+from counter_server.common.values import format_address, host_port
 from counter_server.protocol import MAX_COUNTER, REPLY_SIZE, decode_replies, encode_request
 
 from .errors import CounterError, Indeterminate, Refused, Unavailable
@@ -161,13 +161,6 @@ def may_want_tls(where: Target, fresh: bool, ended: ConnectionEnded) -> bool:
     return where.tls is None and fresh and not ended.data and not timed_out
 
 
-def reason(exc: BaseException) -> str:
-    """A socket or TLS failure as a short phrase."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-
-
 @dataclass(frozen=True)
 class Target:
     """Where and how to connect."""
@@ -180,7 +173,7 @@ class Target:
 
     @cached_property  # read on every call
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_address((self.host, self.port))
 
 
 def target(

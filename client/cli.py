@@ -15,7 +15,14 @@ from counter_server.common import DISTRIBUTION, __version__
 from counter_server.common.cli import convert, cpu_count, parse_args, usage_exit
 from counter_server.common.signals import StopSignals
 from counter_server.common.tls import TLSSetupError, client_context
-from counter_server.common.values import host_port, non_negative_float, positive_float, positive_int
+from counter_server.common.values import (
+    format_address,
+    host_port,
+    non_negative_float,
+    phrase,
+    positive_float,
+    positive_int,
+)
 from counter_server.protocol import MAX_COUNTER
 
 __doc__ = """Load client for the counter server: many persistent connections send
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        print(f"error: cannot resolve {host}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"error: cannot resolve {host}: {phrase(exc)}", file=sys.stderr)
         return 1
 
     run = LoadRun(settings)
@@ -120,14 +127,12 @@ def _tls_context(args: dict):
 
 
 def _print_counter(host: str, port: int, timeout: float, tls, as_json: bool) -> int:
+    where = format_address((host, port))
     try:
         value = read_counter(host, port, timeout, tls)
-        print(json.dumps({"server": f"{host}:{port}", "value": value}) if as_json else value)
+        print(json.dumps({"server": where, "value": value}) if as_json else value)
     except OSError as exc:
-        print(
-            f"error: cannot read the counter from {host}:{port}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
+        print(f"error: cannot read the counter from {where}: {phrase(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from types import TracebackType
 
 from counter_server.common.tls import speaks_tls as speaks_tls_at
+from counter_server.common.values import phrase
 from counter_server.protocol import REPLY_SIZE
 
 from .calls import (
@@ -42,7 +43,6 @@ from .calls import (
     nudge_margin,
     outcome,
     outgoing,
-    reason,
     split_probe,
     target,
 )
@@ -56,7 +56,7 @@ def _connect(where: Target, deadline: Deadline) -> socket.socket:
     try:
         sock = socket.create_connection((where.host, where.port), timeout=_left(deadline))
     except OSError as exc:
-        raise Unavailable(f"cannot connect to {where.address}: {reason(exc)}") from None
+        raise Unavailable(f"cannot connect to {where.address}: {phrase(exc)}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if where.tls is None:
         return sock
@@ -65,7 +65,7 @@ def _connect(where: Target, deadline: Deadline) -> socket.socket:
         return where.tls.wrap_socket(sock, server_hostname=where.server_hostname)
     except (OSError, ssl.SSLError) as exc:
         sock.close()
-        raise Unavailable(f"TLS with {where.address} failed: {reason(exc)}") from None
+        raise Unavailable(f"TLS with {where.address} failed: {phrase(exc)}") from None
 
 
 def _speaks_tls(where: Target, deadline: Deadline) -> bool:
@@ -128,7 +128,7 @@ def _read_alone(sock: socket.socket, deadline: Deadline) -> int | ConnectionEnde
         why = "no reply within the timeout"
         return ConnectionEnded(why, data, TimeoutError(why))
     except OSError as exc:
-        return ConnectionEnded(f"the connection broke ({reason(exc)})", data, exc)
+        return ConnectionEnded(f"the connection broke ({phrase(exc)})", data, exc)
     return decode_call(data)[0]
 
 
@@ -396,7 +396,7 @@ class CounterClient:
             try:
                 connection.send(out)
             except BaseException as exc:  # a partial frame would put the connection out of step
-                self._end(connection, f"sending failed ({reason(exc)})", exc)
+                self._end(connection, f"sending failed ({phrase(exc)})", exc)
                 with self._lock:
                     connection.sending = False
                 if not isinstance(exc, OSError):
@@ -444,7 +444,7 @@ class CounterClient:
                         wait, silent = self._still_waiting(connection, call)
                     continue
                 except OSError as exc:
-                    self._end(connection, f"the connection broke ({reason(exc)})", exc)
+                    self._end(connection, f"the connection broke ({phrase(exc)})", exc)
                     return
                 with self._lock:
                     try:
@@ -508,7 +508,7 @@ class CounterClient:
         try:
             connection.send(HTTP_NUDGE)
         except OSError as exc:
-            self._end(connection, f"sending failed ({reason(exc)})", exc)
+            self._end(connection, f"sending failed ({phrase(exc)})", exc)
         finally:
             with self._lock:
                 connection.sending = False

@@ -21,7 +21,7 @@ from gevent.pool import Pool
 
 from counter_server.common.sockets import reader, shut_down
 from counter_server.common.tls import speaks_tls
-from counter_server.common.values import plural
+from counter_server.common.values import phrase, plural
 from counter_server.protocol import REPLY_SIZE, encode_request
 
 RECV_SIZE = 64 * 1024
@@ -142,12 +142,12 @@ class LoadRun:
             sock.settimeout(None)  # replies are timed by _watch_replies
             return sock
         except ssl.SSLError as exc:
-            self._fail(result, TLS, f"TLS handshake: {_tls_reason(exc)}")
+            self._fail(result, TLS, f"TLS handshake: {phrase(exc)}")
         except TimeoutError as exc:
-            self._fail(result, TIMEOUT, f"connect: {exc or 'timed out'}")
+            self._fail(result, TIMEOUT, f"connect: {phrase(exc)}")
         except OSError as exc:
             kind = TLS if settings.tls is not None and exc.errno is None else REFUSED
-            self._fail(result, kind, f"connect: {exc.strerror or exc}")
+            self._fail(result, kind, f"connect: {phrase(exc)}")
         return None
 
     def _fail(self, result: ConnectionResult, kind: str, detail: str, count: int = 1) -> None:
@@ -165,9 +165,9 @@ class LoadRun:
             elif isinstance(exc, ssl.SSLError):
                 # Under TLS 1.3 a server refusing our certificate says so
                 # only after the handshake, at the first read or write.
-                self._fail(result, TLS, f"TLS: {_tls_reason(exc)}", owed)
+                self._fail(result, TLS, f"TLS: {phrase(exc)}", owed)
             else:
-                detail = f"connection lost: {exc.strerror or exc}{self._tls_hint(result)}"
+                detail = f"connection lost: {phrase(exc)}{self._tls_hint(result)}"
                 self._fail(result, CLOSED, detail, owed)
         finally:
             sock.close()
@@ -274,13 +274,6 @@ class LoadRun:
                 bad += 1
             previous = value
         self._fail(result, NOT_INCREASING, f"reply {values} did not rise above {last}", bad)
-
-
-def _tls_reason(exc: ssl.SSLError) -> str:
-    verify = getattr(exc, "verify_message", None)
-    if verify:
-        return f"certificate verify failed: {verify}"
-    return (exc.reason or str(exc)).lower().replace("_", " ")
 
 
 def _record_latencies(latency: Counter, in_flight: deque, count: int, now: float) -> None:

@@ -7,6 +7,8 @@ import os
 import socket
 import ssl
 
+from counter_server.common.values import phrase
+
 
 class TLSSetupError(ValueError):
     """Certificates or keys that cannot be loaded; the message is one line."""
@@ -82,7 +84,7 @@ def _load_chain(context: ssl.SSLContext, cert: str, key: str | None) -> None:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise TLSSetupError(
-            f"cannot load certificate {cert} with key {key}: {_reason(exc)}"
+            f"cannot load certificate {cert} with key {key}: {phrase(exc)}"
         ) from None
 
 
@@ -91,13 +93,9 @@ def _load_ca(context: ssl.SSLContext, ca: str) -> None:
     try:
         context.load_verify_locations(cafile=ca)
     except (OSError, ssl.SSLError) as exc:
-        raise TLSSetupError(f"cannot load CA certificates from {ca}: {_reason(exc)}") from None
+        raise TLSSetupError(f"cannot load CA certificates from {ca}: {phrase(exc)}") from None
 
 
 def _check_readable(path: str | None) -> None:
     if path is not None and not os.path.isfile(path):
         raise TLSSetupError(f"cannot read {path}: no such file")
-
-
-def _reason(exc: Exception) -> str:
-    return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)

@@ -1,12 +1,14 @@
 """Values as people write them on a command line or in a setting, and as
 the project prints them: numbers of seconds, ports, ``HOST:PORT``
-addresses, log levels, counts. Standard library only: the client library
-imports it.
+addresses, log levels, counts, an error as a phrase. Standard library only:
+the client library imports it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -106,6 +108,29 @@ def plural(count: int, noun: str, many: str | None = None) -> str:
     """``1 connection``, ``2 connections``, ``1,000 connections``; ``many``
     for an irregular plural (``plural(2, "reply", "replies")``)."""
     return f"{count:,} {noun if count == 1 else many or noun + 's'}"
+
+
+def phrase(exc: BaseException) -> str:
+    """An exception as the lower-case phrase a one-line message ends with,
+    the way Go prints its errors: "timed out", "connection refused" (from the
+    errno), a TLS failure's reason ("certificate verify failed: self-signed
+    certificate", "wrong version number"), else the first line of its text,
+    else its class name."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    verify = getattr(exc, "verify_message", None)
+    if verify:  # ssl.SSLCertVerificationError
+        return f"certificate verify failed: {verify}"
+    reason = getattr(exc, "reason", None)  # ssl.SSLError: WRONG_VERSION_NUMBER
+    if isinstance(reason, str) and reason:
+        return reason.lower().replace("_", " ")
+    if isinstance(exc, OSError):
+        if exc.strerror:
+            return exc.strerror.lower()
+        if exc.errno in errno.errorcode:
+            return os.strerror(exc.errno).lower()
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def format_address(address: tuple) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from counter_server.server.close import CloseReason, Refused
+from counter_server.server.errors import CloseReason, TurnedAway
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -49,14 +49,14 @@ class Admission:
         return bool(self._allow) or self._max_per_ip is not None
 
     def admit(self, ip: str, key: str) -> None:
-        """Count a connection from ``ip`` under its peer ``key``; ``Refused``
+        """Count a connection from ``ip`` under its peer ``key``; ``TurnedAway``
         with the reason if it may not connect."""
         if self._allow and not self.allowed(ip):
-            raise Refused(CloseReason.NOT_ALLOWED)
+            raise TurnedAway(CloseReason.NOT_ALLOWED)
         if self._max_per_ip is not None:
             count = self._per_ip.get(key, 0)
             if count >= self._max_per_ip:
-                raise Refused(CloseReason.PER_IP_LIMIT)
+                raise TurnedAway(CloseReason.PER_IP_LIMIT)
             self._per_ip[key] = count + 1
 
     def allowed(self, ip: str) -> bool:

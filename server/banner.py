@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from counter_server.common.files import replace_file
+from counter_server.common.values import format_address
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Ready:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_address((self.host, self.port))
 
     @property
     def total_pool(self) -> int:

@@ -18,6 +18,7 @@ from counter_server.common.values import (
     log_format,
     log_level,
     non_negative_float,
+    phrase,
     port_number,
     positive_int,
     positive_rate,
@@ -243,9 +244,10 @@ def read_secret_line(path: str) -> str:
                     f"(mode {stat.S_IMODE(mode):04o}): chmod 600 {path}",
                 )
             line = file.readline().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or "not text"
-        usage_exit(__doc__, f"--backend-file: cannot read {path}: {reason.lower()}")
+    except OSError as exc:
+        usage_exit(__doc__, f"--backend-file: cannot read {path}: {phrase(exc)}")
+    except UnicodeDecodeError:
+        usage_exit(__doc__, f"--backend-file: cannot read {path}: not text")
     if not line:
         usage_exit(__doc__, f"--backend-file: {path} is empty: its first line is the URL")
     return line

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from counter_server.common.sockets import Reader, reader
 from counter_server.protocol import InvalidFrame, encode_replies, overflow
-from counter_server.server.close import ConnectionEnded
+from counter_server.server.errors import ConnectionEnded
 from counter_server.server.outbox import Outbox
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import CounterStore, DeferringStore

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 import ssl
 import traceback
@@ -21,17 +20,17 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from counter_server.common.ratelog import RateLimitedLog
-from counter_server.common.values import format_address
+from counter_server.common.values import format_address, phrase
 from counter_server.protocol import InvalidFrame, RejectReason
 from counter_server.server.admission import Admission, client_ip, peer_key
 from counter_server.server.balance import PAUSE, AcceptBalance
-from counter_server.server.close import (
+from counter_server.server.connection import close_gently, serve
+from counter_server.server.errors import (
     ClientTimeout,
     CloseReason,
     ConnectionEnded,
     HandshakeFailed,
 )
-from counter_server.server.connection import close_gently, serve
 from counter_server.server.ratelimit import RateLimiter
 from counter_server.server.saturation import SaturationWatch
 from counter_server.server.stats import ServerStats
@@ -231,8 +230,8 @@ class CounterServer:
             logging.WARNING,
             "cannot accept connections: %s (raise the open-file limit, ulimit -n, or lower "
             "--multiplier); retrying",
-            os.strerror(exc.errno).lower(),
-            extra={"error": os.strerror(exc.errno).lower()},
+            phrase(exc),
+            extra={"error": phrase(exc)},
         )
 
     def _handle(self, sock: socket.socket, address: tuple) -> None:
@@ -247,7 +246,7 @@ class CounterServer:
         except ConnectionEnded as exc:
             reason, detail = exc.reason, str(exc)
         except OSError as exc:
-            reason, detail = CloseReason.RESET, exc.strerror or str(exc)
+            reason, detail = CloseReason.RESET, phrase(exc)
         except GreenletExit:
             reason = CloseReason.SHUTDOWN_TIMEOUT
             raise
@@ -260,7 +259,7 @@ class CounterServer:
         """Admit the connection, serve it, and say how it ended; raises
         ConnectionEnded (or OSError) for the other endings."""
         if self.admission is not None:
-            self.admission.admit(connection.ip, connection.key)  # Refused: nothing counted
+            self.admission.admit(connection.ip, connection.key)  # TurnedAway: nothing counted
             connection.admitted = True
         if self.rate_limiter is not None:
             connection.bucket = self.rate_limiter.acquire(connection.key)
@@ -341,7 +340,7 @@ class CounterServer:
         except OSError as exc:  # ssl.SSLError included
             if watched.verdict is not None:
                 raise watched.verdict from None
-            raise HandshakeFailed(exc.strerror or str(exc) or type(exc).__name__) from None
+            raise HandshakeFailed(phrase(exc)) from None
 
     def _unexpected(self, address: tuple, exc: Exception) -> None:
         """Log a bug: with its traceback the first time it happens at that

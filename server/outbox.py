@@ -25,7 +25,7 @@ from gevent.hub import Waiter
 
 from counter_server.common.sockets import Reader
 from counter_server.protocol import InvalidFrame, encode_replies, overflow
-from counter_server.server.close import ConnectionEnded
+from counter_server.server.errors import ConnectionEnded
 from counter_server.server.stats import ServerStats
 from counter_server.server.timeouts import Watched
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from counter_server.server.admission import Admission, Network
-from counter_server.server.close import CloseReason, Refused
+from counter_server.server.errors import CloseReason, TurnedAway
 
 _EMPTY = bytes(16)
 # A probe this long for a new entry sweeps out the rested ones first: with
@@ -147,16 +147,16 @@ class PeerTable:
     # --- connections -------------------------------------------------------------
 
     def enter(self, key: str, worker: int, limit: int | None) -> None:
-        """Count a connection of ``key`` on ``worker``; Refused if ``key``
+        """Count a connection of ``key`` on ``worker``; TurnedAway if ``key``
         already has ``limit`` connections across all workers (or the table is full)."""
         digest = _digest(key)
         with self._locked():
             index = self._find(digest, create=True)
             if index is None:
-                raise Refused(CloseReason.PER_IP_LIMIT)
+                raise TurnedAway(CloseReason.PER_IP_LIMIT)
             fields = self._read(index)
             if limit is not None and sum(fields[3:]) >= limit:
-                raise Refused(CloseReason.PER_IP_LIMIT)
+                raise TurnedAway(CloseReason.PER_IP_LIMIT)
             fields[3 + worker] += 1
             self._write(index, fields)
 
@@ -232,7 +232,7 @@ class SharedAdmission(Admission):
 
     def admit(self, ip: str, key: str) -> None:
         if self._allow and not self.allowed(ip):
-            raise Refused(CloseReason.NOT_ALLOWED)
+            raise TurnedAway(CloseReason.NOT_ALLOWED)
         self._table.enter(key, self._worker, self._limit)
 
     def release(self, key: str) -> None:

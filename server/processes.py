@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import gevent
 from gevent import os as gevent_os
 
+from counter_server.server.errors import WorkersFailed
+
 log = logging.getLogger("counter.processes")
 
 READY_TIMEOUT = 30.0  # seconds for every worker to start at launch
@@ -39,10 +41,6 @@ READY = b"."  # what a worker writes once it is listening
 # arguments: the worker's index (0..N-1; a replacement takes the index of the
 # worker it replaces) and the callback to call once the worker is serving.
 WorkerMain = Callable[[int, Callable[[], None]], int]
-
-
-class WorkersFailed(Exception):
-    """The workers could not be started or kept running; one line."""
 
 
 @dataclass

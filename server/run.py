@@ -23,14 +23,13 @@ from counter_server.server.balance import AcceptBalance
 from counter_server.server.banner import Ready, startup_line, totals_lines, write_ready_file
 from counter_server.server.board import Board, BoardCollector
 from counter_server.server.cli import ServerSettings, parse_settings
+from counter_server.server.errors import SetupError, StateFileError, WorkersFailed
 from counter_server.server.lifecycle import CounterServer
 from counter_server.server.metrics import MetricsServer, ServerCollector, health, serve_metrics
-from counter_server.server.processes import Supervisor, WorkersFailed
+from counter_server.server.processes import Supervisor
 from counter_server.server.store import CounterStore
 from counter_server.server.store.shared import SharedCounter
-from counter_server.server.store.statefile import StateFileError
 from counter_server.server.wiring import (
-    SETUP_ERRORS,
     Claimed,
     build_server,
     claim,
@@ -52,14 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     log_gevent_errors()
     try:
         claimed = claim(settings)
-    except SETUP_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    instance = Workers(settings, claimed) if settings.processes > 1 else Single(settings, claimed)
-    stop_signals = StopSignals(on_force=instance.force_stop)
-    try:
+        instance = (
+            Workers(settings, claimed) if settings.processes > 1 else Single(settings, claimed)
+        )
+        stop_signals = StopSignals(on_force=instance.force_stop)
         ready = instance.start(stop_signals)
-    except WorkersFailed as exc:
+    except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(startup_line(ready), flush=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from counter_server.protocol import RejectReason
-from counter_server.server.close import CloseReason
+from counter_server.server.errors import CloseReason
 
 # replies_per_write[k] counts writes of n replies with n.bit_length() == k,
 # i.e. n in [2^(k-1), 2^k - 1]; one C-level int method on the hot path.

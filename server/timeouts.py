@@ -31,7 +31,7 @@ from gevent.monkey import get_original
 
 from counter_server.common.sockets import raw_send, shut_down
 from counter_server.protocol import FRAME_SIZE, FrameDecoder
-from counter_server.server.close import (
+from counter_server.server.errors import (
     ClientTimeout,
     CloseReason,
     ConnectionEnded,

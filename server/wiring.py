@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from counter_server.common.cli import cpu_count
 from counter_server.common.tls import TLSSetupError, server_context
-from counter_server.common.values import format_address
+from counter_server.common.values import format_address, phrase
 from counter_server.server.admission import Admission
 from counter_server.server.balance import AcceptBalance
 from counter_server.server.cli import ServerSettings
+from counter_server.server.errors import ListenError, SetupError
 from counter_server.server.lifecycle import CounterServer
 from counter_server.server.peers import PeerTable, SharedAdmission, SharedRateLimiter
 from counter_server.server.ratelimit import RateLimiter
@@ -26,20 +27,12 @@ from counter_server.server.store import CounterStore, MemoryCounterStore
 from counter_server.server.store.durable import DurableCounterStore
 from counter_server.server.store.etcd_url import EtcdBackend
 from counter_server.server.store.shared import SharedCounter
-from counter_server.server.store.statefile import StateFile, StateFileError
-from counter_server.server.store.urls import AnyBackend, BackendError
+from counter_server.server.store.statefile import StateFile
+from counter_server.server.store.urls import AnyBackend
 
 LISTEN_BACKLOG = 1024  # connections the kernel queues while the pool is full
 # Why "::" cannot be opened on a machine without IPv6: then IPv4 only.
 _NO_IPV6 = (os.strerror(errno.EAFNOSUPPORT).lower(), os.strerror(errno.EADDRNOTAVAIL).lower())
-
-
-class ListenError(OSError):
-    """A listener that could not be opened; the message is one line."""
-
-
-# What can stop an instance from starting: each prints as one line, exit 1.
-SETUP_ERRORS = (ListenError, TLSSetupError, StateFileError, BackendError)
 
 
 @dataclass
@@ -57,11 +50,14 @@ class Claimed:
 
 
 def claim(settings: ServerSettings) -> Claimed:
-    """Take the port, the metrics port and the state file; one of
-    ``SETUP_ERRORS`` (and nothing left open) if any is taken or unusable."""
+    """Take the port, the metrics port and the state file; a ``SetupError``
+    (and nothing left open) if any is taken or unusable."""
     tls = None
     if settings.tls_cert:
-        tls = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        try:
+            tls = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        except TLSSetupError as exc:
+            raise SetupError(str(exc)) from None
     opened: list = []
     try:
         listener = open_listener(settings.host, settings.port)
@@ -204,11 +200,4 @@ def open_listener(host: str | None, port: int) -> socket.socket:
         )
     except OSError as exc:
         where = format_address((host, port))
-        raise ListenError(f"cannot listen on {where}: {describe(exc)}") from None
-
-
-def describe(exc: OSError) -> str:
-    """A short human reason for a socket error ("address already in use")."""
-    if exc.errno is not None and exc.errno in errno.errorcode:
-        return os.strerror(exc.errno).lower()
-    return str(exc)
+        raise ListenError(f"cannot listen on {where}: {phrase(exc)}") from None

@@ -9,12 +9,12 @@
 ``server.wiring.open_store`` is the one place that picks and stacks them.
 """
 
+from counter_server.server.errors import StoreUnavailable
 from counter_server.server.store.base import (
     CounterStore,
     DeferringStore,
     Figure,
     LayeredStore,
-    StoreUnavailable,
     advance,
 )
 from counter_server.server.store.memory import MemoryCounterStore

@@ -11,7 +11,6 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 from counter_server.protocol import MAX_COUNTER
-from counter_server.server.close import CloseReason, ConnectionEnded
 
 if TYPE_CHECKING:
     from counter_server.server.outbox import Outbox
@@ -73,12 +72,6 @@ class DeferringStore(Protocol):
     uses it for plain sockets (server.outbox); ``apply`` stays for the rest."""
 
     def submit(self, increments: Sequence[int], outbox: Outbox) -> None: ...
-
-
-class StoreUnavailable(ConnectionEnded):
-    """The store cannot confirm these increments; no reply may be sent."""
-
-    reason = CloseReason.BACKEND_UNAVAILABLE
 
 
 class PlainStore:

@@ -23,7 +23,8 @@ import gevent
 from gevent.event import Event
 
 from counter_server.common.ratelog import RateLimitedLog
-from counter_server.server.store.base import Figure, StoreUnavailable
+from counter_server.server.errors import StoreUnavailable
+from counter_server.server.store.base import Figure
 
 if TYPE_CHECKING:
     from counter_server.server.outbox import Outbox
@@ -46,14 +47,6 @@ class Batch:
         self.error: str | None = None
         self.finished = False
         self.done = Event()
-
-
-class WentBack(Exception):
-    """The service answered below the value this instance had confirmed."""
-
-    def __init__(self, before: int) -> None:
-        super().__init__(before)
-        self.before = before  # what the key held before this round trip's increments
 
 
 class BatchingStore:

@@ -28,8 +28,10 @@ import gevent
 from gevent.event import Event
 
 from counter_server.common.ratelog import RateLimitedLog
-from counter_server.server.store.base import CounterStore, Figure, LayeredStore, StoreUnavailable
-from counter_server.server.store.statefile import StateFile, StateFileError
+from counter_server.common.values import phrase
+from counter_server.server.errors import StateFileError, StoreUnavailable
+from counter_server.server.store.base import CounterStore, Figure, LayeredStore
+from counter_server.server.store.statefile import StateFile
 
 log = logging.getLogger("counter.state")
 
@@ -173,7 +175,7 @@ class DurableCounterStore(LayeredStore):
     def _describe(self, exc: Exception) -> str:
         """A failure as a phrase, without the path the log line already names."""
         if isinstance(exc, OSError):
-            return f"cannot write: {(exc.strerror or str(exc)).lower()}"
+            return f"cannot write: {phrase(exc)}"
         return str(exc).removeprefix(f"state file {self._state.path}").lstrip(": ")
 
     def health(self) -> str | None:

@@ -57,12 +57,18 @@ from counter_server.common.tls import (
     speaks_plain,
     speaks_tls,
 )
-from counter_server.common.values import format_address
+from counter_server.common.values import format_address, phrase
 from counter_server.protocol import MAX_COUNTER
-from counter_server.server.store.base import Figure, StoreUnavailable, advance
-from counter_server.server.store.batching import Batch, BatchingStore, WentBack
+from counter_server.server.errors import (
+    BackendError,
+    EtcdAnswer,
+    EtcdUnavailable,
+    StoreUnavailable,
+    WentBack,
+)
+from counter_server.server.store.base import Figure, advance
+from counter_server.server.store.batching import Batch, BatchingStore
 from counter_server.server.store.etcd_url import EtcdBackend
-from counter_server.server.store.urls import BackendError
 
 log = logging.getLogger("counter.etcd")
 
@@ -85,17 +91,8 @@ UNKNOWN = None  # what _seen is before the key is read and after an unknown outc
 SWAPPED, RECOGNISED, FAILED = "swapped", "recognised", "failed"  # a swap's outcomes
 
 
-class EtcdUnavailable(Exception):
-    """No endpoint could confirm the request; the message says why (one line)."""
-
-
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
-
-
-class EtcdAnswer(Exception):
-    """etcd answered the request with an error (not a failed request): its
-    own message, one line (authentication, permissions, a bad request)."""
 
 
 class EtcdCluster:
@@ -123,7 +120,7 @@ class EtcdCluster:
     @property
     def endpoint(self) -> str:
         pool = self._pools[self._current]
-        return f"{pool.host}:{pool.port}"
+        return format_address((pool.host, pool.port))
 
     def _request(self, pool, path: str, body: dict | None) -> dict:
         """One request to one endpoint: etcd's JSON answer; EtcdAnswer for an
@@ -165,7 +162,7 @@ class EtcdCluster:
             try:
                 return self._authorized(pool, path, body), attempt > 0
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                problems.append(f"{pool.host}:{pool.port}: {_describe(exc)}")
+                problems.append(f"{format_address((pool.host, pool.port))}: {_describe(exc)}")
             self._current = (self._current + 1) % len(self._pools)
         raise EtcdUnavailable("; ".join(problems))
 
@@ -251,13 +248,14 @@ class EtcdCluster:
         quorum needed); else why each did not, one phrase each."""
         problems = []
         for pool in self._pools:
+            where = format_address((pool.host, pool.port))
             try:
                 answer = self._request(pool, "/version", None)
                 if "etcdserver" in answer:
                     return None
-                problems.append(f"{pool.host}:{pool.port}: answers /version, but not as etcd")
+                problems.append(f"{where}: answers /version, but not as etcd")
             except (urllib3.exceptions.HTTPError, OSError, EtcdAnswer) as exc:
-                problems.append(f"{pool.host}:{pool.port}: {_describe(exc)}")
+                problems.append(f"{where}: {_describe(exc)}")
         return problems
 
 
@@ -269,7 +267,8 @@ def _counter(key: str, kv: dict) -> int:
 
 
 def _describe(exc: BaseException) -> str:
-    """One line: etcd's own error text where it sent one, else what failed."""
+    """One line: what urllib3's error (which wraps the cause) means for an
+    etcd endpoint, else the error's phrase."""
     text = str(exc)
     reason = getattr(exc, "reason", None)  # urllib3 wraps the cause
     if reason is not None:
@@ -287,7 +286,7 @@ def _describe(exc: BaseException) -> str:
         return "closed the connection without an answer (not an etcd client endpoint?)"
     if "max retries exceeded" in low or "failed to establish" in low or "newconnection" in low:
         return "cannot connect"
-    return text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    return phrase(exc)[:300]
 
 
 def _definitive(text: str) -> bool:

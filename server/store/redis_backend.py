@@ -49,11 +49,11 @@ from counter_server.common.tls import (
     speaks_plain,
     speaks_tls,
 )
-from counter_server.common.values import format_address
-from counter_server.server.store.base import Figure, StoreUnavailable, advance
-from counter_server.server.store.batching import Batch, BatchingStore, WentBack
+from counter_server.common.values import format_address, phrase
+from counter_server.server.errors import BackendError, StoreUnavailable, WentBack
+from counter_server.server.store.base import Figure, advance
+from counter_server.server.store.batching import Batch, BatchingStore
 from counter_server.server.store.redis_url import Backend
-from counter_server.server.store.urls import BackendError
 
 if TYPE_CHECKING:
     pass
@@ -137,11 +137,11 @@ def check_backend(backend: Backend) -> None:
         if mismatch:
             raise BackendError(f"Redis {backend.url}: {mismatch}") from None
         if backend.tls and "SSL" in str(exc).upper():
-            raise BackendError(f"Redis {backend.url}: TLS failed: {_first_line(exc)}") from None
+            raise BackendError(f"Redis {backend.url}: TLS failed: {phrase(exc)}") from None
         log.warning(
             "Redis %s is not reachable yet (%s); serving once it is",
             backend.url,
-            _first_line(exc),
+            phrase(exc),
         )
         return
     finally:
@@ -173,11 +173,6 @@ def _tls_mismatch(backend: Backend) -> str | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _refusal(backend: Backend, client: redis.Redis, exc: Exception) -> str:
     """What Redis's refusal at start means, in one phrase."""
     text = str(exc)
@@ -190,7 +185,7 @@ def _refusal(backend: Backend, client: redis.Redis, exc: Exception) -> str:
         sentinel = _as_sentinel(backend, client)
         if sentinel:
             return sentinel
-    return _first_line(exc)
+    return phrase(exc)
 
 
 def _as_sentinel(backend: Backend, client: redis.Redis) -> str | None:

@@ -32,6 +32,8 @@ import xxhash
 
 from counter_server.common.files import replace_file
 from counter_server.common.ratelog import RateLimitedLog
+from counter_server.common.values import phrase
+from counter_server.server.errors import StateFileError
 
 log = logging.getLogger("counter.state")
 
@@ -41,10 +43,6 @@ SLOT_SIZE = 32
 FILE_SIZE = 2 * SLOT_SIZE
 _BODY = struct.Struct(">4sHHQQ")
 _CHECKSUM = struct.Struct(">Q")
-
-
-class StateFileError(Exception):
-    """The state file cannot be used; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,7 @@ class StateFile:
             fd = os.open(self.path, os.O_RDWR)
             existed = False
         except OSError as exc:
-            raise StateFileError(f"state file {self.path}: {exc.strerror.lower()}") from None
+            raise StateFileError(f"state file {self.path}: {phrase(exc)}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -257,7 +255,7 @@ class StateFile:
             replace_file(self.path, older + newer if sequence % 2 else newer + older, durable=True)
         except OSError as exc:
             raise StateFileError(
-                f"state file {self.path}: cannot create it: {exc.strerror.lower()}"
+                f"state file {self.path}: cannot create it: {phrase(exc)}"
             ) from None
 
     def close(self) -> None:

@@ -14,11 +14,6 @@ from counter_server.server.store.redis_url import Backend, parse_redis, redact
 AnyBackend = Backend | EtcdBackend
 
 
-class BackendError(Exception):
-    """The backend cannot be used at start (bad password, nobody answers,
-    TLS that does not verify); the message is one line."""
-
-
 def parse_backend(raw: str) -> AnyBackend:
     """The ``--backend`` URL; ValueError (one line) if it is not usable."""
     if "://" not in raw:

@@ -108,7 +108,7 @@ def test_refused_port_is_one_clear_line():
     port = unused_port()
     result = run_client("--serverAddress", f"127.0.0.1:{port}", "--duration", "1", "--json")
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: 127.0.0.1:{port}: connect: Connection refused"
+    assert result.stderr.strip() == f"error: 127.0.0.1:{port}: connect: connection refused"
     report = json.loads(result.stdout)
     assert report["errors"]["refused"] == report["connections"]
     assert report["requests_acknowledged"] == 0
@@ -119,7 +119,7 @@ def test_get_against_a_refused_port():
     result = run_client("--get", "--serverAddress", f"127.0.0.1:{port}")
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"error: cannot read the counter from 127.0.0.1:{port}: Connection refused"
+        f"error: cannot read the counter from 127.0.0.1:{port}: connection refused"
     )
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import ssl
 
 import pytest
 
@@ -12,6 +15,7 @@ from counter_server.common.values import (
     host_port,
     log_level,
     non_negative_float,
+    phrase,
     port_number,
     positive_int,
 )
@@ -69,3 +73,31 @@ def test_numbers_and_levels():
 def test_format_address():
     assert format_address(("127.0.0.1", 80)) == "127.0.0.1:80"
     assert format_address(("::1", 80, 0, 0)) == "[::1]:80"
+
+
+class _Verify(ssl.SSLCertVerificationError):
+    verify_message = "self-signed certificate"
+
+
+class _WrongVersion(ssl.SSLError):
+    reason = "WRONG_VERSION_NUMBER"  # as the ssl module sets it
+
+
+@pytest.mark.parametrize(
+    ("exc", "said"),
+    [
+        (TimeoutError("read operation timed out"), "timed out"),
+        (TimeoutError(), "timed out"),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), "connection refused"),
+        (OSError(errno.EADDRINUSE, ""), "address already in use"),
+        (_WrongVersion(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+         "wrong version number"),
+        (socket.gaierror(-2, "Name or service not known"), "name or service not known"),
+        (_Verify(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"),
+         "certificate verify failed: self-signed certificate"),
+        (ValueError("no counter\nsecond line"), "no counter"),
+        (RuntimeError(), "RuntimeError"),
+    ],
+)  # fmt: skip
+def test_an_error_is_one_lower_case_phrase(exc, said):
+    assert phrase(exc) == said

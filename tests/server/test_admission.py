@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from counter_server.server.admission import Admission, client_ip, parse_network, peer_key
-from counter_server.server.close import CloseReason, Refused
+from counter_server.server.errors import CloseReason, TurnedAway
 
 
 def refusal(admission: Admission, ip: str, prefix: int = 64) -> CloseReason | None:
     try:
         admission.admit(ip, peer_key(ip, prefix))
-    except Refused as exc:
+    except TurnedAway as exc:
         return exc.reason
     return None
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import pytest
 
 from counter_server.protocol import MAX_COUNTER, RejectReason, decode_replies, encode_request
-from counter_server.server.close import ClientTimeout, CloseReason
 from counter_server.server.connection import serve
+from counter_server.server.errors import ClientTimeout, CloseReason
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import MemoryCounterStore, StoreUnavailable
 from counter_server.server.timeouts import NS_PER_SECOND, TimeoutReaper, Timeouts

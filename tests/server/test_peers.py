@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from counter_server.server.close import CloseReason, Refused
+from counter_server.server.errors import CloseReason, TurnedAway
 from counter_server.server.peers import PeerTable, SharedAdmission
 
 
@@ -23,7 +23,7 @@ def test_the_cap_holds_across_workers(table):
     table.enter("192.0.2.1", 0, limit=3)
     table.enter("192.0.2.1", 1, limit=3)
     table.enter("192.0.2.1", 1, limit=3)
-    with pytest.raises(Refused) as refused:
+    with pytest.raises(TurnedAway) as refused:
         table.enter("192.0.2.1", 0, limit=3)
     assert refused.value.reason is CloseReason.PER_IP_LIMIT
     table.enter("192.0.2.2", 0, limit=3)  # another peer is not affected
@@ -100,11 +100,11 @@ def test_shared_admission_applies_the_allowlist_locally(table):
     from counter_server.server.admission import parse_network
 
     admission = SharedAdmission(table, 0, [parse_network("10.0.0.0/8")], max_per_ip=1)
-    with pytest.raises(Refused) as refused:
+    with pytest.raises(TurnedAway) as refused:
         admission.admit("192.0.2.1", "192.0.2.1")
     assert refused.value.reason is CloseReason.NOT_ALLOWED
     admission.admit("10.0.0.1", "10.0.0.1")
-    with pytest.raises(Refused):
+    with pytest.raises(TurnedAway):
         admission.admit("10.0.0.1", "10.0.0.1")
     admission.release("10.0.0.1")
     assert table.connections("10.0.0.1") == 0

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from counter_server.server.cli import parse_settings
+from counter_server.server.errors import StateFileError
 from counter_server.server.store.shared import SharedCounter
-from counter_server.server.store.statefile import FILE_SIZE, StateFile, StateFileError
+from counter_server.server.store.statefile import FILE_SIZE, StateFile
 from counter_server.server.wiring import claim, open_store
 from support import (
     Load,

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from counter_server.protocol import encode_request
-from counter_server.server.close import CloseReason, Stopped
+from counter_server.server.errors import CloseReason, Stopped
 from counter_server.server.ratelimit import TokenBucket
 from counter_server.server.timeouts import NS_PER_SECOND, TimeoutReaper, Timeouts
 

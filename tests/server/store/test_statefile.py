@@ -10,12 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from counter_server.protocol import MAX_COUNTER
+from counter_server.server.errors import StateFileError
 from counter_server.server.store.statefile import (
     FILE_SIZE,
     SLOT_SIZE,
     Slot,
     StateFile,
-    StateFileError,
     decode_file,
     decode_slot,
     encode_slot,

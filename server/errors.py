@@ -1,6 +1,9 @@
-"""Why a connection ended: one enum value per reason, carrying its log level,
-and the exceptions that end a connection, each carrying its reason.
+"""Every exception the server raises, under one base (``ServerError``, like
+redis-py's ``exceptions.py``), and why a connection ended (``CloseReason``,
+one enum value per reason with its log level).
 
+``SetupError``: the instance cannot start (one line, exit 1).
+``ConnectionEnded``: ends one connection, carrying its ``CloseReason``.
 Everything that counts, logs or exports close reasons reads them from here,
 so a new reason is one new line and can never be missing from a table.
 """
@@ -42,7 +45,38 @@ class CloseReason(Enum):
         return self.value.replace("_", " ")
 
 
-class ConnectionEnded(Exception):
+class ServerError(Exception):
+    """Base of every exception the server raises; the message is one line."""
+
+
+# What stops an instance from starting: main prints the message, exits 1.
+
+
+class SetupError(ServerError):
+    """The instance cannot start as configured (a TLS file, a flag's value)."""
+
+
+class ListenError(SetupError):
+    """A listener that could not be opened."""
+
+
+class StateFileError(SetupError):
+    """The state file cannot be used; the message names the file and the problem."""
+
+
+class BackendError(SetupError):
+    """The backend cannot be used at start (bad password, nobody answers,
+    TLS that does not verify)."""
+
+
+class WorkersFailed(SetupError):
+    """The ``--processes`` workers could not be started or kept running."""
+
+
+# What ends one connection; the reason says how it is counted and logged.
+
+
+class ConnectionEnded(ServerError):
     """Ends the connection it is raised in; ``reason`` says how it is
     counted and logged, the message adds the detail."""
 
@@ -91,9 +125,36 @@ class HandshakeFailed(ConnectionEnded):
     reason = CloseReason.TLS_FAILED
 
 
-class Refused(ConnectionEnded):
-    """Admission turned the connection away at accept time."""
+class TurnedAway(ConnectionEnded):
+    """Admission turned the connection away at accept time (not allowed, or
+    over the per-IP cap): ``reason`` says which."""
 
     def __init__(self, reason: CloseReason) -> None:
         super().__init__()
         self.reason = reason
+
+
+class StoreUnavailable(ConnectionEnded):
+    """The store cannot confirm these increments; no reply may be sent."""
+
+    reason = CloseReason.BACKEND_UNAVAILABLE
+
+
+# Inside the shared stores: how a round trip went, never seen outside them.
+
+
+class WentBack(ServerError):
+    """The service answered below the value this instance had confirmed."""
+
+    def __init__(self, before: int) -> None:
+        super().__init__(before)
+        self.before = before  # what the key held before this round trip's increments
+
+
+class EtcdUnavailable(ServerError):
+    """No etcd endpoint could confirm the request; the message says why."""
+
+
+class EtcdAnswer(ServerError):
+    """etcd answered the request with an error (not a failed request): its
+    own message (authentication, permissions, a bad request)."""
