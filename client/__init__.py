@@ -2,7 +2,7 @@
 
 Applications use the library (docs/library.md)::
 
-    from counter_server.client import CounterClient   # installed; or: from client import ...
+    from counter_server.client import CounterClient
 
     with CounterClient("127.0.0.1:8080") as counter:
         counter.increment()
@@ -12,11 +12,10 @@ asyncio tasks; neither imports gevent. The load client (``client.py``,
 ``counter-client``) lives in ``cli``, ``load`` and ``report``.
 """
 
-if __name__ != "counter_server.client":  # one module, one name (docs/development.md)
-    raise ImportError(f"import counter_server.client, not {__name__}")
+from counter_server import one_name
 
-# Absolute names, so that ``client`` (from a clone) and ``counter_server.client``
-# are one set of classes.
+one_name(__name__, "counter_server.client")  # before anything else
+
 from counter_server.client.aio import AsyncCounterClient
 from counter_server.client.errors import CounterError, Indeterminate, Refused, Unavailable
 from counter_server.client.library import CounterClient

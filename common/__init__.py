@@ -1,7 +1,8 @@
 """Helpers shared by the server and client command lines (no protocol, no I/O)."""
 
-if __name__ != "counter_server.common":  # one module, one name (docs/development.md)
-    raise ImportError(f"import counter_server.common, not {__name__}")
+from counter_server import one_name
+
+one_name(__name__, "counter_server.common")  # before anything else
 
 # Both also in pyproject.toml (a test keeps them equal); --version prints them.
 DISTRIBUTION = "counter-server"

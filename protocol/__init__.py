@@ -5,8 +5,9 @@ functions plus one small incremental decoder, so it can be tested exhaustively
 without a network.
 """
 
-if __name__ != "counter_server.protocol":  # one module, one name (docs/development.md)
-    raise ImportError(f"import counter_server.protocol, not {__name__}")
+from counter_server import one_name
+
+one_name(__name__, "counter_server.protocol")  # before anything else
 
 from counter_server.protocol.decoder import FrameDecoder
 from counter_server.protocol.frames import (

@@ -2,7 +2,9 @@
 careful close that follows a refused frame.
 
 Timeouts are enforced from outside by ``server.timeouts.TimeoutReaper``; the
-loop only keeps the counters it reads and raises its verdict (ClientTimeout).
+loop only keeps the counters it reads. Every ending other than the peer
+closing at a frame boundary or shutdown is raised as a ``ConnectionEnded``
+(a refused frame, the reaper's verdict, the store's failure).
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from typing import Protocol
 
 from counter_server.common.sockets import Reader, reader
-from counter_server.protocol import InvalidFrame, encode_replies, overflow
-from counter_server.server.errors import ConnectionEnded
+from counter_server.protocol import encode_replies, overflow
+from counter_server.server.errors import ConnectionEnded, FrameRefused
 from counter_server.server.outbox import Outbox
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import CounterStore, DeferringStore
@@ -31,48 +32,47 @@ LINGER_SECONDS = 1.0
 LINGER_BYTES = 1 << 20
 
 
-class ServerState(Protocol):
-    stopping: bool
-
-
 def serve(
-    watched: Watched,
-    store: CounterStore,
-    stats: ServerStats,
-    state: ServerState,
-    bucket: Bucket | None = None,
-) -> InvalidFrame | None:
-    """Serve frames on ``watched.sock`` until the peer closes, a frame is
-    refused or shutdown begins.
+    watched: Watched, store: CounterStore, stats: ServerStats, bucket: Bucket | None = None
+) -> None:
+    """Serve frames on ``watched.sock`` until the peer closes or shutdown
+    stops the reading (``watched.stopped``); then return.
 
     Every complete valid frame of a read is applied in order and all their
     replies go out in one write; with a ``bucket``, each frame's rate token
-    is taken before it is applied. Returns the refusal (checksum or overflow;
-    truncated if the peer closed mid-frame), or None. Raises the reaper's
-    verdict (ConnectionEnded) when it ended the connection; OSError from the
-    socket (reset, broken pipe) propagates, except when shutdown cut the
-    read side.
+    is taken before it is applied. Every other ending is raised as a
+    ConnectionEnded: FrameRefused (checksum, overflow, or truncated if the
+    peer closed mid-frame), the reaper's verdict, the store's failure.
+    OSError from the socket (reset, broken pipe) propagates, except when
+    shutdown cut the read side.
     """
     deferred = isinstance(store, DeferringStore) and Reader.supports(watched.sock)
     loop = _serve_deferred if deferred else _serve
     try:
-        return loop(watched, store, stats, state, bucket)
+        loop(watched, store, stats, bucket)
     except OSError:
         # The reaper or shutdown cut the socket under a blocked send.
         if watched.verdict is not None:
             raise watched.verdict from None
-        if state.stopping:
-            return None
-        raise
+        if not watched.stopped:
+            raise
+
+
+def _read_side_ended(watched: Watched) -> None:
+    """A read returned end of stream: the reaper's verdict if it cut the
+    socket; nothing if shutdown did or the peer closed between frames; a
+    partial frame left by the peer is refused (truncated)."""
+    if watched.verdict is not None:
+        raise watched.verdict
+    if not watched.stopped:
+        truncated = watched.decoder.close()
+        if truncated is not None:
+            raise FrameRefused(truncated)
 
 
 def _serve(
-    watched: Watched,
-    store: CounterStore,
-    stats: ServerStats,
-    state: ServerState,
-    bucket: Bucket | None,
-) -> InvalidFrame | None:
+    watched: Watched, store: CounterStore, stats: ServerStats, bucket: Bucket | None
+) -> None:
     """The hot loop. Blocking steps: ``recv`` (the reaper watches bytes_in),
     ``watched.write`` and, over the rate, ``watched.paid`` and
     ``watched.read_size`` (which flag themselves)."""
@@ -88,12 +88,11 @@ def _serve(
     if bucket is not None:  # read no more frames than the client has tokens for
         tokens = bucket.take(0)[1]
         read_size, tokens = watched.read_size(bucket, tokens, RECV_SIZE)
-    while not state.stopping:
+    while not watched.stopped:
         chunk = recv(read_size)
         if not chunk:
-            if watched.verdict is not None:
-                raise watched.verdict
-            return None if state.stopping else decoder.close()
+            _read_side_ended(watched)
+            return
         watched.bytes_in += len(chunk)
         increments = feed(chunk)
         while increments:
@@ -111,22 +110,17 @@ def _serve(
                 write(out)
                 writes_by_size[applied.bit_length()] += 1
             if refused is not None:
-                return overflow(refused, store.value)
+                raise FrameRefused(overflow(refused, store.value))
             increments = later
         if bucket is not None:  # out of tokens: stop reading until they refill
             read_size, tokens = watched.read_size(bucket, tokens, RECV_SIZE)
         if decoder.error is not None:
-            return decoder.error
-    return None
+            raise FrameRefused(decoder.error)
 
 
 def _serve_deferred(
-    watched: Watched,
-    store: DeferringStore,
-    stats: ServerStats,
-    state: ServerState,
-    bucket: Bucket | None,
-) -> InvalidFrame | None:
+    watched: Watched, store: DeferringStore, stats: ServerStats, bucket: Bucket | None
+) -> None:
     """The loop for a store that answers later (Redis): each read's
     increments go to the store and the loop reads on, while the store's side
     writes the replies (server.outbox). Same outcomes as ``_serve``. Blocking
@@ -145,7 +139,7 @@ def _serve_deferred(
         if bucket is not None:
             tokens = bucket.take(0)[1]
             read_size, tokens = watched.read_size(bucket, tokens, RECV_SIZE)
-        while not state.stopping:
+        while not watched.stopped:
             chunk = recv(read_size)
             if outbox.ending is not None:  # the store's side ended it (and woke the recv)
                 break
@@ -168,16 +162,11 @@ def _serve_deferred(
         with contextlib.suppress(ConnectionEnded):
             outbox.settle()  # the replies owed still go out; this ending wins
         raise
-    outbox.settle()  # every reply owed is written; raises the store's failure
-    if outbox.ending is not None:
-        return outbox.ending
+    outbox.settle()  # every reply owed is written; raises the store side's ending
     if decoder.error is not None:
-        return decoder.error
+        raise FrameRefused(decoder.error)
     if read_ended:
-        if watched.verdict is not None:
-            raise watched.verdict
-        return None if state.stopping else decoder.close()
-    return None
+        _read_side_ended(watched)
 
 
 def close_gently(sock: socket.socket) -> None:

@@ -3,7 +3,9 @@ redis-py's ``exceptions.py``), and why a connection ended (``CloseReason``,
 one enum value per reason with its log level).
 
 ``SetupError``: the instance cannot start (one line, exit 1).
-``ConnectionEnded``: ends one connection, carrying its ``CloseReason``.
+``ConnectionEnded``: ends one connection, carrying its ``CloseReason``; every
+connection ends with one (the peer closing, a refused frame, a timeout,
+shutdown), which ``server.lifecycle`` counts, logs and closes in one place.
 Everything that counts, logs or exports close reasons reads them from here,
 so a new reason is one new line and can never be missing from a table.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import logging
 from enum import Enum
+
+from counter_server.protocol import InvalidFrame, RejectReason
 
 
 class CloseReason(Enum):
@@ -77,18 +81,75 @@ class WorkersFailed(SetupError):
 
 
 class ConnectionEnded(ServerError):
-    """Ends the connection it is raised in; ``reason`` says how it is
-    counted and logged, the message adds the detail."""
+    """How a connection ended: ``reason`` says how it is counted and logged
+    (given, or the class's), the message adds the detail."""
 
     reason: CloseReason = CloseReason.ERROR
+    rejected: RejectReason | None = None  # a frame refused: counted under it too
+
+    def __init__(self, detail: str = "", reason: CloseReason | None = None) -> None:
+        super().__init__(detail)
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def label(self) -> str:
+        """What the log line's ``reason`` field says."""
+        return self.reason.value
+
+    @property
+    def event(self) -> str:
+        """The log's rate-limiting key: lines of one event are limited together."""
+        return f"closed:{self.reason.value}"
+
+    @property
+    def level(self) -> int:
+        return self.reason.level
+
+    def describe(self, peer: str) -> str:
+        """The log line for this end of the connection from ``peer``."""
+        detail = str(self)
+        return f"connection from {peer} closed: {self.reason.words}" + (
+            f" ({detail})" if detail else ""
+        )
+
+
+class FrameRefused(ConnectionEnded):
+    """A frame was refused (bad checksum, overflow): the replies owed before
+    it were sent, then the connection is closed. A frame cut short by the
+    peer's close (truncated) is discarded the same way, the connection
+    counted as closed by its peer. Both are counted under ``rejected`` too."""
+
+    def __init__(self, refusal: InvalidFrame) -> None:
+        truncated = refusal.reason is RejectReason.TRUNCATED
+        reason = CloseReason.PEER_CLOSED if truncated else CloseReason.REFUSED
+        super().__init__(str(refusal), reason)
+        self.refusal = refusal
+        self.rejected = refusal.reason
+
+    @property
+    def label(self) -> str:
+        return self.rejected.value
+
+    @property
+    def event(self) -> str:
+        return self.rejected.value
+
+    @property
+    def level(self) -> int:
+        return logging.INFO if self.rejected is RejectReason.TRUNCATED else logging.WARNING
+
+    def describe(self, peer: str) -> str:
+        if self.rejected is RejectReason.TRUNCATED:
+            return f"discarded partial frame from {peer} (truncated): {self}; peer had closed"
+        return f"refused frame from {peer} ({self.rejected.value}): {self}; connection closed"
 
 
 class ClientTimeout(ConnectionEnded):
     """The client broke one of the time limits."""
 
     def __init__(self, reason: CloseReason, seconds: float) -> None:
-        super().__init__(f"{reason.words} after {seconds:g}s")
-        self.reason = reason
+        super().__init__(f"{reason.words} after {seconds:g}s", reason)
 
 
 class Evicted(ConnectionEnded):
@@ -102,19 +163,17 @@ class Evicted(ConnectionEnded):
         super().__init__(f"no whole frame for {idle_for:g}s or more while the pool was full")
 
 
-class PeerLeft(ConnectionEnded):
-    """The client shut its side while its frames waited for rate tokens:
-    the frames not yet applied are dropped (they were never acknowledged)."""
+class PeerClosed(ConnectionEnded):
+    """The client closed its side. While its frames waited for rate tokens
+    (the reaper saw it leave), the frames not yet applied are dropped: they
+    were never acknowledged."""
 
     reason = CloseReason.PEER_CLOSED
 
-    def __init__(self) -> None:
-        super().__init__("while its frames waited for rate tokens")
-
 
 class Stopped(ConnectionEnded):
-    """Shutdown ended a connection that was not reading frames (in its TLS
-    handshake, or waiting for rate tokens)."""
+    """Shutdown ended the connection: it stopped reading frames (or its TLS
+    handshake, or its wait for rate tokens) and sent the replies it owed."""
 
     reason = CloseReason.SHUTDOWN
 
@@ -130,8 +189,7 @@ class TurnedAway(ConnectionEnded):
     over the per-IP cap): ``reason`` says which."""
 
     def __init__(self, reason: CloseReason) -> None:
-        super().__init__()
-        self.reason = reason
+        super().__init__("", reason)
 
 
 class StoreUnavailable(ConnectionEnded):

@@ -21,7 +21,6 @@ from gevent.server import StreamServer
 
 from counter_server.common.ratelog import RateLimitedLog
 from counter_server.common.values import format_address, phrase
-from counter_server.protocol import InvalidFrame, RejectReason
 from counter_server.server.admission import Admission, client_ip, peer_key
 from counter_server.server.balance import PAUSE, AcceptBalance
 from counter_server.server.connection import close_gently, serve
@@ -30,6 +29,8 @@ from counter_server.server.errors import (
     CloseReason,
     ConnectionEnded,
     HandshakeFailed,
+    PeerClosed,
+    Stopped,
 )
 from counter_server.server.ratelimit import RateLimiter
 from counter_server.server.saturation import SaturationWatch
@@ -56,16 +57,15 @@ _OUT_OF_RESOURCES = OUT_OF_DESCRIPTORS | {errno.ENOBUFS, errno.ENOMEM}
 # Endings after which the client may still be sending: half-close and drain
 # (close_gently), so that what we last sent reaches it instead of being
 # destroyed by the reset a close with unread input causes: the replies owed
-# at shutdown, the TLS alert saying why a handshake was refused.
-CLOSE_GENTLY = frozenset({CloseReason.SHUTDOWN, CloseReason.TLS_FAILED})
+# before a refused frame or at shutdown, the TLS alert saying why a
+# handshake was refused.
+CLOSE_GENTLY = frozenset({CloseReason.REFUSED, CloseReason.SHUTDOWN, CloseReason.TLS_FAILED})
 
 
 class _Connection:
     """One accepted connection while it is handled: what its close must undo."""
 
-    __slots__ = (
-        "address", "admitted", "bucket", "conn", "ip", "key", "refusal", "sock", "watched"
-    )  # fmt: skip
+    __slots__ = ("address", "admitted", "bucket", "conn", "ip", "key", "sock", "watched")
 
     def __init__(self, sock: socket.socket, address: tuple, ipv6_prefix: int) -> None:
         self.sock = sock
@@ -75,7 +75,6 @@ class _Connection:
         self.key = peer_key(self.ip, ipv6_prefix)  # what per-IP limits count
         self.admitted = False
         self.bucket: Bucket | None = None
-        self.refusal: InvalidFrame | None = None
         self.watched: Watched | None = None  # by the reaper, once admitted
 
 
@@ -240,47 +239,46 @@ class CounterServer:
         self.stats.connections_accepted += 1
         self._publish_load(len(self.pool))
         connection = _Connection(sock, address, self.ipv6_prefix)
-        reason, detail = CloseReason.ERROR, ""
+        ended = ConnectionEnded()  # a bug, unless something better is known
         try:
-            reason = self._serve_admitted(connection)
+            self._serve_admitted(connection)
         except ConnectionEnded as exc:
-            reason, detail = exc.reason, str(exc)
+            ended = exc
         except OSError as exc:
-            reason, detail = CloseReason.RESET, phrase(exc)
+            ended = ConnectionEnded(phrase(exc), CloseReason.RESET)
         except GreenletExit:
-            reason = CloseReason.SHUTDOWN_TIMEOUT
+            ended = ConnectionEnded("", CloseReason.SHUTDOWN_TIMEOUT)
             raise
         except Exception as exc:
             self._unexpected(address, exc)
         finally:
-            self._closed(connection, reason, detail)
+            self._closed(connection, ended)
 
-    def _serve_admitted(self, connection: _Connection) -> CloseReason:
-        """Admit the connection, serve it, and say how it ended; raises
-        ConnectionEnded (or OSError) for the other endings."""
+    def _serve_admitted(self, connection: _Connection) -> None:
+        """Admit the connection and serve it; raises how it ended
+        (ConnectionEnded, or OSError from the socket)."""
         if self.admission is not None:
             self.admission.admit(connection.ip, connection.key)  # TurnedAway: nothing counted
             connection.admitted = True
         if self.rate_limiter is not None:
             connection.bucket = self.rate_limiter.acquire(connection.key)
         if self.stopping:
-            return CloseReason.SHUTDOWN
+            raise Stopped()
         connection.watched = self.reaper.watch(connection.sock)
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
             self._handshake(connection)
             if self.stopping:
-                return CloseReason.SHUTDOWN
-        refusal = serve(connection.watched, self.store, self.stats, self, connection.bucket)
-        if refusal is not None:
-            connection.refusal = refusal
-            if refusal.reason is not RejectReason.TRUNCATED:
-                return CloseReason.REFUSED
-        return CloseReason.SHUTDOWN if self.stopping else CloseReason.PEER_CLOSED
+                raise Stopped()
+        serve(connection.watched, self.store, self.stats, connection.bucket)
+        raise Stopped() if connection.watched.stopped else PeerClosed()
 
-    def _closed(self, connection: _Connection, reason: CloseReason, detail: str) -> None:
+    def _closed(self, connection: _Connection, ended: ConnectionEnded) -> None:
         """The one place a connection is counted, released, logged and closed."""
+        reason = ended.reason
         self.stats.connections_closed[reason] += 1
+        if ended.rejected is not None:
+            self.stats.rejected[ended.rejected] += 1
         self._publish_load(len(self.pool) - 1)  # this handler leaves the pool next
         if connection.admitted:
             self.admission.release(connection.key)
@@ -290,21 +288,14 @@ class CounterServer:
             self.reaper.forget(connection.watched)
             self.stats.bytes_in += connection.watched.bytes_in
             self.stats.bytes_out += connection.watched.bytes_out
-        if connection.refusal is not None:
-            self._refuse(connection.conn, connection.address, connection.refusal)
-        elif reason is not CloseReason.ERROR:  # _unexpected logged it
+        if reason is not CloseReason.ERROR and log.isEnabledFor(ended.level):  # ERROR: logged
+            peer = format_address(connection.address)
             self._events.log(
-                f"closed:{reason.value}",
-                reason.level,
-                "connection from %s closed: %s%s",
-                format_address(connection.address),
-                reason.words,
-                f" ({detail})" if detail else "",
-                extra={
-                    "peer": format_address(connection.address),
-                    "reason": reason.value,
-                    "detail": detail,
-                },
+                ended.event,
+                ended.level,
+                "%s",
+                ended.describe(peer),
+                extra={"peer": peer, "reason": ended.label, "detail": str(ended)},
             )
         if reason in CLOSE_GENTLY:
             close_gently(connection.conn)
@@ -358,24 +349,3 @@ class CounterServer:
             exc_info=first,
             extra={"peer": format_address(address), "error": repr(exc)},
         )
-
-    def _refuse(self, sock: socket.socket, address: tuple, refusal: InvalidFrame) -> None:
-        self.stats.rejected[refusal.reason] += 1
-        truncated = refusal.reason is RejectReason.TRUNCATED
-        self._events.log(
-            refusal.reason.value,
-            logging.INFO if truncated else logging.WARNING,
-            "%s from %s (%s): %s; %s",
-            "discarded partial frame" if truncated else "refused frame",
-            format_address(address),
-            refusal.reason.value,
-            refusal,
-            "peer had closed" if truncated else "connection closed",
-            extra={
-                "peer": format_address(address),
-                "reason": refusal.reason.value,
-                "detail": str(refusal),
-            },
-        )
-        if not truncated:
-            close_gently(sock)

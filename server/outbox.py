@@ -24,8 +24,8 @@ import gevent
 from gevent.hub import Waiter
 
 from counter_server.common.sockets import Reader
-from counter_server.protocol import InvalidFrame, encode_replies, overflow
-from counter_server.server.errors import ConnectionEnded
+from counter_server.protocol import encode_replies, overflow
+from counter_server.server.errors import ConnectionEnded, FrameRefused
 from counter_server.server.stats import ServerStats
 from counter_server.server.timeouts import Watched
 
@@ -41,9 +41,9 @@ class Outbox:
         self._stats = stats
         self._waiter: Waiter | None = None  # the connection, waiting in settle()
         self.owed = False  # a read is in the store or its replies are being written
-        # Set once, by the store's side: the refusal (InvalidFrame) to return
-        # or the ConnectionEnded to raise; the connection ends with it.
-        self.ending: InvalidFrame | ConnectionEnded | None = None
+        # Set once, by the store's side (a refused frame, the store's
+        # failure): the connection ends with it.
+        self.ending: ConnectionEnded | None = None
 
     # --- the connection's side ---
 
@@ -57,15 +57,14 @@ class Outbox:
             store.submit(increments, self)
 
     def settle(self) -> None:
-        """Wait until no reply is owed; then raise the store's failure, if
-        any (a refusal is left for the caller to return)."""
+        """Wait until no reply is owed; then raise the store side's ending, if any."""
         while self.owed:
             waiter = self._waiter = Waiter()
             try:
                 waiter.get()
             finally:
                 self._waiter = None
-        if isinstance(self.ending, ConnectionEnded):
+        if self.ending is not None:
             raise self.ending
 
     # --- the store's side ---
@@ -75,7 +74,7 @@ class Outbox:
         next one was refused for overflow; ``value`` is the counter then)."""
         applied = len(replies)
         if applied < len(increments):
-            self.ending = overflow(increments[applied], value)
+            self.ending = FrameRefused(overflow(increments[applied], value))
         if applied:
             self._stats.replies_per_write[applied.bit_length()] += 1
             data = encode_replies(replies)

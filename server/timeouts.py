@@ -36,7 +36,7 @@ from counter_server.server.errors import (
     CloseReason,
     ConnectionEnded,
     Evicted,
-    PeerLeft,
+    PeerClosed,
     Stopped,
 )
 
@@ -295,7 +295,7 @@ class TimeoutReaper:
                 by_fd[fd] = watched
                 poller.register(fd, PEER_GONE)
         for fd, _ in poller.poll(0):
-            by_fd[fd].end(PeerLeft())
+            by_fd[fd].end(PeerClosed("while its frames waited for rate tokens"))
 
     def stop_reading(self) -> None:
         """Shutdown: stop reading on every connection (a read returns end of

@@ -57,7 +57,7 @@ MUTANTS = [
         "every reply owed for an applied frame is sent during a graceful stop",
         "server/connection.py",
         "            if applied:\n",
-        "            if applied and not state.stopping:\n",
+        "            if applied and not watched.stopped:\n",
         (
             "tests/server/test_lifecycle.py::test_sigterm_under_load_loses_nothing_acknowledged",
             "tests/server/test_seams.py"

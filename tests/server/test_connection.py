@@ -12,16 +12,12 @@ import pytest
 
 from counter_server.protocol import MAX_COUNTER, RejectReason, decode_replies, encode_request
 from counter_server.server.connection import serve
-from counter_server.server.errors import ClientTimeout, CloseReason
+from counter_server.server.errors import ClientTimeout, CloseReason, FrameRefused
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import MemoryCounterStore, StoreUnavailable
 from counter_server.server.timeouts import NS_PER_SECOND, TimeoutReaper, Timeouts
 
 TAMPERED = bytes.fromhex("00000000000000016021b5621680598b")  # checksum of "2" on 1
-
-
-class State:
-    stopping = False
 
 
 @pytest.fixture
@@ -42,7 +38,11 @@ def run(pair, payload: bytes, store=None, stats=None):
     stats = stats or ServerStats()
     reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None))
     watched = reaper.watch(server_side)
-    outcome = serve(watched, store, stats, State())
+    outcome = None  # the peer closed: serve() returned
+    try:
+        serve(watched, store, stats)
+    except FrameRefused as exc:
+        outcome = exc.refusal
     server_side.shutdown(socket.SHUT_WR)
     received = b""
     while chunk := client_side.recv(65536):
@@ -100,7 +100,7 @@ def test_a_reaper_verdict_ends_the_loop_as_that_timeout(pair):
 
     def serving() -> None:
         try:
-            serve(reaper.watch(server_side), MemoryCounterStore(), ServerStats(), State())
+            serve(reaper.watch(server_side), MemoryCounterStore(), ServerStats())
         except ClientTimeout as exc:
             outcome.append(exc)
 
@@ -120,11 +120,11 @@ def test_a_reaper_verdict_ends_the_loop_as_that_timeout(pair):
 
 def test_shutdown_stops_reading_quietly(pair):
     server_side, client_side = pair
-    state = State()
-    state.stopping = True
     client_side.sendall(encode_request(1))
     reaper = TimeoutReaper(Timeouts())
-    assert serve(reaper.watch(server_side), MemoryCounterStore(), ServerStats(), state) is None
+    watched = reaper.watch(server_side)
+    watched.stopped = True  # as TimeoutReaper.stop_reading sets it
+    assert serve(watched, MemoryCounterStore(), ServerStats()) is None
 
 
 def test_the_gevent_read_path_keeps_framing_across_short_and_full_reads():
@@ -141,7 +141,7 @@ def test_the_gevent_read_path_keeps_framing_across_short_and_full_reads():
     stats = ServerStats()
     reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None))
     watched = reaper.watch(server_side)
-    serving = gevent.spawn(serve, watched, store, stats, State())
+    serving = gevent.spawn(serve, watched, store, stats)
     received = bytearray()
     reader = gevent.spawn(
         lambda: [received.extend(c) for c in iter(lambda: client_side.recv(65536), b"")]

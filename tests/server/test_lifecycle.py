@@ -208,7 +208,7 @@ def test_runs_from_another_directory_with_a_relative_path():
 
 def test_runs_as_a_module_from_the_repo_root():
     proc = subprocess.run(
-        [sys.executable, "-m", "server.server", "--help"],
+        [sys.executable, "-m", "counter_server.server.server", "--help"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -216,6 +216,18 @@ def test_runs_as_a_module_from_the_repo_root():
     )
     assert proc.returncode == 0, proc.stderr
     assert "Usage:" in proc.stdout
+
+
+def test_the_package_under_a_second_name_is_refused_in_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.server", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "python -m counter_server.server" in proc.stderr
 
 
 def test_counter_state_is_per_process(server):

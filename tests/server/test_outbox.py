@@ -10,13 +10,10 @@ from gevent import socket
 
 from counter_server.protocol import MAX_COUNTER, RejectReason, decode_replies, encode_request
 from counter_server.server.connection import serve
+from counter_server.server.errors import FrameRefused
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import MemoryCounterStore, StoreUnavailable
 from counter_server.server.timeouts import TimeoutReaper, Timeouts
-
-
-class State:
-    stopping = False
 
 
 class LaterStore(MemoryCounterStore):
@@ -45,7 +42,16 @@ class LaterStore(MemoryCounterStore):
 def start(pair, store, stats=None):
     server_side, _ = pair
     reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None))
-    return gevent.spawn(serve, reaper.watch(server_side), store, stats or ServerStats(), State())
+
+    def serving():
+        """None when the peer closed; the refusal when a frame was refused."""
+        try:
+            serve(reaper.watch(server_side), store, stats or ServerStats())
+        except FrameRefused as exc:
+            return exc.refusal
+        return None
+
+    return gevent.spawn(serving)
 
 
 def wait_for(condition, what: str) -> None:
