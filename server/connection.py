@@ -16,10 +16,11 @@ import time
 from counter_server.common.sockets import Reader, reader
 from counter_server.protocol import encode_replies, overflow
 from counter_server.server.errors import ConnectionEnded, FrameRefused
+from counter_server.server.limits import Bucket
 from counter_server.server.outbox import Outbox
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import CounterStore, DeferringStore
-from counter_server.server.timeouts import Bucket, Watched
+from counter_server.server.timeouts import Watched
 
 # Bytes read at once: up to 1024 frames. Bounds what one connection holds
 # while its client does not read (at most one read's 8 KiB of replies), and

@@ -21,7 +21,6 @@ from gevent.server import StreamServer
 
 from counter_server.common.ratelog import RateLimitedLog
 from counter_server.common.values import format_address, phrase
-from counter_server.server.admission import Admission, client_ip, peer_key
 from counter_server.server.balance import PAUSE, AcceptBalance
 from counter_server.server.connection import close_gently, serve
 from counter_server.server.errors import (
@@ -32,13 +31,12 @@ from counter_server.server.errors import (
     PeerClosed,
     Stopped,
 )
-from counter_server.server.ratelimit import RateLimiter
+from counter_server.server.limits import Bucket, Limits, SharedLimits, client_ip, peer_key
 from counter_server.server.saturation import SaturationWatch
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import CounterStore
 from counter_server.server.timeouts import (
     DEFAULT_TIMEOUTS,
-    Bucket,
     TimeoutReaper,
     Timeouts,
     Watched,
@@ -138,8 +136,7 @@ class CounterServer:
         pool_size: int,
         *,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
-        admission: Admission | None = None,
-        rate_limiter: RateLimiter | None = None,
+        limits: Limits | SharedLimits | None = None,
         tls: ssl.SSLContext | None = None,
         stats: ServerStats | None = None,
         ipv6_prefix: int = 64,
@@ -152,8 +149,7 @@ class CounterServer:
         self.stats = stats if stats is not None else ServerStats()
         self.timeouts = timeouts
         self.reaper = TimeoutReaper(timeouts)
-        self.admission = admission if admission is not None and admission.active else None
-        self.rate_limiter = rate_limiter
+        self.limits = limits
         self.tls = tls
         self.ipv6_prefix = ipv6_prefix
         self.pool = Pool(pool_size)
@@ -257,11 +253,9 @@ class CounterServer:
     def _serve_admitted(self, connection: _Connection) -> None:
         """Admit the connection and serve it; raises how it ended
         (ConnectionEnded, or OSError from the socket)."""
-        if self.admission is not None:
-            self.admission.admit(connection.ip, connection.key)  # TurnedAway: nothing counted
+        if self.limits is not None:
+            connection.bucket = self.limits.admit(connection.ip, connection.key)  # or TurnedAway
             connection.admitted = True
-        if self.rate_limiter is not None:
-            connection.bucket = self.rate_limiter.acquire(connection.key)
         if self.stopping:
             raise Stopped()
         connection.watched = self.reaper.watch(connection.sock)
@@ -281,9 +275,7 @@ class CounterServer:
             self.stats.rejected[ended.rejected] += 1
         self._publish_load(len(self.pool) - 1)  # this handler leaves the pool next
         if connection.admitted:
-            self.admission.release(connection.key)
-        if connection.bucket is not None:
-            self.rate_limiter.release(connection.key)
+            self.limits.release(connection.key)
         if connection.watched is not None:
             self.reaper.forget(connection.watched)
             self.stats.bytes_in += connection.watched.bytes_in

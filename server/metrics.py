@@ -126,11 +126,11 @@ class ServerCollector(Collector):
             "1 while the server can acknowledge increments, 0 when /healthz says 503.",
             0 if health(server) else 1,
         )
-        limiter = server.rate_limiter
+        limits = server.limits
         yield counter(
             "throttled_seconds",
             "Time connections waited for rate-limit tokens (--rate), all clients together.",
-            limiter.throttled_seconds if limiter is not None else 0.0,
+            limits.throttled_seconds if limits is not None else 0.0,
         )
         bytes_out = server.bytes_out
         yield counter("received_bytes", "Bytes read from clients.", server.bytes_in)

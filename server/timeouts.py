@@ -23,7 +23,6 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import gevent
 from gevent.event import Event
@@ -39,6 +38,7 @@ from counter_server.server.errors import (
     PeerClosed,
     Stopped,
 )
+from counter_server.server.limits import Bucket
 
 # The reaper looks at every connection this often: at least four times per
 # shortest timeout, and at most half a second apart (eviction needs to know
@@ -53,16 +53,6 @@ NS_PER_SECOND = 1_000_000_000
 _poll = get_original("select", "poll")
 # The peer sent its FIN (or reset): even with unread bytes pending (Linux).
 PEER_GONE = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
-
-
-class Bucket(Protocol):
-    """A client's token bucket (server.ratelimit, or server.peers with --processes)."""
-
-    rate: float
-
-    def take(self, frames: int) -> tuple[int, float]: ...
-
-    def waited(self, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)

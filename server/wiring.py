@@ -16,19 +16,16 @@ from dataclasses import dataclass
 from counter_server.common.cli import cpu_count
 from counter_server.common.tls import TLSSetupError, server_context
 from counter_server.common.values import format_address, phrase
-from counter_server.server.admission import Admission
 from counter_server.server.balance import AcceptBalance
 from counter_server.server.cli import ServerSettings
 from counter_server.server.errors import ListenError, SetupError
 from counter_server.server.lifecycle import CounterServer
-from counter_server.server.peers import PeerTable, SharedAdmission, SharedRateLimiter
-from counter_server.server.ratelimit import RateLimiter
+from counter_server.server.limits import PeerTable, limits_for
 from counter_server.server.store import CounterStore, MemoryCounterStore
 from counter_server.server.store.durable import DurableCounterStore
-from counter_server.server.store.etcd_url import EtcdBackend
 from counter_server.server.store.shared import SharedCounter
 from counter_server.server.store.statefile import StateFile
-from counter_server.server.store.urls import AnyBackend
+from counter_server.server.store.urls import AnyBackend, EtcdBackend
 
 LISTEN_BACKLOG = 1024  # connections the kernel queues while the pool is full
 # Why "::" cannot be opened on a machine without IPv6: then IPv4 only.
@@ -144,18 +141,15 @@ def build_server(
     ``--processes`` worker number ``worker``: ``peers``, the per-peer table
     the workers share, so per-IP limits hold across them, and ``balance``,
     the counts that spread new connections over the workers."""
-    admission: Admission = Admission(settings.allow, settings.max_conns_per_ip)
-    rate_limiter = RateLimiter(settings.rate, settings.burst) if settings.rate else None
-    if peers is not None:
-        admission = SharedAdmission(peers, worker, settings.allow, settings.max_conns_per_ip)
-        rate_limiter = SharedRateLimiter(peers) if settings.rate else None
+    limits = limits_for(
+        settings.allow, settings.max_conns_per_ip, settings.rate, settings.burst, peers, worker
+    )
     return CounterServer(
         listener,
         store,
         pool_size(settings),
         timeouts=settings.timeouts,
-        admission=admission,
-        rate_limiter=rate_limiter,
+        limits=limits,
         tls=tls,
         ipv6_prefix=settings.ipv6_prefix,
         balance=balance,

@@ -1,10 +1,12 @@
 """Where the shared counter lives: interchangeable stores behind one interface.
 
-- ``memory``: this process's memory (the Go original's behaviour).
+- ``base``: the interface, the arithmetic, and this process's memory (the Go
+  original's behaviour).
 - ``durable`` over ``statefile``: a crash-safe state file with a choice of fsync.
 - ``shared``: one counter in shared memory for ``--processes`` workers.
-- ``redis_backend``: one Redis key shared by any number of instances
-  (``redis_url`` parses ``--backend`` without loading redis-py).
+- ``redis_backend``, ``etcd_backend`` (over ``batching``): one key shared by
+  any number of instances (``urls`` parses ``--backend`` without loading
+  their clients).
 
 ``server.wiring.open_store`` is the one place that picks and stacks them.
 """
@@ -15,9 +17,9 @@ from counter_server.server.store.base import (
     DeferringStore,
     Figure,
     LayeredStore,
+    MemoryCounterStore,
     advance,
 )
-from counter_server.server.store.memory import MemoryCounterStore
 
 __all__ = [
     "CounterStore",

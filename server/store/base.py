@@ -1,4 +1,5 @@
-"""The counter store interface, and the arithmetic every store shares.
+"""The counter store interface, the arithmetic every store shares, and the
+simplest store: this process's memory, as in the Go original.
 
 The connection loop only knows ``CounterStore``, so durable, multi-process and
 Redis-backed stores plug in without touching it.
@@ -136,3 +137,28 @@ def advance(value: int, increments: Sequence[int], limit: int = MAX_COUNTER) -> 
         fits = next(i for i, after in enumerate(replies) if after > limit)
         del replies[fits:]
     return replies
+
+
+class MemoryCounterStore(PlainStore):
+    """Atomic under gevent because ``apply`` never yields to another greenlet."""
+
+    def __init__(self, initial: int = 0) -> None:
+        if not 0 <= initial <= MAX_COUNTER:
+            raise ValueError(f"initial value {initial} is outside 0..2^64-1")
+        self._value = initial
+        self._applied = 0
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @property
+    def requests_applied(self) -> int:
+        return self._applied
+
+    def apply(self, increments: Sequence[int]) -> Sequence[int]:
+        replies = advance(self._value, increments)
+        if replies:
+            self._value = replies[-1]
+            self._applied += len(replies)
+        return replies

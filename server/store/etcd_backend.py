@@ -68,7 +68,7 @@ from counter_server.server.errors import (
 )
 from counter_server.server.store.base import Figure, advance
 from counter_server.server.store.batching import Batch, BatchingStore
-from counter_server.server.store.etcd_url import EtcdBackend
+from counter_server.server.store.urls import EtcdBackend
 
 log = logging.getLogger("counter.etcd")
 

@@ -53,7 +53,7 @@ from counter_server.common.values import format_address, phrase
 from counter_server.server.errors import BackendError, StoreUnavailable, WentBack
 from counter_server.server.store.base import Figure, advance
 from counter_server.server.store.batching import Batch, BatchingStore
-from counter_server.server.store.redis_url import Backend
+from counter_server.server.store.urls import RedisBackend
 
 if TYPE_CHECKING:
     pass
@@ -77,7 +77,7 @@ REPLICA_SET_SECONDS = 1.0  # replicas=all: how often the sentinels are asked for
 PLAIN_ANSWERS = (b"+PONG", b"-NOAUTH", b"-ERR", b"-WRONGPASS")
 
 
-def client_for(backend: Backend, with_wait: bool = True) -> redis.Redis:
+def client_for(backend: RedisBackend, with_wait: bool = True) -> redis.Redis:
     """A redis-py client for ``backend``'s primary (found through the
     sentinels). Its command timeout allows for WAIT (``replicas=``) unless
     ``with_wait`` is False: the client that only PINGs and GETs."""
@@ -98,7 +98,7 @@ def client_for(backend: Backend, with_wait: bool = True) -> redis.Redis:
     return sentinels_for(backend).master_for(backend.service, **options)
 
 
-def sentinels_for(backend: Backend) -> Sentinel:
+def sentinels_for(backend: RedisBackend) -> Sentinel:
     """redis-py's Sentinel over the URL's sentinels."""
     return Sentinel(
         list(backend.hosts),
@@ -110,7 +110,7 @@ def sentinels_for(backend: Backend) -> Sentinel:
     )
 
 
-def check_backend(backend: Backend) -> None:
+def check_backend(backend: RedisBackend) -> None:
     """At start: BackendError (one line) for what waiting will not heal: a CA
     file that cannot be loaded, TLS spoken to a plain Redis or plain Redis to
     a TLS port, a sentinel's port given as a Redis server, a password
@@ -154,7 +154,7 @@ def check_backend(backend: Backend) -> None:
         )
 
 
-def _tls_mismatch(backend: Backend) -> str | None:
+def _tls_mismatch(backend: RedisBackend) -> str | None:
     """Why a Redis that cut or ignored us will not answer however long we
     wait, if the reason is TLS: it speaks TLS and the URL does not, or the
     other way round. None when it looks merely down."""
@@ -173,7 +173,7 @@ def _tls_mismatch(backend: Backend) -> str | None:
     return None
 
 
-def _refusal(backend: Backend, client: redis.Redis, exc: Exception) -> str:
+def _refusal(backend: RedisBackend, client: redis.Redis, exc: Exception) -> str:
     """What Redis's refusal at start means, in one phrase."""
     text = str(exc)
     if "NOAUTH" in text or "HELLO must be called" in text or "Authentication required" in text:
@@ -188,7 +188,7 @@ def _refusal(backend: Backend, client: redis.Redis, exc: Exception) -> str:
     return phrase(exc)
 
 
-def _as_sentinel(backend: Backend, client: redis.Redis) -> str | None:
+def _as_sentinel(backend: RedisBackend, client: redis.Redis) -> str | None:
     """If the URL's server is a Redis Sentinel: say so, with the URL to use."""
     try:
         if client.info("server").get("redis_mode") != "sentinel":
@@ -207,7 +207,7 @@ def _as_sentinel(backend: Backend, client: redis.Redis) -> str | None:
     )
 
 
-def _ask_each_sentinel(backend: Backend) -> list[str]:
+def _ask_each_sentinel(backend: RedisBackend) -> list[str]:
     """Why each sentinel of the URL gave no primary, one phrase each."""
     answers = []
     for host, port in backend.hosts:
@@ -238,7 +238,7 @@ class RedisCounterStore(BatchingStore):
     errors_caught = (redis.RedisError,)
     refusals = (redis.AuthenticationError, redis.ResponseError)
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: RedisBackend) -> None:
         super().__init__(backend.key, log)
         self.backend = backend
         self._redis = client_for(backend)
@@ -516,6 +516,6 @@ class RedisCounterStore(BatchingStore):
         return True
 
 
-def open_store(backend: Backend) -> RedisCounterStore:
+def open_store(backend: RedisBackend) -> RedisCounterStore:
     """The store of an instance (``server.wiring`` calls it)."""
     return RedisCounterStore(backend)

@@ -8,7 +8,7 @@ import pytest
 
 from counter_server.protocol import encode_request
 from counter_server.server.errors import CloseReason, Stopped
-from counter_server.server.ratelimit import TokenBucket
+from counter_server.server.limits import TokenBucket
 from counter_server.server.timeouts import NS_PER_SECOND, TimeoutReaper, Timeouts
 
 

@@ -213,7 +213,7 @@ def test_a_swap_tells_its_outcome_after_a_lost_answer(cluster):
     # same transaction re-sent to the next member is recognised (applied
     # once); with the writers key deleted by hand the outcome is unknown.
     from counter_server.server.store import etcd_backend
-    from counter_server.server.store.etcd_url import parse_etcd
+    from counter_server.server.store.urls import parse_etcd
 
     proxies = [AnswerProxy(cluster.client_ports[name]) for name in cluster.names]
     client = etcd_backend.EtcdCluster(
