@@ -24,7 +24,7 @@ from counter_server.common.values import (
     positive_rate,
 )
 from counter_server.server.limits import Network, parse_network
-from counter_server.server.store.durable import FSYNC_MODES
+from counter_server.server.store.statefile import FSYNC_MODES
 from counter_server.server.store.urls import AnyBackend, parse_backend
 from counter_server.server.timeouts import Timeouts
 

@@ -4,6 +4,13 @@ hand each to the connection loop, and stop gracefully.
 Modelled on gevent's own ``StreamServer``: ``start()``, then ``stop()`` which
 stops accepting, stops reading new frames, lets every connection send the
 replies it owes, and cuts whatever is still running after the timeout.
+
+**Pool saturation** (``SaturationWatch``): when every pool slot is busy,
+gevent stops accepting and new connections wait in the kernel's listen
+queue; the watch notices, counts it, tells the operator (rate-limited) and
+lets the server free slots held by idle connections. On Linux the queue's
+length is read from the listening socket's TCP_INFO (``tcpi_unacked`` holds
+the accept-queue length there).
 """
 
 from __future__ import annotations
@@ -12,7 +19,10 @@ import errno
 import logging
 import socket
 import ssl
+import struct
 import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent import GreenletExit
@@ -21,7 +31,6 @@ from gevent.server import StreamServer
 
 from counter_server.common.ratelog import RateLimitedLog
 from counter_server.common.values import format_address, phrase
-from counter_server.server.balance import PAUSE, AcceptBalance
 from counter_server.server.connection import close_gently, serve
 from counter_server.server.errors import (
     ClientTimeout,
@@ -32,9 +41,12 @@ from counter_server.server.errors import (
     Stopped,
 )
 from counter_server.server.limits import Bucket, Limits, SharedLimits, client_ip, peer_key
-from counter_server.server.saturation import SaturationWatch
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import CounterStore
+
+if TYPE_CHECKING:
+    from counter_server.server.workers import AcceptBalance
+
 from counter_server.server.timeouts import (
     DEFAULT_TIMEOUTS,
     TimeoutReaper,
@@ -45,12 +57,16 @@ from counter_server.server.timeouts import (
 log = logging.getLogger("counter.server")
 
 ACCEPT_RETRY_SECONDS = 0.1  # pause accepting this long when out of descriptors
-BALANCE_PAUSE = PAUSE  # how long a worker ahead of the others stops accepting
 HANDSHAKE_TIMEOUT = 10.0  # seconds for a TLS handshake when --frame-timeout is 0
 # accept() errors that mean "no descriptors now" (per process, system-wide)...
 OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE}
 # ... or "no descriptors or memory now": not a bug.
 _OUT_OF_RESOURCES = OUT_OF_DESCRIPTORS | {errno.ENOBUFS, errno.ENOMEM}
+
+CHECK_INTERVAL = 0.5  # seconds between two looks at the pool and the listen queue
+# struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked.
+_TCP_INFO_QUEUE = struct.Struct("=8x16xI")
+
 
 # Endings after which the client may still be sending: half-close and drain
 # (close_gently), so that what we last sent reaches it instead of being
@@ -94,7 +110,7 @@ class _Acceptor(PausingAcceptor, StreamServer):
     accepting pauses accepting briefly and is reported in one log line,
     instead of a traceback per attempt; and, when other worker processes
     accept on the same socket (``balance``), one connection per wake-up, and
-    none while this worker is ahead of the others (server.balance)."""
+    none while this worker is ahead of the others (server.workers.AcceptBalance)."""
 
     def __init__(self, *args, on_accept_error, balance=None, worker: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -110,7 +126,7 @@ class _Acceptor(PausingAcceptor, StreamServer):
         if balance is not None:
             if not self._paused and balance.ahead(self._worker):
                 self._paused = True
-                self.pause_accepting(BALANCE_PAUSE)
+                self.pause_accepting(balance.pause)
                 return None
             self._paused = False
         try:
@@ -123,6 +139,82 @@ class _Acceptor(PausingAcceptor, StreamServer):
             self._on_accept_error(exc)
             self.pause_accepting(ACCEPT_RETRY_SECONDS)
             return None
+
+
+def listen_queue_length(listener: socket.socket) -> int | None:
+    """Connections waiting to be accepted on ``listener``, or None if unknown."""
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        return _TCP_INFO_QUEUE.unpack_from(info)[0]
+    except (AttributeError, OSError, struct.error):
+        return None
+
+
+class SaturationWatch:
+    """A greenlet that checks the pool and listen queue every ``interval`` s."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        pool: Pool,
+        stats: ServerStats,
+        events: RateLimitedLog,
+        relieve: Callable[[int], int] = lambda waiting: 0,
+        interval: float = CHECK_INTERVAL,
+    ) -> None:
+        """``relieve(waiting)`` is called while connections wait; it may free
+        pool slots and returns how many it freed."""
+        self._listener = listener
+        self._pool = pool
+        self._stats = stats
+        self._events = events
+        self._relieve = relieve
+        self._interval = interval
+        self._saturated = False
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill()
+
+    def check(self) -> None:
+        """One look: update the waiting gauge, count and log a new saturation."""
+        waiting = 0
+        if self._pool.full():
+            queued = listen_queue_length(self._listener)
+            waiting = 1 if queued is None else queued  # unknown: assume someone waits
+        self._stats.connections_waiting = waiting
+        freed = self._relieve(waiting) if waiting else 0
+        if freed:
+            self._events.log(
+                "evicted",
+                logging.INFO,
+                "connection pool full with %d waiting: closed %d idle connections",
+                waiting,
+                freed,
+                extra={"waiting": waiting, "evicted": freed},
+            )
+        if waiting and not self._saturated:
+            self._stats.pool_saturation_events += 1
+            self._events.log(
+                "saturation",
+                logging.WARNING,
+                "connection pool full (%d of %d in use); %d connections waiting to be "
+                "accepted (raise --multiplier if this persists)",
+                len(self._pool),
+                self._pool.size,
+                waiting,
+                extra={"in_use": len(self._pool), "pool_size": self._pool.size, "waiting": waiting},
+            )
+        self._saturated = bool(waiting)
+
+    def _run(self) -> None:
+        while True:
+            self.check()
+            gevent.sleep(self._interval)
 
 
 class CounterServer:

@@ -8,40 +8,23 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
 import sys
 import time
 
-import gevent
-
-from counter_server.common.cli import configure_logging, cpu_count
+from counter_server.common.cli import configure_logging
 from counter_server.common.gevent_errors import log_gevent_errors
 from counter_server.common.ratelog import flush_all
 from counter_server.common.signals import StopSignals
-from counter_server.server.balance import AcceptBalance
 from counter_server.server.banner import Ready, startup_line, totals_lines, write_ready_file
-from counter_server.server.board import Board, BoardCollector
 from counter_server.server.cli import ServerSettings, parse_settings
-from counter_server.server.errors import SetupError, StateFileError, WorkersFailed
+from counter_server.server.errors import SetupError
 from counter_server.server.lifecycle import CounterServer
-from counter_server.server.metrics import MetricsServer, ServerCollector, health, serve_metrics
-from counter_server.server.processes import Supervisor
+from counter_server.server.metrics import MetricsServer, serve_metrics
 from counter_server.server.store import CounterStore
-from counter_server.server.store.shared import SharedCounter
-from counter_server.server.wiring import (
-    Claimed,
-    build_server,
-    claim,
-    describe_origin,
-    open_store,
-    pool_size,
-    shared_peer_table,
-)
+from counter_server.server.wiring import Claimed, build_server, claim, open_store, ready_facts
+from counter_server.server.workers import Workers
 
 log = logging.getLogger("counter.server")
-
-PUBLISH_SECONDS = 0.5  # how often a --processes worker publishes its figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +114,7 @@ class Single:
         self.server.start()
         if self.metrics is not None:
             self.metrics.start()
-        return _ready(self.settings, self.claimed, self.store, os.getpid(), [], self.metrics)
+        return ready_facts(self.settings, self.claimed, self.store, os.getpid(), [], self.metrics)
 
     def stop(self) -> bool:
         """Stop gracefully; False if the final value could not be saved."""
@@ -150,170 +133,3 @@ class Single:
     @property
     def value(self) -> int:
         return self.store.value
-
-
-class Workers:
-    """``--processes N``: this process supervises N workers sharing one counter."""
-
-    def __init__(self, settings: ServerSettings, claimed: Claimed) -> None:
-        self.settings = settings
-        self.claimed = claimed
-        self.failed = False
-        self.shared = SharedCounter(claimed.initial)
-        self.peers = shared_peer_table(settings)
-        self.board = Board(settings.processes)
-        self.balance = AcceptBalance(settings.processes)
-        self.stopping = False
-        self._signals: StopSignals | None = None
-        self.supervisor = Supervisor(
-            settings.processes, self._worker, self._give_up, on_death=self._worker_died
-        )
-        self.metrics: MetricsServer | None = None
-        if claimed.metrics_listener is not None:
-            self.metrics = MetricsServer(
-                claimed.metrics_listener, BoardCollector(self.board), self._health
-            )
-
-    def start(self, stop_signals: StopSignals) -> Ready:
-        self._signals = stop_signals
-        try:
-            self.supervisor.start(in_child=self._in_worker)
-        except WorkersFailed:
-            self._release()
-            raise
-        if self.metrics is not None:
-            self.metrics.start()
-        store = open_store(self.settings, self.claimed) if self.settings.backend else None
-        origin = describe_origin(self.settings, self.claimed, store)  # asks Redis
-        ready = _ready(
-            self.settings, self.claimed, store, os.getpid(), self.supervisor.pids, self.metrics,
-            origin,
-        )  # fmt: skip
-        if store is not None:
-            store.close()
-        return ready
-
-    def _in_worker(self) -> None:
-        """First thing in a new worker: drop what only the parent uses."""
-        self._signals.cancel()
-        if self.metrics is not None:
-            self.metrics.drop_in_child()
-
-    def _health(self) -> str | None:
-        return "stopping" if self.stopping else self.board.health()
-
-    def _worker(self, index: int, ready) -> int:
-        """One worker process: serve on the inherited listener until SIGTERM."""
-        store = open_store(self.settings, self.claimed, self.shared)
-        if self.peers is not None:
-            self.peers.open()
-        server = build_server(
-            self.claimed.listener, store, self.settings, self.claimed.tls, self.peers, index,
-            self.balance,
-        )  # fmt: skip
-        stop_signals = StopSignals()
-        server.start()
-        publisher = gevent.spawn(self._publish_every, PUBLISH_SECONDS, index, server)
-        ready()
-        stop_signals.wait()
-        server.stop(self.settings.shutdown_timeout)
-        saved = store.close()
-        publisher.kill()
-        self._publish(index, server)  # the final figures, for the parent's totals
-        flush_all()
-        return 0 if saved else 1
-
-    def _publish_every(self, seconds: float, index: int, server: CounterServer) -> None:
-        while True:
-            self._publish(index, server)
-            gevent.sleep(seconds)
-
-    def _publish(self, index: int, server: CounterServer) -> None:
-        self.board.publish(index, ServerCollector(server).collect(), health(server))
-
-    def _worker_died(self, index: int, pid: int) -> None:
-        if pid > 0:
-            self.shared.release_if_held_by(pid)
-        self.board.retire(index)
-        self.balance.absent(index)
-        if self.peers is not None:
-            self.peers.forget_worker(index)
-
-    def _give_up(self, why: str) -> None:
-        self.failed = True
-        if self._signals is not None:
-            self._signals.request()
-
-    def stop(self) -> bool:
-        self.stopping = True
-        killed = self.supervisor.stop(self.settings.shutdown_timeout + 5)
-        if self.metrics is not None:
-            self.metrics.stop()
-        if killed:
-            log.warning("%d workers did not stop in time and were killed", killed)
-        saved = True
-        state = self.claimed.state
-        if state is not None:  # the workers saved it; make sure of the last value
-            try:
-                state.commit(lambda: self.shared.value, sync=True)
-            except (OSError, StateFileError) as exc:
-                log.error("state file %s: the final value was not saved: %s", state.path, exc)
-                saved = False
-        self._release()
-        return saved
-
-    def _release(self) -> None:
-        if self.claimed.state is not None:
-            self.claimed.state.close()
-        if self.peers is not None:
-            self.peers.remove()
-        self.claimed.listener.close()
-
-    def force_stop(self) -> None:
-        self.supervisor.signal_all(signal.SIGKILL)
-
-    @property
-    def requests_applied(self) -> int:
-        """Every worker's, dead ones' included (as they last published)."""
-        if self.settings.backend is None:
-            return self.shared.requests_applied
-        return int(self.board.total("counter_server_requests_applied"))
-
-    @property
-    def value(self) -> int:
-        if self.settings.backend is None:
-            return self.shared.value
-        family = self.board.merged().get("counter_server_value")
-        return int(max(family[2].values())) if family else 0
-
-
-def _ready(
-    settings: ServerSettings,
-    claimed: Claimed,
-    store: CounterStore | None,
-    pid: int,
-    workers: list[int],
-    metrics: MetricsServer | None,
-    origin: str | None = None,
-) -> Ready:
-    host, port = claimed.listener.getsockname()[:2]
-    if origin is None:
-        origin = describe_origin(settings, claimed, store)  # asks Redis for its value
-    listener = claimed.listener
-    dual_stack = listener.family == socket.AF_INET6 and not listener.getsockopt(
-        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
-    )
-    return Ready(
-        host=host,
-        port=port,
-        dual_stack=dual_stack,
-        pool=pool_size(settings),
-        cpus=cpu_count(),
-        multiplier=settings.multiplier,
-        pid=pid,
-        tls=claimed.tls is not None,
-        metrics_url=f"http://{metrics.address}/metrics" if metrics else None,
-        workers=workers,
-        initial=store.value if store is not None else claimed.initial,
-        origin=origin,
-    )

@@ -133,7 +133,7 @@ class Watched:
 
     def try_write(self, data: bytes) -> int:
         """Send what the socket takes at once, never blocking (for a store's
-        side writing replies, server.outbox); the bytes taken (0 on a TLS
+        side writing replies, server.connection.Outbox); the bytes taken (0 on a TLS
         socket, which has no such send)."""
         if self._raw_send is None:
             return 0

@@ -12,20 +12,24 @@ import os
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from counter_server.common.cli import cpu_count
 from counter_server.common.tls import TLSSetupError, server_context
 from counter_server.common.values import format_address, phrase
-from counter_server.server.balance import AcceptBalance
+from counter_server.server.banner import Ready
 from counter_server.server.cli import ServerSettings
 from counter_server.server.errors import ListenError, SetupError
 from counter_server.server.lifecycle import CounterServer
 from counter_server.server.limits import PeerTable, limits_for
 from counter_server.server.store import CounterStore, MemoryCounterStore
-from counter_server.server.store.durable import DurableCounterStore
 from counter_server.server.store.shared import SharedCounter
-from counter_server.server.store.statefile import StateFile
+from counter_server.server.store.statefile import DurableCounterStore, StateFile
 from counter_server.server.store.urls import AnyBackend, EtcdBackend
+
+if TYPE_CHECKING:
+    from counter_server.server.metrics import MetricsServer
+    from counter_server.server.workers import AcceptBalance
 
 LISTEN_BACKLOG = 1024  # connections the kernel queues while the pool is full
 # Why "::" cannot be opened on a machine without IPv6: then IPv4 only.
@@ -195,3 +199,36 @@ def open_listener(host: str | None, port: int) -> socket.socket:
     except OSError as exc:
         where = format_address((host, port))
         raise ListenError(f"cannot listen on {where}: {phrase(exc)}") from None
+
+
+def ready_facts(
+    settings: ServerSettings,
+    claimed: Claimed,
+    store: CounterStore | None,
+    pid: int,
+    workers: list[int],
+    metrics: MetricsServer | None,
+    origin: str | None = None,
+) -> Ready:
+    """The facts of a started instance, for its start-up line and ready file."""
+    host, port = claimed.listener.getsockname()[:2]
+    if origin is None:
+        origin = describe_origin(settings, claimed, store)  # asks Redis for its value
+    listener = claimed.listener
+    dual_stack = listener.family == socket.AF_INET6 and not listener.getsockopt(
+        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
+    )
+    return Ready(
+        host=host,
+        port=port,
+        dual_stack=dual_stack,
+        pool=pool_size(settings),
+        cpus=cpu_count(),
+        multiplier=settings.multiplier,
+        pid=pid,
+        tls=claimed.tls is not None,
+        metrics_url=f"http://{metrics.address}/metrics" if metrics else None,
+        workers=workers,
+        initial=store.value if store is not None else claimed.initial,
+        origin=origin,
+    )

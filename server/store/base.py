@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkab
 from counter_server.protocol import MAX_COUNTER
 
 if TYPE_CHECKING:
-    from counter_server.server.outbox import Outbox
+    from counter_server.server.connection import Outbox
 
 
 class Figure(NamedTuple):
@@ -70,7 +70,7 @@ class DeferringStore(Protocol):
     then calls ``outbox.deliver(increments, replies, value)`` (replies as
     ``apply`` would return them; ``value`` is the counter then) or
     ``outbox.fail(StoreUnavailable(...))``, exactly once. The connection loop
-    uses it for plain sockets (server.outbox); ``apply`` stays for the rest."""
+    uses it for plain sockets (server.connection.Outbox); ``apply`` stays for the rest."""
 
     def submit(self, increments: Sequence[int], outbox: Outbox) -> None: ...
 

@@ -27,7 +27,7 @@ from counter_server.server.errors import StoreUnavailable
 from counter_server.server.store.base import Figure
 
 if TYPE_CHECKING:
-    from counter_server.server.outbox import Outbox
+    from counter_server.server.connection import Outbox
 
 PROBE_SECONDS = 0.5  # ask the service when no round trip has answered for this long
 CLOSE_SECONDS = 5.0  # at shutdown, for the round trips in flight

@@ -83,7 +83,7 @@ MUTANTS = [
     Mutant(
         "crash-loop-never-gives-up",
         "after 10 young deaths in a row the supervisor gives up",
-        "server/processes.py",
+        "server/workers.py",
         "GIVE_UP_AFTER = 10 ",
         "GIVE_UP_AFTER = 10_000 ",
         (TEST_PROCESSES + "::test_workers_dying_young_again_and_again_make_it_give_up_and_exit_1",),
@@ -163,7 +163,7 @@ MUTANTS = [
     Mutant(
         "stuck-worker-kept-waiting",
         "with --processes, a worker still running 5 s after the timeout is killed",
-        "server/run.py",
+        "server/workers.py",
         "self.supervisor.stop(self.settings.shutdown_timeout + 5)",
         "self.supervisor.stop(self.settings.shutdown_timeout + 50)",
         (
@@ -174,7 +174,7 @@ MUTANTS = [
     Mutant(
         "killed-workers-not-logged",
         "the log says how many workers did not stop in time",
-        "server/run.py",
+        "server/workers.py",
         "        if killed:\n",
         "        if killed > 1:\n",
         (

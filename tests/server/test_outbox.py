@@ -1,4 +1,4 @@
-"""The connection loop with a store that answers later (server.outbox), in
+"""The connection loop with a store that answers later (server.connection.Outbox), in
 process over gevent socket pairs: a stand-in store answers the submitted
 reads when the test says so, so every interleaving is chosen, not timed."""
 

@@ -84,7 +84,7 @@ def test_two_workers_share_the_port_and_give_exact_distinct_replies():
 
 
 def test_a_burst_of_connections_is_spread_over_the_workers():
-    """A worker ahead of the others lets them accept (server.balance), so a
+    """A worker ahead of the others lets them accept (server.workers.AcceptBalance), so a
     burst is shared out; before, whichever worker woke first took up to
     gevent's 100 in a row, and one worker got 34 to 40 of the 40."""
     server = start_server("--processes", "2")

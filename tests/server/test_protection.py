@@ -239,7 +239,7 @@ def test_a_client_gets_one_burst_however_many_connections_it_opens(store, tmp_pa
     has closed them, none keeps its pool slot waiting for tokens."""
     where: tuple[str, ...] = ("--processes", "2") if "processes" in store else ()
     redis = None
-    if store == "redis":  # the loop of a store that answers later (server.outbox)
+    if store == "redis":  # the loop of a store that answers later (server.connection.Outbox)
         require("redis-server")
         redis = RedisServer(tmp_path)
         redis.start()

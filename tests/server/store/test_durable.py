@@ -9,7 +9,7 @@ import gevent
 import pytest
 
 from counter_server.server.store import MemoryCounterStore, StoreUnavailable
-from counter_server.server.store.durable import DurableCounterStore
+from counter_server.server.store.statefile import DurableCounterStore
 
 
 class HeldStateFile:

@@ -182,7 +182,7 @@ def test_healthz_is_503_while_redis_is_unreachable_and_recovers_by_itself(redis_
 
 def test_tls_and_plain_clients_of_redis_backed_instances_share_one_exact_counter(redis_server, pki):
     """TLS connections wait for their round trip and write their own replies;
-    plain ones have them written by the flusher (server.outbox): both at once,
+    plain ones have them written by the flusher (server.connection.Outbox): both at once,
     pipelined and ping-pong, against two instances."""
     tls = start_server(
         "--backend", redis_server.url(), "--tls-cert", pki["server_cert"],

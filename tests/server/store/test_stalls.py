@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from counter_server.server.store.durable import COMMIT_STALL_SECONDS
+from counter_server.server.store.statefile import COMMIT_STALL_SECONDS
 from support import connect, frames, http_get, metric, recv_replies, start_server, wait_until
 
 
