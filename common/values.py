@@ -125,10 +125,10 @@ def phrase(exc: BaseException) -> str:
     if isinstance(reason, str) and reason:
         return reason.lower().replace("_", " ")
     if isinstance(exc, OSError):
-        if exc.strerror:
-            return exc.strerror.lower()
-        if exc.errno in errno.errorcode:
+        if exc.errno in errno.errorcode:  # not strerror: create_server adds the address to it
             return os.strerror(exc.errno).lower()
+        if exc.strerror:  # socket.gaierror: a resolver's code, not an errno
+            return exc.strerror.lower()
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

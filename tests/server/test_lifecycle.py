@@ -206,26 +206,20 @@ def test_runs_from_another_directory_with_a_relative_path():
         server.stop()
 
 
+def help_of_module(module: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE --help`` from the repository root."""
+    return subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+
+
 def test_runs_as_a_module_from_the_repo_root():
-    proc = subprocess.run(
-        [sys.executable, "-m", "counter_server.server.server", "--help"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = help_of_module("counter_server.server.server")
     assert proc.returncode == 0, proc.stderr
     assert "Usage:" in proc.stdout
 
 
 def test_the_package_under_a_second_name_is_refused_in_one_line():
-    proc = subprocess.run(
-        [sys.executable, "-m", "server.server", "--help"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = help_of_module("server.server")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "python -m counter_server.server" in proc.stderr
 
