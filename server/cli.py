@@ -131,6 +131,11 @@ class ServerSettings:
     backend: AnyBackend | None
     ready_file: str | None = None
 
+    @property
+    def pool_size(self) -> int:
+        """Connections one process serves at once: NumCPU x multiplier."""
+        return cpu_count() * self.multiplier
+
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     """The settings for ``argv``; a usage error exits 2."""

@@ -40,17 +40,16 @@ from counter_server.server.errors import (
     PeerClosed,
     Stopped,
 )
-from counter_server.server.limits import Bucket, Limits, SharedLimits, client_ip, peer_key
+from counter_server.server.limits import Bucket, client_ip, limits_for, peer_key
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import CounterStore
 
 if TYPE_CHECKING:
-    from counter_server.server.workers import AcceptBalance
+    from counter_server.server.cli import ServerSettings
+    from counter_server.server.workers import Seat
 
 from counter_server.server.timeouts import (
-    DEFAULT_TIMEOUTS,
     TimeoutReaper,
-    Timeouts,
     Watched,
 )
 
@@ -109,24 +108,23 @@ class _Acceptor(PausingAcceptor, StreamServer):
     """gevent's StreamServer, but running out of file descriptors while
     accepting pauses accepting briefly and is reported in one log line,
     instead of a traceback per attempt; and, when other worker processes
-    accept on the same socket (``balance``), one connection per wake-up, and
+    accept on the same socket (``seat``), one connection per wake-up, and
     none while this worker is ahead of the others (server.workers.AcceptBalance)."""
 
-    def __init__(self, *args, on_accept_error, balance=None, worker: int = 0, **kwargs) -> None:
+    def __init__(self, *args, on_accept_error, seat: Seat | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._on_accept_error = on_accept_error
-        self._balance: AcceptBalance | None = balance
-        self._worker = worker
+        self._seat = seat
         self._paused = False  # stepped back last time: take the next one regardless
-        if balance is not None:
+        if seat is not None:
             self.max_accept = 1  # not gevent's 100 in a row: let the others have a turn
 
     def do_read(self):
-        balance = self._balance
-        if balance is not None:
-            if not self._paused and balance.ahead(self._worker):
+        seat = self._seat
+        if seat is not None:
+            if not self._paused and seat.ahead():
                 self._paused = True
-                self.pause_accepting(balance.pause)
+                self.pause_accepting(seat.pause)
                 return None
             self._paused = False
         try:
@@ -225,32 +223,28 @@ class CounterServer:
         self,
         listener: socket.socket,
         store: CounterStore,
-        pool_size: int,
-        *,
-        timeouts: Timeouts = DEFAULT_TIMEOUTS,
-        limits: Limits | SharedLimits | None = None,
+        settings: ServerSettings,
         tls: ssl.SSLContext | None = None,
-        stats: ServerStats | None = None,
-        ipv6_prefix: int = 64,
-        balance: AcceptBalance | None = None,
-        worker: int = 0,
+        seat: Seat | None = None,
     ) -> None:
-        """``balance``: with ``--processes``, the counts that spread new
-        connections over the workers; this is worker number ``worker``."""
+        """With ``--processes``, ``seat`` is this worker's place among them:
+        how new connections are spread, and the limits table they share."""
         self.store = store
-        self.stats = stats if stats is not None else ServerStats()
-        self.timeouts = timeouts
+        self.stats = ServerStats()
+        self.timeouts = timeouts = settings.timeouts
         self.reaper = TimeoutReaper(timeouts)
-        self.limits = limits
+        self.limits = limits_for(
+            settings.allow, settings.max_conns_per_ip, settings.rate, settings.burst,
+            seat.peers if seat is not None else None, seat.index if seat is not None else 0,
+        )  # fmt: skip
         self.tls = tls
-        self.ipv6_prefix = ipv6_prefix
-        self.pool = Pool(pool_size)
+        self.ipv6_prefix = settings.ipv6_prefix
+        self.pool = Pool(settings.pool_size)
         self.stopping = False
-        self._balance = balance
-        self._worker = worker
+        self._seat = seat
         self._stream_server = _Acceptor(
             listener, self._handle, spawn=self.pool, on_accept_error=self._accept_failed,
-            balance=balance, worker=worker,
+            seat=seat,
         )  # fmt: skip
         self._events = RateLimitedLog(log)
         self._seen_errors: set[tuple] = set()
@@ -275,8 +269,8 @@ class CounterServer:
 
     def start(self) -> None:
         """Start accepting connections (returns at once; serving runs in greenlets)."""
-        if self._balance is not None:
-            self._balance.serving(self._worker, len(self.pool))
+        if self._seat is not None:
+            self._seat.serving(len(self.pool))
         self._stream_server.start()
         self._saturation.start()
         self.reaper.start()
@@ -286,8 +280,8 @@ class CounterServer:
         connections had to be cut because they did not finish in time.
         The store stays open: its owner closes it."""
         self.stopping = True
-        if self._balance is not None:
-            self._balance.absent(self._worker)
+        if self._seat is not None:
+            self._seat.absent()
         self._saturation.stop()
         self._stream_server.close()
         self.reaper.stop_reading()
@@ -389,8 +383,8 @@ class CounterServer:
 
     def _publish_load(self, serving: int) -> None:
         """Tell the other workers how many connections this one handles."""
-        if self._balance is not None and not self.stopping:
-            self._balance.serving(self._worker, serving)
+        if self._seat is not None and not self.stopping:
+            self._seat.serving(serving)
 
     def _handshake(self, connection: _Connection) -> None:
         """The TLS handshake; the whole of it must finish within the frame

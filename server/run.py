@@ -7,7 +7,6 @@ start or could not save its final value, 2 for a usage error.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
@@ -21,7 +20,7 @@ from counter_server.server.errors import SetupError
 from counter_server.server.lifecycle import CounterServer
 from counter_server.server.metrics import MetricsServer, serve_metrics
 from counter_server.server.store import CounterStore
-from counter_server.server.wiring import Claimed, build_server, claim, open_store, ready_facts
+from counter_server.server.wiring import Claimed, claim, describe_origin, open_store, ready_facts
 from counter_server.server.workers import Workers
 
 log = logging.getLogger("counter.server")
@@ -103,9 +102,7 @@ class Single:
         self.claimed = claimed
         self.failed = False
         self.store: CounterStore = open_store(settings, claimed)
-        self.server: CounterServer = build_server(
-            claimed.listener, self.store, settings, claimed.tls
-        )
+        self.server = CounterServer(claimed.listener, self.store, settings, claimed.tls)
         self.metrics: MetricsServer | None = None
         if claimed.metrics_listener is not None:
             self.metrics = serve_metrics(claimed.metrics_listener, self.server)
@@ -114,7 +111,8 @@ class Single:
         self.server.start()
         if self.metrics is not None:
             self.metrics.start()
-        return ready_facts(self.settings, self.claimed, self.store, os.getpid(), [], self.metrics)
+        origin = describe_origin(self.settings, self.claimed, self.store)  # may ask Redis
+        return ready_facts(self.settings, self.claimed, origin, self.metrics)
 
     def stop(self) -> bool:
         """Stop gracefully; False if the final value could not be saved."""

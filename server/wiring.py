@@ -20,8 +20,7 @@ from counter_server.common.values import format_address, phrase
 from counter_server.server.banner import Ready
 from counter_server.server.cli import ServerSettings
 from counter_server.server.errors import ListenError, SetupError
-from counter_server.server.lifecycle import CounterServer
-from counter_server.server.limits import PeerTable, limits_for
+from counter_server.server.limits import PeerTable
 from counter_server.server.store import CounterStore, MemoryCounterStore
 from counter_server.server.store.shared import SharedCounter
 from counter_server.server.store.statefile import DurableCounterStore, StateFile
@@ -29,7 +28,6 @@ from counter_server.server.store.urls import AnyBackend, EtcdBackend
 
 if TYPE_CHECKING:
     from counter_server.server.metrics import MetricsServer
-    from counter_server.server.workers import AcceptBalance
 
 LISTEN_BACKLOG = 1024  # connections the kernel queues while the pool is full
 # Why "::" cannot be opened on a machine without IPv6: then IPv4 only.
@@ -46,7 +44,7 @@ class Claimed:
     metrics_listener: socket.socket | None
     tls: ssl.SSLContext | None
     state: StateFile | None
-    initial: int  # the counter at start, from the state file
+    initial: int  # the counter at start, from the state file or the backend
     state_existed: bool
 
 
@@ -67,9 +65,9 @@ def claim(settings: ServerSettings) -> Claimed:
         if settings.metrics_port is not None:
             metrics_listener = open_listener(settings.metrics_host, settings.metrics_port)
             opened.append(metrics_listener)
-        if settings.backend is not None:
-            backend_module(settings.backend).check_backend(settings.backend)
         state, initial, existed = None, 0, False
+        if settings.backend is not None:
+            initial = backend_module(settings.backend).check_backend(settings.backend) or 0
         if settings.state_file is not None:
             state = StateFile(settings.state_file)
             slot, existed = state.claim()
@@ -110,9 +108,10 @@ def backend_module(backend: AnyBackend):
     return module
 
 
-def describe_origin(settings: ServerSettings, claimed: Claimed, store: CounterStore | None) -> str:
-    """Where the counter came from, for the start-up line ("" for memory)."""
-    if settings.backend is not None and store is not None:
+def describe_origin(settings: ServerSettings, claimed: Claimed, store: CounterStore) -> str:
+    """Where the counter came from, for the start-up line ("" for memory);
+    with a backend, ``store`` is asked for its value."""
+    if settings.backend is not None:
         backend = settings.backend
         value = store.current_value()
         if value is None:
@@ -132,46 +131,12 @@ def describe_origin(settings: ServerSettings, claimed: Claimed, store: CounterSt
     return f"counter {how} {settings.state_file}, fsync {settings.fsync}"
 
 
-def build_server(
-    listener: socket.socket,
-    store: CounterStore,
-    settings: ServerSettings,
-    tls: ssl.SSLContext | None,
-    peers: PeerTable | None = None,
-    worker: int = 0,
-    balance: AcceptBalance | None = None,
-) -> CounterServer:
-    """A CounterServer with everything the settings ask for. In
-    ``--processes`` worker number ``worker``: ``peers``, the per-peer table
-    the workers share, so per-IP limits hold across them, and ``balance``,
-    the counts that spread new connections over the workers."""
-    limits = limits_for(
-        settings.allow, settings.max_conns_per_ip, settings.rate, settings.burst, peers, worker
-    )
-    return CounterServer(
-        listener,
-        store,
-        pool_size(settings),
-        timeouts=settings.timeouts,
-        limits=limits,
-        tls=tls,
-        ipv6_prefix=settings.ipv6_prefix,
-        balance=balance,
-        worker=worker,
-    )
-
-
 def shared_peer_table(settings: ServerSettings) -> PeerTable | None:
     """For ``--processes``: the table that per-IP limits share, if any is set."""
     if settings.rate is None and settings.max_conns_per_ip is None:
         return None
-    capacity = pool_size(settings) * settings.processes
+    capacity = settings.pool_size * settings.processes
     return PeerTable(capacity, settings.processes, settings.rate, settings.burst)
-
-
-def pool_size(settings: ServerSettings) -> int:
-    """Connections one process serves at once: NumCPU x multiplier."""
-    return cpu_count() * settings.multiplier
 
 
 def open_listener(host: str | None, port: int) -> socket.socket:
@@ -204,17 +169,14 @@ def open_listener(host: str | None, port: int) -> socket.socket:
 def ready_facts(
     settings: ServerSettings,
     claimed: Claimed,
-    store: CounterStore | None,
-    pid: int,
-    workers: list[int],
+    origin: str,
     metrics: MetricsServer | None,
-    origin: str | None = None,
+    workers: list[int] | None = None,
 ) -> Ready:
-    """The facts of a started instance, for its start-up line and ready file."""
-    host, port = claimed.listener.getsockname()[:2]
-    if origin is None:
-        origin = describe_origin(settings, claimed, store)  # asks Redis for its value
+    """The facts of this started instance (``workers``: their pids), for its
+    start-up line and ready file; ``origin``: where its counter came from."""
     listener = claimed.listener
+    host, port = listener.getsockname()[:2]
     dual_stack = listener.family == socket.AF_INET6 and not listener.getsockopt(
         socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
     )
@@ -222,13 +184,13 @@ def ready_facts(
         host=host,
         port=port,
         dual_stack=dual_stack,
-        pool=pool_size(settings),
+        pool=settings.pool_size,
         cpus=cpu_count(),
         multiplier=settings.multiplier,
-        pid=pid,
+        pid=os.getpid(),
         tls=claimed.tls is not None,
         metrics_url=f"http://{metrics.address}/metrics" if metrics else None,
-        workers=workers,
-        initial=store.value if store is not None else claimed.initial,
+        workers=workers or [],
+        initial=claimed.initial,
         origin=origin,
     )

@@ -60,11 +60,11 @@ from counter_server.server.banner import Ready
 from counter_server.server.cli import ServerSettings
 from counter_server.server.errors import StateFileError, WorkersFailed
 from counter_server.server.lifecycle import CounterServer
+from counter_server.server.limits import PeerTable
 from counter_server.server.metrics import MetricsServer, ServerCollector, health
 from counter_server.server.store.shared import SharedCounter
 from counter_server.server.wiring import (
     Claimed,
-    build_server,
     describe_origin,
     open_store,
     ready_facts,
@@ -81,12 +81,13 @@ POLL_SECONDS = 0.2  # how often the parent looks for exited workers
 STABLE_SECONDS = 10.0  # a worker that served this long did not die young
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 30.0  # restart delay after young deaths, doubling
 GIVE_UP_AFTER = 10  # young deaths in a row before the supervisor gives up
-READY = b"."  # what a worker writes once it is listening
+READY = b"."  # what a worker writes once it is listening, before its note
 
 # Runs one worker until it is told to stop; returns its exit status. Its
 # arguments: the worker's index (0..N-1; a replacement takes the index of the
-# worker it replaces) and the callback to call once the worker is serving.
-WorkerMain = Callable[[int, Callable[[], None]], int]
+# worker it replaces) and the callback to call once the worker is serving,
+# with a note for the parent (where its counter came from).
+WorkerMain = Callable[[int, Callable[[str], None]], int]
 
 
 SLACK = 1  # connections a worker may be ahead of the least busy one
@@ -118,6 +119,7 @@ class _Worker:
     ready_fd: int  # the pipe it reports on; -1 once it has said all
     message: bytes = b""
     ready: bool = False
+    note: str = ""  # what the worker said when it was ready
     failure: str = ""  # what the worker said before it exited, if it failed at start
 
 
@@ -166,6 +168,11 @@ class Supervisor:
     @property
     def pids(self) -> list[int]:
         return sorted(self._workers)
+
+    @property
+    def first_note(self) -> str:
+        """What the worker of the lowest index said when it was ready."""
+        return min(self._workers.values(), key=lambda w: w.index).note
 
     def stop(self, timeout: float) -> int:
         """SIGTERM every worker, wait up to ``timeout`` s, SIGKILL the rest;
@@ -220,9 +227,9 @@ class Supervisor:
         status = 1
         told = False
 
-        def ready() -> None:
+        def ready(note: str) -> None:
             nonlocal told
-            os.write(ready_write, READY)
+            os.write(ready_write, READY + note.encode()[:4000])
             os.close(ready_write)
             told = True
 
@@ -257,8 +264,9 @@ class Supervisor:
             worker.message = worker.message or f"cannot hear from it: {exc}".encode()
         os.close(worker.ready_fd)
         worker.ready_fd = -1
-        if worker.message == READY:
+        if worker.message.startswith(READY):
             worker.ready = True
+            worker.note = worker.message[len(READY) :].decode(errors="replace")
         else:
             worker.failure = worker.message.decode(errors="replace") or "exited before it was ready"
 
@@ -331,6 +339,29 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+@dataclass(frozen=True)
+class Seat:
+    """Worker number ``index``'s place among the workers: its slot in the
+    accept balance and the limits table they share (None without limits)."""
+
+    index: int
+    balance: AcceptBalance
+    peers: PeerTable | None
+
+    @property
+    def pause(self) -> float:
+        return self.balance.pause
+
+    def serving(self, count: int) -> None:
+        self.balance.serving(self.index, count)
+
+    def absent(self) -> None:
+        self.balance.absent(self.index)
+
+    def ahead(self) -> bool:
+        return self.balance.ahead(self.index)
 
 
 class AcceptBalance:
@@ -501,15 +532,8 @@ class Workers:
             raise
         if self.metrics is not None:
             self.metrics.start()
-        store = open_store(self.settings, self.claimed) if self.settings.backend else None
-        origin = describe_origin(self.settings, self.claimed, store)  # asks Redis
-        ready = ready_facts(
-            self.settings, self.claimed, store, os.getpid(), self.supervisor.pids, self.metrics,
-            origin,
-        )  # fmt: skip
-        if store is not None:
-            store.close()
-        return ready
+        origin = self.supervisor.first_note  # no store of its own to ask
+        return ready_facts(self.settings, self.claimed, origin, self.metrics, self.supervisor.pids)
 
     def _in_worker(self) -> None:
         """First thing in a new worker: drop what only the parent uses."""
@@ -525,14 +549,12 @@ class Workers:
         store = open_store(self.settings, self.claimed, self.shared)
         if self.peers is not None:
             self.peers.open()
-        server = build_server(
-            self.claimed.listener, store, self.settings, self.claimed.tls, self.peers, index,
-            self.balance,
-        )  # fmt: skip
+        seat = Seat(index, self.balance, self.peers)
+        server = CounterServer(self.claimed.listener, store, self.settings, self.claimed.tls, seat)
         stop_signals = StopSignals()
         server.start()
         publisher = gevent.spawn(self._publish_every, PUBLISH_SECONDS, index, server)
-        ready()
+        ready(describe_origin(self.settings, self.claimed, store))
         stop_signals.wait()
         server.stop(self.settings.shutdown_timeout)
         saved = store.close()

@@ -295,11 +295,13 @@ def _definitive(text: str) -> bool:
     return any(word in low for word in ("auth", "permission denied", "user name"))
 
 
-def check_backend(backend: EtcdBackend) -> None:
-    """At start: BackendError (one line) if no endpoint answers, TLS does not
-    verify, the password is refused, or the key holds something that is not
-    a counter. A cluster that answers but has no quorum yet is not an error:
-    the server starts and acknowledges once it has one."""
+def check_backend(backend: EtcdBackend) -> int | None:
+    """At start: the counter as etcd holds it (0 for no key; None when it
+    cannot confirm reads yet); BackendError (one line) if no endpoint
+    answers, TLS does not verify, the password is refused, or the key holds
+    something that is not a counter. A cluster that answers but has no
+    quorum yet is not an error: the server starts and acknowledges once it
+    has one."""
     try:
         cluster = EtcdCluster(backend)
     except TLSSetupError as exc:
@@ -312,9 +314,10 @@ def check_backend(backend: EtcdBackend) -> None:
                 raise BackendError(f"etcd {backend.url}: {mismatch}")
         raise BackendError(f"etcd {backend.url}: no endpoint answers ({'; '.join(problems)})")
     try:
-        cluster.read()
+        return cluster.read() or 0
     except EtcdUnavailable as exc:
         log.warning("etcd %s cannot confirm reads yet (%s); serving once it can", backend.url, exc)
+        return None
     except EtcdAnswer as exc:
         raise BackendError(f"etcd {backend.url}: {_auth_message(backend, exc)}") from None
     except ValueError as exc:

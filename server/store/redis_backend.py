@@ -110,8 +110,10 @@ def sentinels_for(backend: RedisBackend) -> Sentinel:
     )
 
 
-def check_backend(backend: RedisBackend) -> None:
-    """At start: BackendError (one line) for what waiting will not heal: a CA
+def check_backend(backend: RedisBackend) -> int | None:
+    """At start: the counter as Redis holds it (0 for no key; None while
+    Redis does not answer); BackendError (one line) for what waiting will
+    not heal: a CA
     file that cannot be loaded, TLS spoken to a plain Redis or plain Redis to
     a TLS port, a sentinel's port given as a Redis server, a password
     refused, no sentinel knowing the primary, a key that holds no counter.
@@ -143,15 +145,18 @@ def check_backend(backend: RedisBackend) -> None:
             backend.url,
             phrase(exc),
         )
-        return
+        return None
     finally:
         client.close()
-    if held is not None and not (held.isdigit() and int(held) <= REDIS_MAX):
+    if held is None:
+        return 0
+    if not (held.isdigit() and int(held) <= REDIS_MAX):
         shown = held[:40].decode(errors="replace")
         raise BackendError(
             f"Redis {backend.url}: key {backend.key!r} holds {shown!r}, not a counter "
             f"(0..2^63 - 1); choose another key= or set it (SET {backend.key} 0)"
         )
+    return int(held)
 
 
 def _tls_mismatch(backend: RedisBackend) -> str | None:

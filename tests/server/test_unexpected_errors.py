@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 
+from counter_server.server.cli import parse_settings
 from counter_server.server.lifecycle import CounterServer
 from counter_server.server.store import MemoryCounterStore
 
@@ -15,7 +16,9 @@ def fail_at_the_same_place() -> None:
 
 def test_traceback_once_per_place(caplog):
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        server = CounterServer(listener, MemoryCounterStore(), pool_size=2)
+        server = CounterServer(
+            listener, MemoryCounterStore(), parse_settings(["--multiplier", "1"])
+        )
         with caplog.at_level(logging.ERROR, logger="counter.server"):
             for _ in range(3):
                 try:
