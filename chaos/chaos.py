@@ -8,15 +8,9 @@ if not __package__:
     # than from chaos/ (where this file would shadow the chaos package).
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from counter_server.common.bootstrap import require_packages  # standard library only
+from counter_server.common.bootstrap import patched_main  # standard library only
 
-require_packages("chaos.py")
-
-from gevent import monkey  # noqa: E402
-
-monkey.patch_all()
-
-from chaos.run import main  # noqa: E402
+main = patched_main("chaos.py", "chaos.run")
 
 if __name__ == "__main__":
     sys.exit(main())

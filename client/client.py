@@ -8,15 +8,9 @@ if not __package__:
     # than from client/ (where this file would shadow the client package).
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from counter_server.common.bootstrap import require_packages  # standard library only
+from counter_server.common.bootstrap import patched_main  # standard library only
 
-require_packages("client.py")
-
-from gevent import monkey  # noqa: E402
-
-monkey.patch_all()
-
-from counter_server.client.cli import main  # noqa: E402
+main = patched_main("client.py", "counter_server.client.cli")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 
 from counter_server.common import DISTRIBUTION
 
@@ -68,6 +69,17 @@ def require_packages(program: str) -> None:
         file=sys.stderr,
     )
     sys.exit(1)
+
+
+def patched_main(program: str, module: str) -> Callable[[], int]:
+    """What an entry point runs first: exit in one line if a package is
+    missing, then monkey-patch with gevent (before anything imports the
+    standard library's sockets), then import ``module``; its ``main``."""
+    require_packages(program)
+    from gevent import monkey
+
+    monkey.patch_all()
+    return importlib.import_module(module).main
 
 
 if __name__ == "__main__":
