@@ -416,8 +416,13 @@ class EtcdCluster:
             log.close()
 
     def wait_healthy(self, seconds: float = 20.0) -> None:
-        wait_until(lambda: self.ctl("endpoint", "health").returncode == 0, seconds,
-                   "etcd healthy")  # fmt: skip
+        try:
+            wait_until(lambda: self.ctl("endpoint", "health").returncode == 0, seconds,
+                       "etcd healthy")  # fmt: skip
+        except AssertionError as exc:  # say why: a member that exited, its last words
+            gone = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+            logs = {name: (self.directory / f"{name}.log").read_text()[-600:] for name in gone}
+            raise AssertionError(f"{exc}; exited: {gone}; their logs: {logs}") from None
 
     def ctl(self, *args: str, user: str | None = None) -> subprocess.CompletedProcess:
         """etcdctl against every member (``user`` as USER:PASSWORD)."""

@@ -149,8 +149,8 @@ import sys
 sys.path[0] = {root!r}
 from gevent import monkey
 monkey.patch_all()
-from counter_server.server import processes
-processes.BACKOFF_FIRST = processes.BACKOFF_MAX = 0.01
+from counter_server.server import workers
+workers.BACKOFF_FIRST = workers.BACKOFF_MAX = 0.01
 from counter_server.server.run import main
 sys.exit(main())
 """
