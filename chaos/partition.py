@@ -2,7 +2,7 @@
 on a bridge, the store's nodes spread over them, two counter instances on
 hosts of their own, clients that record every reply, and faults (nemeses)
 between them. Then, per backend and nemesis, the checker's verdict
-(chaos/checker.py): increments acknowledged and unanswered (sent, no reply:
+(testing/checker.py): increments acknowledged and unanswered (sent, no reply:
 maybe applied), the final value and the range it must lie in, [acknowledged,
 acknowledged + unanswered], how far below (lost) or above (extra) it is,
 values handed out twice, and the longest time without an acknowledgement.
@@ -65,10 +65,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chaos.checker import judge
 from counter_server.common.cli import convert, parse_args
 from counter_server.common.values import positive_int
 from counter_server.protocol import decode_replies, encode_request
+from testing.checker import judge
 from testing.launcher import start_server
 
 BOGUS_MAC = "02:00:00:00:00:01"  # neighbour entries pointing here drop silently
@@ -488,7 +488,7 @@ def run_one(backend: str, nemesis: str, timing: dict, connections: int) -> dict:
 
 def measure(backend: str, nemesis: str, replies: list, unanswered: int, final: int,
             moments: tuple[float, float, float]) -> dict:  # fmt: skip
-    """The checker's verdict (``chaos.checker``: the counter from 0 within
+    """The checker's verdict (``testing.checker``: the counter from 0 within
     [acknowledged, acknowledged + unanswered], no value twice, every reply
     in (0, final]) and the timing: ``moments`` are the fault, the heal and
     the end of the load; the longest time without an acknowledgement counts

@@ -79,9 +79,6 @@ class Timeouts:
         return min(MAX_INTERVAL, max(MIN_INTERVAL, min(limits) / 4))
 
 
-DEFAULT_TIMEOUTS = Timeouts()
-
-
 class Watched:
     """One connection as the reaper sees it.
 

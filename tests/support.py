@@ -21,10 +21,11 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from chaos.checker import Verdict, judge
+from counter_server.client import load
 from counter_server.protocol import REPLY_SIZE, decode_replies, encode_request
 from counter_server.server.store.statefile import Slot, decode_file
 from install_servers import PACKAGES
+from testing.checker import Verdict, judge
 from testing.launcher import SERVER_SCRIPT, ServerProcess, start_server
 
 __all__ = ["SERVER_SCRIPT", "ServerProcess", "Verdict", "judge", "start_server"]
@@ -252,7 +253,7 @@ def try_increment(port: int, n: int = 1) -> int | None:
 
 
 def read_counter(port: int) -> int:
-    return exchange(port, 0)[0]
+    return load.read_counter("127.0.0.1", port, IO_TIMEOUT)
 
 
 def stall_server(port: int, limit_seconds: float = 30.0) -> socket.socket:

@@ -1,8 +1,8 @@
-"""The checker every fault test shares (chaos/checker.py): both bounds."""
+"""The checker every fault test shares (testing/checker.py): both bounds."""
 
 from __future__ import annotations
 
-from chaos.checker import judge
+from testing.checker import judge
 
 
 def test_an_exact_run():
