@@ -252,6 +252,29 @@ def try_increment(port: int, n: int = 1) -> int | None:
         return replies[0] if whole else None
 
 
+class Tally:
+    """Increments of 1 sent one at a time, each on a new connection: the
+    values acknowledged, and how many went unanswered (the checker's two
+    sides: each of those may or may not have been applied)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.acknowledged: list[int] = []
+        self.unanswered = 0
+
+    def increment(self) -> bool:
+        """One increment; whether it was acknowledged."""
+        value = try_increment(self.port)
+        if value is None:
+            self.unanswered += 1
+        else:
+            self.acknowledged.append(value)
+        return value is not None
+
+    def verdict(self, start: int, final: int) -> Verdict:
+        return judge(start, final, len(self.acknowledged), self.unanswered, self.acknowledged)
+
+
 def read_counter(port: int) -> int:
     return load.read_counter("127.0.0.1", port, IO_TIMEOUT)
 

@@ -15,6 +15,7 @@ from counter_server.server.store.redis_backend import COMMAND_TIMEOUT
 from support import (
     Load,
     RedisServer,
+    Tally,
     assert_exact,
     closed_without_reply,
     connect,
@@ -59,26 +60,15 @@ def test_connections_killed_again_and_again_never_end_acknowledgements(redis_ser
     # connection a failure dropped must go back to it, or after about a
     # hundred outages the instance never acknowledges again.
     admin = redis.Redis(port=redis_server.port)
-    acknowledged: list[int] = []
-    unanswered = 0
-
-    def increment() -> bool:
-        nonlocal unanswered
-        value = try_increment(instance.port)
-        if value is None:
-            unanswered += 1
-        else:
-            acknowledged.append(value)
-        return value is not None
-
+    tally = Tally(instance.port)
     for _ in range(600):
         admin.client_kill_filter(_type="normal", skipme=True)
-        increment()
-    broken = unanswered
-    wait_until(increment, 5, "acknowledging again")
-    assert all(increment() for _ in range(20)), "not acknowledging after the kills stopped"
+        tally.increment()
+    broken = tally.unanswered
+    wait_until(tally.increment, 5, "acknowledging again")
+    assert all(tally.increment() for _ in range(20)), "not acknowledging after the kills stopped"
     final = int(redis_server.cli("get", "counter"))
-    assert_exact(judge(0, final, len(acknowledged), unanswered, acknowledged))
+    assert_exact(tally.verdict(0, final))
     assert broken > 110, "the kills did not break round trips; the test proves nothing"
     assert http_get(instance.metrics_url("/healthz")) == (200, "ok\n")
     assert "Too many connections" not in instance.stderr_path.read_text()
