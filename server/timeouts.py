@@ -223,10 +223,13 @@ class TimeoutReaper:
         limits = (timeouts.idle, timeouts.frame, timeouts.write)
         self._limits = tuple(nanoseconds(limit) for limit in limits)
         self._greenlet: gevent.Greenlet | None = None
+        self._reading = True  # until shutdown: stop_reading
 
     def watch(self, sock: socket.socket) -> Watched:
-        """Watch a connection from its accept on; ``forget`` it at its close."""
+        """Watch a connection from its accept on; ``forget`` it at its close.
+        After ``stop_reading`` it is born stopped: it reads no frame."""
         watched = Watched(sock, self._clock())
+        watched.stopped = not self._reading
         self.watched.add(watched)
         return watched
 
@@ -287,6 +290,7 @@ class TimeoutReaper:
     def stop_reading(self) -> None:
         """Shutdown: stop reading on every connection (a read returns end of
         stream, replies owed still go out) and end waits for tokens."""
+        self._reading = False
         for watched in list(self.watched):
             watched.stopped = True
             if watched.throttled or watched.handshaking:

@@ -206,6 +206,13 @@ def test_after_shutdown_began_a_connection_no_longer_waits_for_tokens(pair):
     assert watched.verdict is None  # it was not waiting: shut for reading only
 
 
+def test_a_connection_watched_after_shutdown_began_reads_no_frame(pair):
+    reaper = TimeoutReaper(Timeouts(idle=None, frame=None, write=None), FakeClock())
+    assert not reaper.watch(pair[0]).stopped
+    reaper.stop_reading()
+    assert reaper.watch(pair[1]).stopped
+
+
 def test_the_frames_paid_for_go_now_and_the_rest_wait(pair):
     """A batch is never held back whole for tokens that come one by one:
     waiting batches of one client would share them out and none would go."""
