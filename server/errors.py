@@ -121,8 +121,8 @@ class FrameRefused(ConnectionEnded):
     counted as closed by its peer. Both are counted under ``rejected`` too."""
 
     def __init__(self, refusal: InvalidFrame) -> None:
-        truncated = refusal.reason is RejectReason.TRUNCATED
-        reason = CloseReason.PEER_CLOSED if truncated else CloseReason.REFUSED
+        self.truncated = refusal.reason is RejectReason.TRUNCATED
+        reason = CloseReason.PEER_CLOSED if self.truncated else CloseReason.REFUSED
         super().__init__(str(refusal), reason)
         self.refusal = refusal
         self.rejected = refusal.reason
@@ -131,16 +131,14 @@ class FrameRefused(ConnectionEnded):
     def label(self) -> str:
         return self.rejected.value
 
-    @property
-    def event(self) -> str:
-        return self.rejected.value
+    event = label  # refused frames are rate-limited per kind of refusal
 
     @property
     def level(self) -> int:
-        return logging.INFO if self.rejected is RejectReason.TRUNCATED else logging.WARNING
+        return logging.INFO if self.truncated else logging.WARNING
 
     def describe(self, peer: str) -> str:
-        if self.rejected is RejectReason.TRUNCATED:
+        if self.truncated:
             return f"discarded partial frame from {peer} (truncated): {self}; peer had closed"
         return f"refused frame from {peer} ({self.rejected.value}): {self}; connection closed"
 
