@@ -27,6 +27,7 @@ from counter_server.common.cli import convert, parse_args  # noqa: E402
 from counter_server.common.values import positive_int  # noqa: E402
 from testing.launcher import ServerProcess, start_server  # noqa: E402
 from testing.procinfo import children_of, context_switches, cpu_seconds, rss_kib  # noqa: E402
+from testing.stores import RedisServer, free_port  # noqa: E402
 
 __all__ = ["ROOT", "rss_kib"]
 
@@ -108,37 +109,14 @@ def build_loadgen(workdir: str) -> str:
     return binary
 
 
-def free_port() -> int:
-    """A loopback port free right now, for a server started by a benchmark."""
-    import socket
-
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        return probe.getsockname()[1]
-
-
-def start_redis(workdir: str, cpu: int | None = None, max_clients: int = 20000) -> tuple:
+def start_redis(workdir: str, cpu: int | None = None, max_clients: int = 20000) -> RedisServer:
     """A redis-server without persistence on a free loopback port (on CPU
-    ``cpu`` if given), once it answers PING: (its Popen, its port). Stop it
-    with ``stop_process``."""
-    import time
-
-    server = need("redis-server", "install it: apt-get install redis-server")
-    port = free_port()
-    argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-            "no", "--maxclients", str(max_clients), "--dir", workdir]  # fmt: skip
-    proc = subprocess.Popen(
-        pinned(cpu, argv) if cpu is not None else argv,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(200):
-        probe = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                               text=True)  # fmt: skip
-        if probe.stdout.strip() == "PONG":
-            return proc, port
-        time.sleep(0.05)
-    stop_process(proc)
-    raise SystemExit("bench: redis-server did not start")
+    ``cpu`` if given), once it answers PING; stop it with ``kill``."""
+    need("redis-server", "install it: apt-get install redis-server")
+    redis = RedisServer(workdir, "--maxclients", str(max_clients), durable=False,
+                        run_in=pinned(cpu, []) if cpu is not None else ())  # fmt: skip
+    redis.start()
+    return redis
 
 
 def stop_process(proc: subprocess.Popen) -> None:

@@ -43,7 +43,6 @@ from bench.base import (
     options,
     raise_file_limit,
     start_redis,
-    stop_process,
     work_folder,
 )
 from counter_server.common.cli import convert
@@ -57,7 +56,7 @@ def main() -> int:
     workdir = work_folder("bench-baseline-")
     loadgen = build_loadgen(workdir)
     redis = start_redis(workdir, LOAD_CPU) if args["--redis"] else None
-    backend = ("--backend", f"redis://127.0.0.1:{redis[1]}/0?key=baseline") if redis else ()
+    backend = ("--backend", redis.url("baseline")) if redis else ()
     if args["--rate"]:
         rate = str(convert(__doc__, "--rate", args["--rate"], positive_int))
         burst = str(convert(__doc__, "--burst", args["--burst"] or rate, positive_int))
@@ -81,7 +80,7 @@ def main() -> int:
                 results[name].append(measure(server, 40, depth, duration))
     finally:
         if redis:
-            stop_process(redis[0])
+            redis.kill()
     shape = "ping-pong" if depth == 1 else f"x {depth} frames in flight"
     limited = f", {' '.join(backend[-4:])}" if args["--rate"] else ""
     print(f"40 connections {shape}{limited}, pinned, {duration}s per run, median of {runs}")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.base import raise_file_limit, rss_kib, start_redis, stop_process, work_folder
+from bench.base import raise_file_limit, rss_kib, start_redis, work_folder
 from counter_server.common.cli import convert, cpu_count, parse_args
 from counter_server.common.values import positive_int
 from counter_server.protocol import REPLY_SIZE, encode_request
@@ -139,11 +139,11 @@ def main() -> int:
         echo.stop(60)
 
     if shutil.which("redis-server"):
-        server, port = start_redis(workdir, max_clients=count + 100)
+        redis = start_redis(workdir, max_clients=count + 100)
         try:
-            results["redis"] = measure(server.pid, port, count, PING, len(b"+PONG\r\n"))
+            results["redis"] = measure(redis.proc.pid, redis.port, count, PING, len(b"+PONG\r\n"))
         finally:
-            stop_process(server)
+            redis.kill()
     else:
         print("bench: redis-server not found (apt-get install redis-server); ours only")
 

@@ -33,10 +33,10 @@ from bench.base import (
     options,
     raise_file_limit,
     start_redis,
-    stop_process,
     work_folder,
 )
 from testing.procinfo import cpu_seconds
+from testing.stores import EtcdCluster
 
 
 def machine_busy() -> tuple[int, int]:
@@ -74,65 +74,22 @@ def run_instances(
             server.stop()
 
 
-def start_etcd(workdir: str, members: int) -> tuple[list[subprocess.Popen], str]:
-    """An etcd cluster on loopback (data in ``workdir``): its processes and URL."""
-    import time
-
-    from bench.base import free_port
-
-    clients = [free_port() for _ in range(members)]
-    peers = [free_port() for _ in range(members)]
-    cluster = ",".join(f"m{i}=http://127.0.0.1:{peers[i]}" for i in range(members))
-    procs = [
-        subprocess.Popen(
-            [
-                "etcd",
-                "--name",
-                f"m{i}",
-                "--data-dir",
-                f"{workdir}/etcd-{i}",
-                "--listen-client-urls",
-                f"http://127.0.0.1:{clients[i]}",
-                "--advertise-client-urls",
-                f"http://127.0.0.1:{clients[i]}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{peers[i]}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{peers[i]}",
-                "--initial-cluster",
-                cluster,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for i in range(members)
-    ]
-    endpoints = ",".join(f"127.0.0.1:{port}" for port in clients)
-    for _ in range(200):
-        healthy = subprocess.run(
-            ["etcdctl", "--endpoints", endpoints, "endpoint", "health"],
-            capture_output=True, env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
-        )  # fmt: skip
-        if healthy.returncode == 0:
-            return procs, f"etcd://{endpoints}/bench"
-        time.sleep(0.1)
-    raise SystemExit("bench: etcd did not become healthy")
-
-
 def main() -> int:
     args, duration, runs = options(__doc__)
     raise_file_limit()
     workdir = work_folder("bench-redis-")
     loadgen = build_loadgen(workdir)
-    server, port = start_redis(workdir)
-    etcd: list[subprocess.Popen] = []
+    redis = start_redis(workdir)
+    etcd = EtcdCluster(workdir, int(args["--etcd"] or 0))
     try:
         print(f"unpinned, 40 connections in all, {duration}s per run, median of {runs}")
-        url = f"redis://127.0.0.1:{port}/0?key=bench"
+        url = redis.url("bench")
         settings = {"memory, 1 instance": (None, 1), "Redis, 1 instance": (url, 1),
                     "Redis, 2 instances": (url, 2)}  # fmt: skip
         if args["--etcd"]:
-            etcd, etcd_url = start_etcd(workdir, int(args["--etcd"]))
+            etcd.start()
+            etcd.wait_healthy()
+            etcd_url = etcd.url("bench")
             settings.update({"etcd, 1 instance": (etcd_url, 1), "etcd, 2 instances": (etcd_url, 2)})
         for name, depth in (("ping-pong", 1), ("64 in flight", 64)):
             rates: dict[str, list[float]] = {label: [] for label in settings}
@@ -161,15 +118,14 @@ def main() -> int:
                 + (
                     f", etcd / Redis {medians['etcd, 1 instance'] / redis_one:.2f}x (1 instance),"
                     f" {medians['etcd, 2 instances'] / redis_two:.2f}x (2)"
-                    if etcd
+                    if args["--etcd"]
                     else ""
                 ),
                 flush=True,
             )
     finally:
-        stop_process(server)
-        for proc in etcd:
-            stop_process(proc)
+        redis.kill()
+        etcd.kill()
     return 0
 
 

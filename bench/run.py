@@ -53,7 +53,6 @@ from bench.base import (
     pinned,
     raise_file_limit,
     start_redis,
-    stop_process,
     work_folder,
 )
 
@@ -78,7 +77,8 @@ class RedisServer:
         self.rate_guess: dict[tuple[int, int], float] = {}
 
     def start(self) -> None:
-        self.proc, self.port = start_redis(self.workdir, SERVER_CPU)
+        self.redis = start_redis(self.workdir, SERVER_CPU)
+        self.port = self.redis.port
 
     def load(self, connections: int, depth: int, duration: float) -> dict:
         key = (connections, depth)
@@ -99,10 +99,10 @@ class RedisServer:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.redis.proc.pid
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        self.redis.kill()
 
 
 def main() -> int:

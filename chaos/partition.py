@@ -70,6 +70,15 @@ from counter_server.common.values import positive_int
 from counter_server.protocol import decode_replies, encode_request
 from testing.checker import judge
 from testing.launcher import start_server
+from testing.stores import (
+    EtcdCluster,
+    NotReady,
+    RedisServer,
+    Sentinel,
+    end,
+    launch,
+    wait_until,
+)
 
 BOGUS_MAC = "02:00:00:00:00:01"  # neighbour entries pointing here drop silently
 PORT = 8080
@@ -149,38 +158,6 @@ def _ip(*args: str, check: bool = True) -> None:
         raise CannotRun(f"ip {' '.join(args)}: {result.stderr.strip()}")
 
 
-class Processes:
-    """Every process a run starts, killed by PID at the end."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], log: str) -> subprocess.Popen:
-        with (self.workdir / log).open("ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
-        self.procs.append(proc)
-        return proc
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGCONT)
-                    proc.kill()
-        for proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-
-
-def wait_for(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not within {seconds:g} s")
-        time.sleep(0.1)
-
-
 # --- the stores ---------------------------------------------------------------
 
 
@@ -190,84 +167,49 @@ class EtcdStore:
     name = "etcd"
     hosts = (1, 2, 3)
 
-    def __init__(self, net: Network, procs: Processes) -> None:
-        self.net, self.procs = net, procs
-        self.members: dict[int, subprocess.Popen] = {}
+    def __init__(self, net: Network, workdir: Path) -> None:
+        self.net = net
+        self.cluster = EtcdCluster(workdir, hosts=[net.ip(h) for h in self.hosts],
+                                   run_in=[net.run_in(h) for h in self.hosts],
+                                   ask_from=net.run_in(5))  # fmt: skip
 
     def url(self) -> str:
-        return "etcd://" + ",".join(f"{self.net.ip(h)}:2379" for h in self.hosts) + "/counter"
+        return self.cluster.url()
 
-    def start(self, host: int | None = None, state: str = "new") -> None:
-        cluster = ",".join(f"m{h}=http://{self.net.ip(h)}:2380" for h in self.hosts)
-        for h in [host] if host else self.hosts:
-            ip = self.net.ip(h)
-            self.members[h] = self.procs.start(
-                [*self.net.run_in(h), "etcd", "--name", f"m{h}",
-                 "--data-dir", str(self.procs.workdir / f"etcd-{h}"),
-                 "--listen-client-urls", f"http://{ip}:2379", "--advertise-client-urls",
-                 f"http://{ip}:2379", "--listen-peer-urls", f"http://{ip}:2380",
-                 "--initial-advertise-peer-urls", f"http://{ip}:2380",
-                 "--initial-cluster", cluster, "--initial-cluster-state", state,
-                 "--heartbeat-interval", "100", "--election-timeout", "1000"],
-                f"etcd-{h}.log",
-            )  # fmt: skip
-
-    def ctl(self, *args: str) -> subprocess.CompletedProcess:
-        endpoints = ",".join(f"http://{self.net.ip(h)}:2379" for h in self.hosts)
-        return subprocess.run(
-            [*self.net.run_in(5), "etcdctl", "--endpoints", endpoints, "--command-timeout",
-             "2s", *args], capture_output=True, text=True,
-            env={**os.environ, "ETCDCTL_API": "3"}, timeout=30,
-        )  # fmt: skip
+    def start(self) -> None:
+        self.cluster.start()
 
     def ready(self) -> None:
-        wait_for(lambda: self.primary() is not None, 30, "an etcd leader")
+        wait_until(lambda: self.primary() is not None, 30, "an etcd leader")
 
     def primary(self) -> int | None:
         """The leader's host."""
-        result = self.ctl("endpoint", "status", "-w", "json")
-        try:
-            for status in json.loads(result.stdout):
-                if status["Status"]["leader"] == status["Status"]["header"]["member_id"]:
-                    ip = status["Endpoint"].split("//")[1].split(":")[0]
-                    return int(ip.rsplit(".", 1)[1])
-        except (ValueError, KeyError, IndexError):
-            return None
-        return None
+        leader = self.cluster.leader()
+        return _host(self.cluster.hosts[leader]) if leader else None
 
     def kill_primary(self) -> int:
-        leader = self.primary()
-        self.members[leader].kill()
-        self.members[leader].wait()
-        return leader
+        leader = self.cluster.leader()
+        self.cluster.kill(leader)
+        return _host(self.cluster.hosts[leader])
 
     def restart(self, host: int) -> None:
-        self.start(host, state="existing")
+        self.cluster.start(f"m{self.hosts.index(host)}", state="existing")
 
     def planned_failover(self) -> int:
-        """Hand the leadership to another member (etcdctl move-leader)."""
         leader = self.primary()
-        result = self.ctl("endpoint", "status", "-w", "json")
-        others = [
-            status["Status"]["header"]["member_id"]
-            for status in json.loads(result.stdout)
-            if status["Status"]["leader"] != status["Status"]["header"]["member_id"]
-        ]
-        moved = self.ctl("move-leader", format(others[0], "x"))
-        if moved.returncode:
-            raise RuntimeError(f"etcdctl move-leader: {moved.stderr.strip()}")
+        self.cluster.move_leader()
         return leader
 
     def split(self, leader: int) -> tuple[list[int], list[int]]:
         return [leader], [h for h in self.hosts if h != leader]
 
     def final(self) -> int:
-        def read() -> int | None:
-            result = self.ctl("get", "counter", "--print-value-only")
-            return int(result.stdout.strip()) if result.stdout.strip().isdigit() else None
+        wait_until(lambda: self.cluster.get().isdigit(), SETTLE_SECONDS,
+                   "etcd answering after the heal")  # fmt: skip
+        return int(self.cluster.get())
 
-        wait_for(lambda: read() is not None, SETTLE_SECONDS, "etcd answering after the heal")
-        return read()
+    def kill(self) -> None:
+        self.cluster.kill()
 
 
 class RedisStore:
@@ -275,78 +217,61 @@ class RedisStore:
     a sentinel (h4)."""
 
     hosts = (1, 2, 3, 4)
+    sentinel_hosts = (1, 3, 4)
 
-    def __init__(self, net: Network, procs: Processes, replicas: str) -> None:
-        self.net, self.procs, self.replicas = net, procs, replicas
+    def __init__(self, net: Network, workdir: Path, replicas: str) -> None:
+        self.net, self.workdir, self.replicas = net, workdir, replicas
         self.name = f"redis-replicas-{replicas}"
-        self.servers: dict[int, subprocess.Popen] = {}
-        self.sentinel_hosts = (1, 3, 4)
+        self.servers: dict[int, RedisServer] = {}
+        self.sentinels: list[Sentinel] = []
 
     def url(self) -> str:
-        sentinels = ",".join(f"{self.net.ip(h)}:26379" for h in self.sentinel_hosts)
+        sentinels = ",".join(f"{s.host}:{s.port}" for s in self.sentinels)
         return f"redis+sentinel://{sentinels}/primary/0?key=counter&replicas={self.replicas}"
 
     def _server(self, host: int, *extra: str) -> None:
         ip = self.net.ip(host)
-        self.servers[host] = self.procs.start(
-            [*self.net.run_in(host), "redis-server", "--bind", ip, "--port", "6379",
-             "--save", "", "--appendonly", "no", "--protected-mode", "no",
-             "--repl-diskless-sync-delay", "0", "--replica-announce-ip", ip,
-             "--dir", str(self.procs.workdir), "--dbfilename", f"dump-{host}.rdb", *extra],
-            f"redis-{host}.log",
+        self.servers[host] = RedisServer(
+            self.workdir, "--protected-mode", "no", "--repl-diskless-sync-delay", "0",
+            "--replica-announce-ip", ip, "--dbfilename", f"dump-{host}.rdb", *extra,
+            durable=False, host=ip, port=6379, run_in=self.net.run_in(host),
+            ask_from=self.net.run_in(5), name=f"redis-{host}",
         )  # fmt: skip
+        self.servers[host].start()
 
     def start(self) -> None:
         self._server(1)
         for host in (2, 3):
             self._server(host, "--replicaof", self.net.ip(1), "6379")
-        wait_for(lambda: self.cli(1, "info", "replication").count("state=online") == 2, 30,
-                 "both replicas in sync")  # fmt: skip
-        for host in self.sentinel_hosts:
-            config = self.procs.workdir / f"sentinel-{host}.conf"
-            config.write_text(
-                f"port 26379\nbind {self.net.ip(host)}\nprotected-mode no\n"
-                f"sentinel announce-ip {self.net.ip(host)}\n"
-                f"sentinel monitor primary {self.net.ip(1)} 6379 2\n"
-                "sentinel down-after-milliseconds primary 1000\n"
-                "sentinel failover-timeout primary 4000\n"
-            )
-            self.procs.start([*self.net.run_in(host), "redis-sentinel", str(config)],
-                             f"sentinel-{host}.log")  # fmt: skip
-
-    def cli(self, host: int, *args: str, port: int = 6379) -> str:
-        result = subprocess.run(
-            [*self.net.run_in(5), "redis-cli", "-h", self.net.ip(host), "-p", str(port), *args],
-            capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
-        return result.stdout.strip()
+        wait_until(lambda: self.servers[1].cli("info", "replication").count("state=online") == 2,
+                   30, "both replicas in sync")  # fmt: skip
+        self.sentinels = [
+            Sentinel(self.workdir, self.servers[1], host=self.net.ip(h), port=26379,
+                     run_in=self.net.run_in(h), ask_from=self.net.run_in(5))
+            for h in self.sentinel_hosts
+        ]  # fmt: skip
 
     def ready(self) -> None:
-        wait_for(lambda: all(self.cli(h, "sentinel", "get-master-addr-by-name", "primary",
-                                      port=26379).startswith(self.net.ip(1))
-                             for h in self.sentinel_hosts), 30, "sentinels watching")  # fmt: skip
+        wait_until(lambda: all(s.primary() == self.servers[1].address for s in self.sentinels),
+                   30, "sentinels watching")  # fmt: skip
         time.sleep(2)  # the sentinels discover each other and the replicas
 
     def primary(self) -> int | None:
-        for h in self.sentinel_hosts:
-            answer = self.cli(h, "sentinel", "get-master-addr-by-name", "primary", port=26379)
-            if answer:
-                return int(answer.split()[0].rsplit(".", 1)[1])
-        return None
+        named = next((address for s in self.sentinels if (address := s.primary())), None)
+        return _host(named[0]) if named else None
 
     def kill_primary(self) -> int:
         primary = self.primary()
         self.servers[primary].kill()
-        self.servers[primary].wait()
         return primary
 
     def restart(self, host: int) -> None:
-        self._server(host)  # empty; the sentinels make it a replica of the new primary
+        self.servers[host].start()  # empty; the sentinels make it a replica of the new primary
 
     def planned_failover(self) -> int:
         """SENTINEL FAILOVER: promote a replica though nothing failed."""
         primary = self.primary()
-        answer = self.cli(self.sentinel_hosts[0], "sentinel", "failover", "primary", port=26379)
+        answer = self.sentinels[0].cli("sentinel", "failover", "primary")
         if answer != "OK":
             raise RuntimeError(f"SENTINEL FAILOVER: {answer}")
         return primary
@@ -360,13 +285,22 @@ class RedisStore:
             primary = self.primary()
             if primary is None:
                 return None
-            role = self.cli(primary, "role")
-            value = self.cli(primary, "get", "counter")
+            role = self.servers[primary].cli("role")
+            value = self.servers[primary].cli("get", "counter")
             return int(value) if role.startswith("master") and value.isdigit() else None
 
-        wait_for(lambda: read() is not None, SETTLE_SECONDS, "a Redis primary after the heal")
+        wait_until(lambda: read() is not None, SETTLE_SECONDS, "a Redis primary after the heal")
         time.sleep(3)  # the sentinels settle which primary wins
         return read()
+
+    def kill(self) -> None:
+        for process in [*self.sentinels, *self.servers.values()]:
+            process.kill()
+
+
+def _host(ip: str) -> int:
+    """The number of the host at ``ip``."""
+    return int(ip.rsplit(".", 1)[1])
 
 
 # --- clients ------------------------------------------------------------------
@@ -428,12 +362,12 @@ def record(address: str, out: str, connections: int) -> int:
 def run_one(backend: str, nemesis: str, timing: dict, connections: int) -> dict:
     """Set up hosts and a store, load, fault, heal, and measure."""
     workdir = Path(tempfile.mkdtemp(prefix=f"partition-{backend}-{nemesis}-"))
-    net, procs = Network(6), Processes(workdir)
-    servers, recorders = [], []
+    net = Network(6)
+    store, servers, recorders = None, [], []
     try:
         net.create()
-        store = EtcdStore(net, procs) if backend == "etcd" else \
-            RedisStore(net, procs, backend.rsplit("-", 1)[1])  # fmt: skip
+        store = EtcdStore(net, workdir) if backend == "etcd" else \
+            RedisStore(net, workdir, backend.rsplit("-", 1)[1])  # fmt: skip
         store.start()
         store.ready()
         for host in (5, 6):
@@ -444,10 +378,10 @@ def run_one(backend: str, nemesis: str, timing: dict, connections: int) -> dict:
             ))  # fmt: skip
         for host in (5, 6):
             out = workdir / f"replies-{host}.json"
-            recorders.append((out, procs.start(
+            recorders.append((out, launch(
                 [*net.run_in(host), sys.executable, __file__, "--record",
                  f"{net.ip(host)}:{PORT}", "--out", str(out), "--connections", str(connections)],
-                f"recorder-{host}.log",
+                workdir / f"recorder-{host}.log",
             )))  # fmt: skip
         time.sleep(timing["before"])
         fault_at = time.monotonic()
@@ -481,7 +415,10 @@ def run_one(backend: str, nemesis: str, timing: dict, connections: int) -> dict:
         for server in servers:
             with contextlib.suppress(Exception):
                 server.stop(10)
-        procs.kill_all()
+        for _, proc in recorders:
+            end(proc)
+        if store is not None:
+            store.kill()
         net.teardown()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -554,7 +491,7 @@ def main() -> int:
         except CannotRun as exc:
             print(f"partition.py: {exc}", file=sys.stderr)
             return 2
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        except (NotReady, RuntimeError, OSError, subprocess.SubprocessError) as exc:
             print(f"partition.py: {backend} {nemesis}: could not run: {exc}", file=sys.stderr)
             failed = True
             continue

@@ -27,8 +27,12 @@ from counter_server.server.store.statefile import Slot, decode_file
 from install_servers import PACKAGES
 from testing.checker import Verdict, judge
 from testing.launcher import SERVER_SCRIPT, ServerProcess, start_server
+from testing.stores import EtcdCluster, RedisServer, Sentinel, free_port, wait_until
 
-__all__ = ["SERVER_SCRIPT", "ServerProcess", "Verdict", "judge", "start_server"]
+__all__ = [
+    "SERVER_SCRIPT", "EtcdCluster", "RedisServer", "Sentinel", "ServerProcess", "Verdict",
+    "free_port", "judge", "start_server", "wait_until",
+]  # fmt: skip
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The test vectors, cross-checked against the Go library (docs/protocol.md).
@@ -102,20 +106,6 @@ def metric(url: str, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return sample.value
     raise AssertionError(f"no sample {name}{labels or ''} at {url}")
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (for a server that must be told one)."""
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        return probe.getsockname()[1]
-
-
-def wait_until(condition, seconds: float, what: str) -> None:
-    """Poll ``condition`` until true; AssertionError naming ``what`` after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {seconds}s"
-        time.sleep(0.05)
 
 
 def state_on_disk(path) -> Slot:
@@ -350,141 +340,6 @@ def run_client(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
-
-
-REDIS_SERVER = shutil.which("redis-server")
-
-
-class RedisServer:
-    """A redis-server on a free loopback port, persisting every write (AOF,
-    fsync always) in ``directory`` so a restart keeps the counter. ``extra``
-    arguments go to redis-server (a password, a replica, TLS...)."""
-
-    def __init__(self, directory, *extra: str, password: str | None = None) -> None:
-        self.directory = str(directory)
-        self.extra = list(extra)
-        self.password = password
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             self.directory, "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-             *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.cli("ping") == "PONG":
-                return
-            time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def cli(self, *args: str) -> str:
-        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
-        result = subprocess.run(
-            ["redis-cli", "-p", str(self.port), *auth, *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return result.stdout.strip()
-
-    def url(self, key: str = "counter") -> str:
-        return f"redis://127.0.0.1:{self.port}/0?key={key}"
-
-
-ETCD = shutil.which("etcd")
-
-
-class EtcdCluster:
-    """``size`` etcd members on free loopback ports, data in ``directory``;
-    ``extra`` arguments go to every member (TLS...). ``scheme`` is the
-    client URLs' (https with TLS)."""
-
-    def __init__(self, directory, size: int = 3, *extra: str, scheme: str = "http") -> None:
-        self.directory = Path(directory)
-        self.extra, self.scheme = list(extra), scheme
-        self.names = [f"m{i}" for i in range(size)]
-        self.client_ports = {name: free_port() for name in self.names}
-        self.peer_ports = {name: free_port() for name in self.names}
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    @property
-    def endpoints(self) -> str:
-        return ",".join(f"127.0.0.1:{self.client_ports[n]}" for n in self.names)
-
-    def url(self, key: str = "counter", userinfo: str = "", query: str = "") -> str:
-        scheme = "etcds" if self.scheme == "https" else "etcd"
-        return f"{scheme}://{userinfo}{self.endpoints}/{key}{query}"
-
-    def start(self, *names: str) -> None:
-        cluster = ",".join(f"{n}=http://127.0.0.1:{self.peer_ports[n]}" for n in self.names)
-        for name in names or self.names:
-            client = f"{self.scheme}://127.0.0.1:{self.client_ports[name]}"
-            log = (self.directory / f"{name}.log").open("a")
-            self.procs[name] = subprocess.Popen(
-                [ETCD, "--name", name, "--data-dir", str(self.directory / name),
-                 "--listen-client-urls", client, "--advertise-client-urls", client,
-                 "--listen-peer-urls", f"http://127.0.0.1:{self.peer_ports[name]}",
-                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_ports[name]}",
-                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
-                 "--heartbeat-interval", "100", "--election-timeout", "1000", *self.extra],
-                stdout=log, stderr=log,
-            )  # fmt: skip
-            log.close()
-
-    def wait_healthy(self, seconds: float = 20.0) -> None:
-        try:
-            wait_until(lambda: self.ctl("endpoint", "health").returncode == 0, seconds,
-                       "etcd healthy")  # fmt: skip
-        except AssertionError as exc:  # say why: a member that exited, its last words
-            gone = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
-            logs = {name: (self.directory / f"{name}.log").read_text()[-600:] for name in gone}
-            raise AssertionError(f"{exc}; exited: {gone}; their logs: {logs}") from None
-
-    def ctl(self, *args: str, user: str | None = None) -> subprocess.CompletedProcess:
-        """etcdctl against every member (``user`` as USER:PASSWORD)."""
-        tls = ["--cacert", self.ca] if self.scheme == "https" else []
-        auth = ["--user", user] if user else []
-        return subprocess.run(
-            ["etcdctl", "--endpoints", ",".join(
-                f"{self.scheme}://127.0.0.1:{self.client_ports[n]}" for n in self.names),
-             "--command-timeout", "3s", *tls, *auth, *args],
-            capture_output=True, text=True, env={**os.environ, "ETCDCTL_API": "3"}, timeout=30,
-        )  # fmt: skip
-
-    ca: str = ""  # the CA file etcdctl checks the members against (https)
-
-    def get(self, key: str = "counter", user: str | None = None) -> str:
-        result = self.ctl("get", key, "--print-value-only", user=user)
-        return result.stdout.strip()
-
-    def leader(self) -> str:
-        """The name of the member that leads now ("" if none)."""
-        result = self.ctl("endpoint", "status", "-w", "json")
-        try:
-            statuses = json.loads(result.stdout)
-        except ValueError:
-            return ""
-        for status in statuses:
-            # A member without a leader (an election) leaves the field out.
-            if status["Status"].get("leader") == status["Status"]["header"]["member_id"]:
-                port = int(status["Endpoint"].rsplit(":", 1)[1])
-                return next(n for n, p in self.client_ports.items() if p == port)
-        return ""
-
-    def kill(self, *names: str) -> None:
-        for name in names or list(self.procs):
-            proc = self.procs.pop(name, None)
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
 
 # --- fault runs ---------------------------------------------------------------

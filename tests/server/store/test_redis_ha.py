@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ import pytest
 from support import (
     Load,
     RedisServer,
+    Sentinel,
     Tally,
     assert_exact,
     closed_without_reply,
@@ -188,34 +187,6 @@ def test_processes_share_redis_and_serve_one_metrics_endpoint(tmp_path):
 # --- Sentinel failover --------------------------------------------------------------------
 
 
-class Sentinel:
-    def __init__(self, directory: Path, primary_port: int) -> None:
-        self.port = free_port()
-        config = directory / f"sentinel-{self.port}.conf"
-        config.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {directory}\n"
-            f"sentinel monitor primary 127.0.0.1 {primary_port} 2\n"
-            "sentinel down-after-milliseconds primary 1000\n"
-            "sentinel failover-timeout primary 4000\n"
-            "sentinel parallel-syncs primary 2\n"
-        )
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-sentinel"), str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    def primary(self) -> str:
-        result = subprocess.run(
-            ["redis-cli", "-p", str(self.port), "sentinel", "get-master-addr-by-name", "primary"],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        return result.stdout.split()[-1] if result.stdout.split() else ""
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
 @contextlib.contextmanager
 def replicated_set(tmp_path: Path):
     """A primary, two replicas in sync and three sentinels watching them:
@@ -239,19 +210,18 @@ def replicated_set(tmp_path: Path):
             15,
             "both replicas in sync",
         )
-        sentinels = [Sentinel(tmp_path, primary.port) for _ in range(3)]
-        wait_until(lambda: all(s.primary() == str(primary.port) for s in sentinels), 15,
+        sentinels = [Sentinel(tmp_path, primary, "sentinel parallel-syncs primary 2")
+                     for _ in range(3)]  # fmt: skip
+        wait_until(lambda: all(s.primary() == primary.address for s in sentinels), 15,
                    "sentinels watching")  # fmt: skip
         yield primary, replicas, sentinels
     finally:
         for process in [*sentinels, primary, *replicas]:
-            with contextlib.suppress(ProcessLookupError):  # each one, whatever the others do
-                process.proc.send_signal(signal.SIGCONT)
-            process.kill()
+            process.kill()  # resumed first if a test stopped it
 
 
-def promoted(sentinels, old_port: int) -> bool:
-    return any(s.primary() not in ("", str(old_port)) for s in sentinels)
+def promoted(sentinels, old: RedisServer) -> bool:
+    return any(s.primary() not in (None, old.address) for s in sentinels)
 
 
 def check_history(load: Load, nodes, sentinels, since: float) -> tuple[int, float]:
@@ -259,8 +229,8 @@ def check_history(load: Load, nodes, sentinels, since: float) -> tuple[int, floa
     name, once every other live node of ``nodes`` has become a replica (a
     demoted primary keeps taking writes until then); (replies, longest time
     without acknowledgements after ``since``)."""
-    named = next(port for s in sentinels if (port := s.primary()))
-    primary = next(node for node in nodes if str(node.port) == named)
+    named = next(address for s in sentinels if (address := s.primary()))
+    primary = next(node for node in nodes if node.address == named)
     wait_until(lambda: all("role:master" not in node.cli("info", "replication")
                            for node in nodes if node is not primary and node.proc.poll() is None),
                30, "one primary left")  # fmt: skip
@@ -294,10 +264,10 @@ def counting_through_sentinels(tmp_path: Path, query: str, instances: int = 2,
                 server.stop()
 
 
-def serving_again(load: Load, sentinels, old_port: int, since: float) -> None:
+def serving_again(load: Load, sentinels, old: RedisServer, since: float) -> None:
     """Wait until a replica is promoted and the load is acknowledged again
     (steadily, a second after ``since``), without a restart."""
-    wait_until(lambda: promoted(sentinels, old_port), 30, "a replica promoted")
+    wait_until(lambda: promoted(sentinels, old), 30, "a replica promoted")
     wait_until(lambda: load.last_reply() > max(time.monotonic() - 0.5, since + 1), 40,
                "the servers acknowledging again (without a restart)")  # fmt: skip
 
@@ -309,7 +279,7 @@ def test_sentinel_failover_keeps_every_acknowledged_increment(tmp_path):
         wait_until(lambda: len(load.replies) > 200, 10, "acknowledging")
         killed_at = time.monotonic()
         primary.kill()
-        serving_again(load, sentinels, primary.port, killed_at)
+        serving_again(load, sentinels, primary, killed_at)
         load.finish()
         replies, gap = check_history(load, [primary, *replicas], sentinels, killed_at)
     print(f"\nfailover: {replies} replies acknowledged, none twice; "
@@ -328,12 +298,9 @@ def test_a_planned_failover_loses_nothing_with_the_default(tmp_path, replicas):
     ):  # fmt: skip
         wait_until(lambda: len(load.replies) > 200, 10, "acknowledging")
         failover_at = time.monotonic()
-        answer = subprocess.run(
-            ["redis-cli", "-p", str(sentinels[0].port), "sentinel", "failover", "primary"],
-            capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
-        assert answer.stdout.strip() == "OK", answer
-        serving_again(load, sentinels, primary.port, failover_at)
+        answer = sentinels[0].cli("sentinel", "failover", "primary")
+        assert answer == "OK", answer
+        serving_again(load, sentinels, primary, failover_at)
         load.finish()
         replies, gap = check_history(load, [primary, *replicas_], sentinels, failover_at)
     print(f"\nplanned failover: {replies} replies; {gap:.1f}s without acknowledgements")
@@ -352,7 +319,7 @@ def test_a_hung_primary_and_a_hung_sentinel_cost_seconds_not_ten(tmp_path):
         hung_at = time.monotonic()
         os.kill(sentinels[0].proc.pid, signal.SIGSTOP)
         os.kill(primary.proc.pid, signal.SIGSTOP)
-        wait_until(lambda: promoted(sentinels[1:], primary.port), 30, "a replica promoted")
+        wait_until(lambda: promoted(sentinels[1:], primary), 30, "a replica promoted")
         promoted_at = time.monotonic()
         wait_until(lambda: load.last_reply() > promoted_at, 10, "acknowledging again")
         resumed = load.last_reply() - promoted_at
@@ -402,9 +369,9 @@ def test_replicas_all_refuses_when_the_sentinels_know_no_replica(tmp_path):
     (tmp_path / "alone").mkdir()
     alone = RedisServer(tmp_path / "alone")
     alone.start()
-    sentinel = Sentinel(tmp_path, alone.port)
+    sentinel = Sentinel(tmp_path, alone)
     try:
-        wait_until(lambda: sentinel.primary() == str(alone.port), 15, "sentinel watching")
+        wait_until(lambda: sentinel.primary() == alone.address, 15, "sentinel watching")
         url = f"redis+sentinel://127.0.0.1:{sentinel.port}/primary/0?replicas=all"
         server = start_server("--backend", url, "--metrics-port", "0")
         try:
@@ -444,9 +411,9 @@ def refused_at_start(url: str, *extra: str) -> str:
 
 def test_permanent_redis_mistakes_are_one_line_exit_1(tmp_path, pki):
     redis, tls_port = tls_redis(tmp_path, pki)
-    sentinel = Sentinel(tmp_path, redis.port)
+    sentinel = Sentinel(tmp_path, redis)
     try:
-        wait_until(lambda: sentinel.primary() == str(redis.port), 15, "sentinel watching")
+        wait_until(lambda: sentinel.primary() == redis.address, 15, "sentinel watching")
         # Plain Redis spoken to the TLS port, and TLS to the plain one.
         line = refused_at_start(f"redis://127.0.0.1:{tls_port}/0")
         assert f"127.0.0.1:{tls_port} {documented('speaks TLS: use rediss://')}" in line, line
