@@ -16,27 +16,22 @@ from counter_server.common.tls import probe_context
 from counter_server.common.values import phrase
 
 from .calls import (
-    DEFAULT_POOL_SIZE,
-    DEFAULT_TIMEOUT,
     HTTP_NUDGE,
     PROCESS,
     READ_ATTEMPTS,
     READ_FRAME,
     READ_NOW,
     RECV_BYTES,
+    ClientCore,
     ConnectionEnded,
     Deadline,
     NotACounterServer,
     Target,
-    check_pool_size,
     decode_call,
     encode_call,
     encode_one,
     nudge_margin,
     outcome,
-    outgoing,
-    split_probe,
-    target,
 )
 from .errors import CounterError, Unavailable
 from .pipeline import Pending, Pipeline, choose
@@ -204,29 +199,15 @@ async def _speaks_tls(where: Target, deadline: Deadline) -> bool:
     return True
 
 
-class AsyncCounterClient:
+class AsyncCounterClient(ClientCore):
     """A client of one counter server for asyncio tasks; the arguments and
     every call's contract are those of ``CounterClient`` (calls are
     coroutines). Use ``async with``, or ``await client.close()``."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        pool_size: int = DEFAULT_POOL_SIZE,
-        tls: ssl.SSLContext | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        server_hostname: str | None = None,
-    ) -> None:
-        self._target = target(address, timeout, tls, tls_ca, tls_cert, tls_key, server_hostname)
-        self._pool_size = check_pool_size(pool_size)
-        self._closed = False
-        self._floor: int | None = None  # the highest value seen: the counter is at least that
-        self._generation = -1  # PROCESS.generation and running loop the pool belongs to
-        self._loop: asyncio.AbstractEventLoop | None = None
+    _generation = -1  # PROCESS.generation and running loop the pool belongs to
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def _reset_pool(self) -> None:
         self._open: list[_Connection] = []  # connected, shared by the calls in progress
         self._opening = 0  # connections being opened
         self._waiting: list[asyncio.Future] = []  # calls waiting for a connection being opened
@@ -246,15 +227,7 @@ class AsyncCounterClient:
                 "that is still open: make one client per event loop"
             )
         self._generation, self._loop = generation, loop
-        self._open = []  # the old loop's or the parent's: dropped, never used or closed here
-        self._opening = 0
-        self._waiting = []
-        self._deadlines = set()
-        self._watchdog = None
-
-    @property
-    def address(self) -> str:
-        return self._target.address
+        self._reset_pool()  # the old loop's or the parent's: dropped, never used or closed here
 
     async def increment(self, n: int = 1) -> int:
         """Add ``n``; the counter right after it (see ``CounterClient.increment``)."""
@@ -283,9 +256,7 @@ class AsyncCounterClient:
             self._own(PROCESS.generation, loop)
         if self._watchdog is None:
             self._watchdog = loop.create_task(self._watch())
-        where, floor = self._target, self._floor
-        frames = outgoing(where.address, floor, checked, frames)
-        deadline = Deadline(where.timeout)
+        frames, floor, deadline = self._begin(checked, frames)
         call = Pending(frames, deadline, loop.create_future())
         self._deadlines.add(deadline)
         try:
@@ -293,7 +264,7 @@ class AsyncCounterClient:
             if connection is None:
                 connection = await self._connection(deadline)
                 if not deadline.left():
-                    raise Unavailable(f"{where.address}: timed out before sending")
+                    raise Unavailable(f"{self.address}: timed out before sending")
             connection.submit(call)
             try:
                 await call.waiter
@@ -308,10 +279,7 @@ class AsyncCounterClient:
             self._deadlines.discard(deadline)
         if call.ended is not None:
             raise await self._outcome(call, connection, checked, floor, deadline) from None
-        _, replies = split_probe(decode_call(call.data), floor)
-        if floor is None or replies[-1] > floor:
-            self._floor = replies[-1]
-        return replies
+        return self._replies(call.data, floor)
 
     def _shared(self) -> _Connection | None:
         """The connection a new call goes to (``pipeline.choose``); None to
@@ -400,8 +368,7 @@ class AsyncCounterClient:
                 answer = await self._value_now(deadline)
             else:
                 answer = await _speaks_tls(where, deadline)
-        if seen is not None and (self._floor is None or seen > self._floor):
-            self._floor = seen
+        self._saw(seen)
         return error
 
     async def _value_now(self, deadline: Deadline) -> int | ConnectionEnded | None:
@@ -444,6 +411,3 @@ class AsyncCounterClient:
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        return f"AsyncCounterClient({self.address!r})"

@@ -202,6 +202,59 @@ def check_pool_size(pool_size: int) -> int:
     return pool_size
 
 
+class ClientCore:
+    """What both front ends keep and do alike, without I/O: the checked
+    settings, the pool's size, whether the client is closed, and the floor
+    (the highest value seen: the counter is at least that). Each front end
+    starts its own pool in ``_reset_pool``."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        tls: ssl.SSLContext | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        self._target = target(address, timeout, tls, tls_ca, tls_cert, tls_key, server_hostname)
+        self._pool_size = check_pool_size(pool_size)
+        self._closed = False
+        self._floor: int | None = None
+        self._reset_pool()
+
+    def _reset_pool(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def address(self) -> str:
+        return self._target.address
+
+    def _begin(self, checked: list[int], frames: bytes) -> tuple[bytes, int | None, Deadline]:
+        """A new call: what it sends (``outgoing``), the floor it starts
+        from, and its deadline."""
+        floor = self._floor
+        return outgoing(self.address, floor, checked, frames), floor, Deadline(self._target.timeout)
+
+    def _replies(self, data: bytes, floor: int | None) -> list[int]:
+        """A call's own replies, from what arrived; the floor rises to the last."""
+        _, replies = split_probe(decode_call(data), floor)
+        self._saw(replies[-1])
+        return replies
+
+    def _saw(self, value: int | None) -> None:
+        """The counter was ``value`` (if known): the floor rises to it. (A
+        race between threads only keeps the floor lower: still true.)"""
+        if value is not None and (self._floor is None or value > self._floor):
+            self._floor = value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.address!r})"
+
+
 _COMMON_FRAMES = {n: encode_request(n) for n in range(2)}  # reads and increments of 1
 
 

@@ -24,27 +24,22 @@ from counter_server.common.values import phrase
 from counter_server.protocol import REPLY_SIZE
 
 from .calls import (
-    DEFAULT_POOL_SIZE,
-    DEFAULT_TIMEOUT,
     HTTP_NUDGE,
     PROCESS,
     READ_ATTEMPTS,
     READ_FRAME,
     READ_NOW,
     RECV_BYTES,
+    ClientCore,
     ConnectionEnded,
     Deadline,
     NotACounterServer,
     Target,
-    check_pool_size,
     decode_call,
     encode_call,
     encode_one,
     nudge_margin,
     outcome,
-    outgoing,
-    split_probe,
-    target,
 )
 from .errors import CounterError, Unavailable
 from .pipeline import Pending, Pipeline, choose
@@ -205,7 +200,7 @@ class _Signal:
             self.lock.release()
 
 
-class CounterClient:
+class CounterClient(ClientCore):
     """A client of one counter server, safe to share between threads and
     greenlets.
 
@@ -219,25 +214,7 @@ class CounterClient:
     the first call.
     """
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        pool_size: int = DEFAULT_POOL_SIZE,
-        tls: ssl.SSLContext | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        server_hostname: str | None = None,
-    ) -> None:
-        self._target = target(address, timeout, tls, tls_ca, tls_cert, tls_key, server_hostname)
-        self._pool_size = check_pool_size(pool_size)
-        self._closed = False
-        self._floor: int | None = None  # the highest value seen: the counter is at least that
-        self._own()
-
-    def _own(self) -> None:
+    def _reset_pool(self) -> None:
         """Start this process's pool: a forked child never touches the
         connections (or a lock held by a thread) of its parent."""
         self._generation = PROCESS.generation
@@ -246,10 +223,6 @@ class CounterClient:
         self._open: list[_Shared] = []
         self._opening = 0  # connections being opened
         self._signals = threading.local()  # each thread's _Signal
-
-    @property
-    def address(self) -> str:
-        return self._target.address
 
     def increment(self, n: int = 1) -> int:
         """Add ``n`` (0..2^64 - 1) and return the counter right after it.
@@ -282,10 +255,8 @@ class CounterClient:
 
     def _call(self, checked: list[int], frames: bytes) -> list[int]:
         if self._generation != PROCESS.generation:
-            self._own()
-        where, floor = self._target, self._floor
-        frames = outgoing(where.address, floor, checked, frames)
-        deadline = Deadline(where.timeout)
+            self._reset_pool()
+        frames, floor, deadline = self._begin(checked, frames)
         signal = getattr(self._signals, "signal", None) or self._new_signal()
         call = Pending(frames, deadline, signal)
         connection, sender, reader = self._submit(call, deadline)
@@ -303,10 +274,7 @@ class CounterClient:
                 self._settle(connection)
         if call.ended is not None:
             raise self._outcome(call, connection, checked, floor, deadline) from None
-        _, replies = split_probe(decode_call(call.data), floor)
-        if floor is None or replies[-1] > floor:  # a race between threads only keeps it lower
-            self._floor = replies[-1]
-        return replies
+        return self._replies(call.data, floor)
 
     def _new_signal(self) -> _Signal:
         """This thread's (or greenlet's) signal: it waits for one call at a
@@ -567,8 +535,7 @@ class CounterClient:
                 error, seen = done.value
                 break
             answer = self._value_now(deadline) if ask is READ_NOW else _speaks_tls(where, deadline)
-        if seen is not None and (self._floor is None or seen > self._floor):
-            self._floor = seen
+        self._saw(seen)
         return error
 
     def _value_now(self, deadline: Deadline) -> int | ConnectionEnded | None:
@@ -602,6 +569,3 @@ class CounterClient:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"CounterClient({self.address!r})"
