@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 900  # seconds for one mutant's tests; a hang counts as caught (CI would stop)
 
 
-TEST_PROCESSES = "tests/server/test_processes.py"
+TEST_PROCESSES = "tests/server/test_workers.py"
 TEST_CALLS = "tests/client/test_calls.py"
 TEST_PIPELINE = "tests/client/test_pipeline.py"
 EVERY_CLAIM = (

@@ -1,4 +1,4 @@
-"""The in-memory counter store."""
+"""server.store.base: the in-memory counter store."""
 
 from __future__ import annotations
 
