@@ -117,6 +117,12 @@ class ServerProcess:
             self.signal(signal.SIGTERM)
         return self.wait(timeout)
 
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     @property
     def totals(self) -> tuple[int, int]:
         """(requests applied, final value) from the closing lines, once stopped."""

@@ -49,15 +49,12 @@ print(json.dumps({"replies": replies, "many": many, "value": value,
 
 
 def test_20_tasks_share_one_client_without_gevent():
-    server = start_server("--metrics-port", "0")
-    try:
+    with start_server("--metrics-port", "0") as server:
         result = subprocess.run(
             [sys.executable, "-c", TASKS, f"127.0.0.1:{server.port}", str(REPO_ROOT)],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         accepted = metric(server.metrics_url(), "counter_server_connections_accepted_total")
-    finally:
-        server.stop()
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["replies"] == list(range(1, 4001))

@@ -102,8 +102,7 @@ def test_an_increment_that_cannot_fit_is_refused_without_sending():
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
 def test_an_increment_applied_after_a_timeout_near_the_top_is_indeterminate(front_end):
     # The independent run's case: paused 0.75 s, timeout 0.5 s, applied once resumed.
-    server = start_server()
-    try:
+    with start_server() as server:
         exchange(server.port, MAX_COUNTER - 11)
         address = f"127.0.0.1:{server.port}"
         server.signal(signal.SIGSTOP)
@@ -117,8 +116,6 @@ def test_an_increment_applied_after_a_timeout_near_the_top_is_indeterminate(fron
         after = read_counter(server.port)
         assert isinstance(outcome, Indeterminate), outcome
         assert_claim_holds(outcome, 10, MAX_COUNTER - 11, after)
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("front_end", FRONT_ENDS)

@@ -62,12 +62,11 @@ def test_the_package_holds_only_the_product(folder):
 
 
 def test_ipv6_address():
-    server = start_server("--host", "::1")
-    try:
-        with CounterClient(f"[::1]:{server.port}") as counter:
-            assert counter.increment(2) == 2
-    finally:
-        server.stop()
+    with (
+        start_server("--host", "::1") as server,
+        CounterClient(f"[::1]:{server.port}") as counter,
+    ):
+        assert counter.increment(2) == 2
 
 
 def increments_from_threads(counter: CounterClient, threads: int, each: int) -> list[int]:
@@ -91,16 +90,13 @@ def increments_from_threads(counter: CounterClient, threads: int, each: int) -> 
 
 
 def test_16_threads_share_one_client_and_every_reply_is_distinct():
-    server = start_server("--metrics-port", "0")
-    try:
+    with start_server("--metrics-port", "0") as server:
         with CounterClient(f"127.0.0.1:{server.port}", pool_size=2) as counter:
             replies = increments_from_threads(counter, 16, 1000)
             assert sorted(replies) == list(range(1, 16001))
             assert counter.read() == 16000
         accepted = metric(server.metrics_url(), "counter_server_connections_accepted_total")
         assert accepted <= 2, f"{accepted:.0f} connections for pool_size=2"
-    finally:
-        server.stop()
 
 
 GREENLETS = """
@@ -209,14 +205,11 @@ def test_a_restarted_server_is_reconnected_to_by_itself(tmp_path):
     with CounterClient(f"127.0.0.1:{port}", pool_size=2) as counter:
         assert counter.increment_many([1, 1]) == [1, 2]
         server.stop()
-        server = start_server(*args)
-        try:
+        with start_server(*args) as server:
             # The pooled connections were closed by the old server: dropped,
             # not used for a frame (that would be Indeterminate).
             assert counter.increment() == 3
             assert counter.read() == 3
-        finally:
-            server.stop()
 
 
 def test_a_server_that_never_replies_times_out_as_indeterminate():
@@ -282,11 +275,10 @@ def test_mutual_tls(pki):
 
 def test_threads_against_processes_workers_get_one_exact_sequence():
     # The pooled connections land on different --processes workers.
-    server = start_server("--processes", "2")
-    try:
-        with CounterClient(f"127.0.0.1:{server.port}", pool_size=6) as counter:
-            replies = increments_from_threads(counter, 6, 300)
-            assert counter.read() == 1800
-    finally:
-        server.stop()
+    with (
+        start_server("--processes", "2") as server,
+        CounterClient(f"127.0.0.1:{server.port}", pool_size=6) as counter,
+    ):
+        replies = increments_from_threads(counter, 6, 300)
+        assert counter.read() == 1800
     assert sorted(replies) == list(range(1, 1801))

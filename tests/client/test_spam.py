@@ -161,8 +161,7 @@ def test_a_pool_smaller_than_the_run_is_noted_and_the_range_holds():
     # 2 clients x 2 CPUs x 2 connections against a pool of 2: most
     # connections wait in the listen queue, their frames time out on the
     # client, and the server applies them when it reaches them.
-    server = start_server("--multiplier", "1", "--metrics-port", "0")
-    try:
+    with start_server("--multiplier", "1", "--metrics-port", "0") as server:
         result = run_spam({
             "CLIENTS": "2", "DURATION": "3", "MULTIPLIER": "2", "TIMEOUT": "1",
             "SERVER": f"127.0.0.1:{server.port}", "METRICS": server.metrics_url(),
@@ -171,8 +170,6 @@ def test_a_pool_smaller_than_the_run_is_noted_and_the_range_holds():
         assert "the server serves 2 connections at once and this run opens 8" in out, out
         assert "acknowledged <= moved <= acknowledged + unanswered" in out
         assert result.returncode == 0 and "RESULT: OK" in out, out + result.stderr
-    finally:
-        server.stop()
 
 
 LOSING_SERVER = """

@@ -108,12 +108,9 @@ def test_without_the_virtualenv_one_line_names_the_package(command):
 def test_go_flag_forms_start_the_server():
     from support import exchange, start_server
 
-    server = start_server("-port", "0", "-multiplier", "3")
-    try:
+    with start_server("-port", "0", "-multiplier", "3") as server:
         assert server.pool_size == 3 * len(__import__("os").sched_getaffinity(0))
         assert exchange(server.port, 2) == (2,)
-    finally:
-        server.stop()
 
 
 def test_go_forms_of_the_client_flags(server_for_cli):
@@ -127,12 +124,9 @@ def test_go_forms_of_the_client_flags(server_for_cli):
 def test_port_with_a_host_listens_on_that_address():
     from support import exchange, start_server
 
-    server = start_server("--port", "127.0.0.1:0", host=None)
-    try:
+    with start_server("--port", "127.0.0.1:0", host=None) as server:
         assert server.ready.host == "127.0.0.1"
         assert exchange(server.port, 1) == (1,)
-    finally:
-        server.stop()
     both = run(COMMANDS["server"], "--port", "127.0.0.1:8080", "--host", "::1")
     assert both.returncode == 2 and "names the host already: drop --host" in both.stderr
     bare = run(COMMANDS["server"], "--port", "::1:8080")
@@ -153,14 +147,11 @@ def test_the_default_listens_on_ipv4_and_ipv6_and_shows_ipv4_clients_as_ipv4():
     from support import exchange, start_server
 
     # At debug level, where a client that closed is logged.
-    server = start_server("--max-conns-per-ip", "5", "--log-level", "debug", host=None)
-    try:
+    with start_server("--max-conns-per-ip", "5", "--log-level", "debug", host=None) as server:
         assert "(IPv4 and IPv6)" in server.stdout_path.read_text()
         with socket.create_connection(("::1", server.port), timeout=5):
             pass
         assert exchange(server.port, 1) == (1,)  # over IPv4
-    finally:
-        server.stop()
     assert "connection from 127.0.0.1:" in server.stderr and "::ffff:" not in server.stderr
 
 
@@ -231,13 +222,10 @@ def test_a_missing_password_is_named(redis_with_password):
 def test_redis_down_at_start_is_said_plainly():
     from support import free_port, start_server
 
-    server = start_server("--backend", f"redis://127.0.0.1:{free_port()}/0?key=counter")
-    try:
+    with start_server("--backend", f"redis://127.0.0.1:{free_port()}/0?key=counter") as server:
         line = server.stdout_path.read_text()
         assert "not reachable yet: serving once it is" in line and "counter 0" not in line
         assert line.lower().count("counter") == 2, line  # "Counter server", "?key=counter"
-    finally:
-        server.stop()
 
 
 def test_a_backend_password_kept_off_the_command_line(redis_with_password, tmp_path):
@@ -256,14 +244,11 @@ def test_a_backend_password_kept_off_the_command_line(redis_with_password, tmp_p
         (("--backend-file", str(secret_file)), {"COUNTER_SERVER_BACKEND": "redis://nowhere:1/0"}),
     ]
     for args, env in ways:
-        server = start_server(*args, "--metrics-port", "0", env=env)
-        try:
+        with start_server(*args, "--metrics-port", "0", env=env) as server:
             assert exchange(server.port, 1)[0] >= 1
             shown = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode()
             for path in ("/metrics", "/healthz"):
                 shown += http_get(server.metrics_url(path))[1]
-        finally:
-            server.stop()
         shown += server.stdout + server.stderr
         assert "s3cret" not in shown, shown
         assert f"127.0.0.1:{redis_with_password.port}" in server.stdout  # where, without the secret

@@ -50,12 +50,9 @@ def test_every_series_the_dashboard_and_alerts_use_is_exported(tmp_path, redis_u
         ["--state-file", str(tmp_path / "counter.state"), "--rate", "1000"],
         ["--backend", redis_url],
     ):
-        server = start_server("--metrics-port", "0", *args)
-        try:
+        with start_server("--metrics-port", "0", *args) as server:
             exchange(server.port, 1, 2)
             names |= exported(server)
-        finally:
-            server.stop()
     wanted = referenced()
     assert len(wanted) >= 15, wanted
     assert not wanted - names, f"referenced but not exported: {sorted(wanted - names)}"

@@ -46,9 +46,6 @@ def test_a_port_in_use_as_quoted():
 def test_a_redis_down_at_start_as_quoted():
     quote = quoted("Redis ... not reachable yet: serving once it is")
     head, _, tail = quote.partition(" ... ")
-    server = start_server("--backend", f"redis://127.0.0.1:{free_port()}/0")
-    try:
+    with start_server("--backend", f"redis://127.0.0.1:{free_port()}/0") as server:
         line = server.stdout_path.read_text().splitlines()[0]
-    finally:
-        server.stop()
     assert f"{head} redis://127.0.0.1:" in line and tail in line, line

@@ -282,8 +282,7 @@ def test_the_per_ip_cap_holds_across_worker_processes():
 
 
 def test_the_rate_holds_across_worker_processes():
-    server = start_server("--processes", "2", "--rate", "2000", "--burst", "100")
-    try:
+    with start_server("--processes", "2", "--rate", "2000", "--burst", "100") as server:
         result = run_client(
             "--serverAddress", f"127.0.0.1:{server.port}", "--pipeline", "32",
             "--multiplier", "4", "--duration", "3", "--json",
@@ -295,8 +294,6 @@ def test_the_rate_holds_across_worker_processes():
         rate = report["requests_acknowledged"] / report["duration_s"]
         assert rate <= 2400, f"{rate:.0f} frames/s with --rate 2000 over 2 workers"
         assert rate >= 1500, f"{rate:.0f} frames/s: throttled far below the rate"
-    finally:
-        server.stop()
 
 
 def test_ipv6_clients_are_capped_by_prefix_end_to_end():
@@ -319,24 +316,20 @@ def test_ipv6_clients_are_capped_by_prefix_end_to_end():
 
 
 def test_an_ipv4_mapped_allow_network_admits_ipv4_clients():
-    server = start_server("--allow", "::ffff:127.0.0.2/128")
-    try:
+    with start_server("--allow", "::ffff:127.0.0.2/128") as server:
         with connect_from("127.0.0.2", server.port) as sock:
             sock.sendall(frames(5))
             assert recv_replies(sock, 1) == (5,)
         with connect_from("127.0.0.1", server.port) as sock:
             sock.sendall(frames(1))
             assert closed_without_reply(sock)
-    finally:
-        server.stop()
 
 
 # --- clients that never read ----------------------------------------------------------
 
 
 def test_a_client_that_never_reads_gets_replies_in_bounded_writes():
-    server = start_server("--metrics-port", "0")
-    try:
+    with start_server("--metrics-port", "0") as server:
         sock = connect(server.port)
         sock.sendall(encode_request(1) * 20_000)  # 320 KB at once
         assert recv_replies(sock, 20_000)[-1] == 20_000
@@ -351,8 +344,6 @@ def test_a_client_that_never_reads_gets_replies_in_bounded_writes():
         # every write is in the bucket up to 2047, and some hit the bound.
         assert buckets["2047"] == buckets["+Inf"] > 0, buckets
         assert buckets["2047"] > buckets["1023"], buckets
-    finally:
-        server.stop()
 
 
 # --- the metrics endpoint -------------------------------------------------------------------

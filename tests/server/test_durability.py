@@ -31,12 +31,9 @@ def test_graceful_restart_resumes_where_it_stopped(tmp_path):
     assert "counter starts at 0 in new state file" in server.stdout_path.read_text()
     exchange(server.port, 5, 6)
     assert server.stop() == 0
-    server = start_server("--state-file", path)
-    try:
+    with start_server("--state-file", path) as server:
         assert resumed_value(server) == 11
         assert exchange(server.port, 1) == (12,)
-    finally:
-        server.stop()
 
 
 def crash_rounds(tmp_path, fsync: str, rounds: int, load_seconds: tuple[float, float]):
@@ -60,13 +57,10 @@ def crash_rounds(tmp_path, fsync: str, rounds: int, load_seconds: tuple[float, f
 def test_crash_with_fsync_always_never_loses_an_acknowledged_increment(tmp_path):
     rounds = 0
     for load, killed_at, start_value, path in crash_rounds(tmp_path, "always", 10, (0.3, 1.2)):
-        server = start_server("--state-file", path)
-        try:
+        with start_server("--state-file", path) as server:
             resumed = resumed_value(server)
             assert load.largest_before(killed_at) > start_value, "no reply before the kill"
             assert_exact(load.verdict(start_value, resumed))
-        finally:
-            server.stop()
         rounds += 1
     assert rounds == 10
 
@@ -74,8 +68,7 @@ def test_crash_with_fsync_always_never_loses_an_acknowledged_increment(tmp_path)
 def test_crash_with_fsync_everysec_loses_at_most_about_a_second(tmp_path):
     rounds = 0
     for load, killed_at, start_value, path in crash_rounds(tmp_path, "everysec", 3, (2.5, 3.0)):
-        server = start_server("--state-file", path)
-        try:
+        with start_server("--state-file", path) as server:
             resumed = resumed_value(server)
             settled = load.largest_before(killed_at - 1.5)
             assert settled > start_value, "no reply arrived early enough"
@@ -85,8 +78,6 @@ def test_crash_with_fsync_everysec_loses_at_most_about_a_second(tmp_path):
             verdict = load.verdict(start_value, resumed)
             assert resumed <= verdict.high, verdict.summary()  # nothing applied twice
             assert not verdict.twice, verdict.summary()
-        finally:
-            server.stop()
         rounds += 1
     assert rounds == 3
 
@@ -131,8 +122,7 @@ def test_bad_fsync_mode(tmp_path):
 
 
 def test_fsync_always_under_concurrent_load_stays_exact(tmp_path):
-    server = start_server("--state-file", str(tmp_path / "s"), "--fsync", "always")
-    try:
+    with start_server("--state-file", str(tmp_path / "s"), "--fsync", "always") as server:
         results: list[tuple[int, ...]] = []
 
         def client() -> None:
@@ -146,6 +136,4 @@ def test_fsync_always_under_concurrent_load_stays_exact(tmp_path):
             t.join(60)
         everything = sorted(v for r in results for v in r)
         assert everything == list(range(1, 1001))
-    finally:
-        server.stop()
     assert server.totals[1] == 1000

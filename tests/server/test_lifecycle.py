@@ -29,26 +29,20 @@ from support import (
 
 
 def test_startup_line_names_address_pool_and_pid():
-    server = start_server("--multiplier", "3")
-    try:
+    with start_server("--multiplier", "3") as server:
         first_line = server.stdout_path.read_text().splitlines()[0]
         assert f"127.0.0.1:{server.port}" in first_line
         assert f"pid {server.proc.pid}" in first_line
         assert server.pool_size % 3 == 0 and server.pool_size >= 3
         assert "TLS" not in first_line and "metrics" not in first_line
-    finally:
-        server.stop()
 
 
 def test_startup_line_says_tls_the_metrics_url_and_the_whole_pool(pki):
-    server = start_server(
+    with start_server(
         "--processes", "2", "--multiplier", "3", "--metrics-port", "0", "--backend", "memory",
         "--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"],
-    )  # fmt: skip
-    try:
+    ) as server:  # fmt: skip
         line = server.stdout_path.read_text().splitlines()[0]
-    finally:
-        server.stop()
     per_process = server.ready.pool
     assert f"127.0.0.1:{server.port} with TLS (" in line, line
     assert f"pool {2 * per_process} = 2 processes x {per_process} (" in line, line
@@ -57,8 +51,7 @@ def test_startup_line_says_tls_the_metrics_url_and_the_whole_pool(pki):
 
 def test_a_client_leaving_is_logged_only_at_debug():
     for level, logged in (("info", False), ("debug", True)):
-        server = start_server("--log-level", level)
-        try:
+        with start_server("--log-level", level) as server:
             for value in range(1, 11):  # more than the 5 lines a log key may write per 10 s
                 assert exchange(server.port, 1) == (value,)
             with connect(server.port) as sock:  # an abrupt end stays news
@@ -66,8 +59,6 @@ def test_a_client_leaving_is_logged_only_at_debug():
                 sock.sendall(frames(1)[:5])
             log = server.stderr_path
             wait_until(lambda: "closed: reset" in log.read_text(), 10, "reset")  # noqa: B023
-        finally:
-            server.stop()
         assert ("closed: peer closed" in server.stderr) is logged, server.stderr
         # Nor a summary of the lines not wanted ("N similar messages suppressed").
         assert ("peer_closed" in server.stderr) is logged, server.stderr
@@ -155,12 +146,9 @@ def test_port_already_in_use_is_one_line_and_exit_1():
 
 def test_go_style_port_and_default_host():
     port = free_port()
-    server = start_server("--port", f":{port}", "--host", "0.0.0.0")
-    try:
+    with start_server("--port", f":{port}", "--host", "0.0.0.0") as server:
         assert server.port == port
         assert exchange(port, 2) == (2,)
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize(
@@ -199,11 +187,8 @@ def test_help_exits_0():
 
 def test_runs_from_another_directory_with_a_relative_path():
     tests_dir = REPO_ROOT / "tests"
-    server = start_server(cwd=tests_dir, script=os.path.join("..", "server", "server.py"))
-    try:
+    with start_server(cwd=tests_dir, script=os.path.join("..", "server", "server.py")) as server:
         assert exchange(server.port, 1) == (1,)
-    finally:
-        server.stop()
 
 
 def help_of_module(module: str) -> subprocess.CompletedProcess:

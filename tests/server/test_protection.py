@@ -38,20 +38,16 @@ from testing.procinfo import rss_kib
 
 
 def test_one_byte_then_silence_is_closed_by_the_frame_timeout():
-    server = start_server("--frame-timeout", "1", "--idle-timeout", "30")
-    try:
+    with start_server("--frame-timeout", "1", "--idle-timeout", "30") as server:
         with connect(server.port) as sock:
             sock.sendall(b"\0")
             assert 0.7 < closed_within(sock, 10) < 5  # 1 s, and a loaded machine's margin
         assert exchange(server.port, 1) == (1,)
-    finally:
-        server.stop()
     assert "closed: frame timeout (frame timeout after 1s)" in server.stderr
 
 
 def test_slowloris_trickle_is_closed_by_the_frame_timeout():
-    server = start_server("--frame-timeout", "1.5", "--idle-timeout", "30")
-    try:
+    with start_server("--frame-timeout", "1.5", "--idle-timeout", "30") as server:
         with connect(server.port) as sock:
             started = time.monotonic()
             closed = False
@@ -68,62 +64,53 @@ def test_slowloris_trickle_is_closed_by_the_frame_timeout():
                 closed_within(sock, 5)
             assert time.monotonic() - started < 4, "the trickle kept the connection open"
         assert read_counter(server.port) == 0
-    finally:
-        server.stop()
     assert "frame timeout" in server.stderr
 
 
 def test_silent_connection_is_closed_by_the_idle_timeout():
-    server = start_server("--idle-timeout", "1")
-    try:
-        with connect(server.port) as sock:
-            sock.sendall(frames(5))
-            assert recv_replies(sock, 1) == (5,)
-            assert 0.7 < closed_within(sock, 10) < 5  # 1 s, and a loaded machine's margin
-    finally:
-        server.stop()
+    with start_server("--idle-timeout", "1") as server, connect(server.port) as sock:
+        sock.sendall(frames(5))
+        assert recv_replies(sock, 1) == (5,)
+        assert 0.7 < closed_within(sock, 10) < 5  # 1 s, and a loaded machine's margin
     assert "closed: idle timeout (idle timeout after 1s)" in server.stderr
 
 
 def test_timeouts_can_be_switched_off():
-    server = start_server("--idle-timeout", "0", "--frame-timeout", "0")
-    try:
-        with connect(server.port) as sock:
-            sock.sendall(b"\0")
-            sock.settimeout(2.5)
-            with pytest.raises(TimeoutError):
-                sock.recv(1)  # still open: nobody closed it
-    finally:
-        server.stop()
+    with (
+        start_server("--idle-timeout", "0", "--frame-timeout", "0") as server,
+        connect(server.port) as sock,
+    ):
+        sock.sendall(b"\0")
+        sock.settimeout(2.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # still open: nobody closed it
 
 
 def test_write_timeout_0_never_cuts_a_client_that_reads_late():
-    server = start_server("--write-timeout", "0", "--idle-timeout", "0", "--frame-timeout", "0")
-    try:
-        with stall_server(server.port) as sock:
-            time.sleep(2)  # several reaper passes while the server cannot write
-            sock.settimeout(10)
-            received = 0
-            while received < 1 << 16:  # slow: the stalled socket's window is 4 KiB
-                chunk = sock.recv(1 << 16)
-                assert chunk, f"closed after {received} reply bytes"
-                received += len(chunk)
-    finally:
-        server.stop()
+    with (
+        start_server(
+            "--write-timeout", "0", "--idle-timeout", "0", "--frame-timeout", "0"
+        ) as server,
+        stall_server(server.port) as sock,
+    ):
+        time.sleep(2)  # several reaper passes while the server cannot write
+        sock.settimeout(10)
+        received = 0
+        while received < 1 << 16:  # slow: the stalled socket's window is 4 KiB
+            chunk = sock.recv(1 << 16)
+            assert chunk, f"closed after {received} reply bytes"
+            received += len(chunk)
     assert "write timeout" not in server.stderr
 
 
 def test_client_that_never_reads_is_closed_by_the_write_timeout_with_bounded_memory():
-    server = start_server("--write-timeout", "1")
-    try:
+    with start_server("--write-timeout", "1") as server:
         baseline = rss_kib(server.proc.pid)
         with stall_server(server.port) as sock:
             stalled = rss_kib(server.proc.pid)
             closed_within(sock, 10)
         assert stalled - baseline < 30_000, f"RSS grew by {stalled - baseline} KiB"
         assert exchange(server.port, 0)[0] > 0  # still serving, frames were applied
-    finally:
-        server.stop()
     assert "closed: write timeout (write timeout after 1s)" in server.stderr
 
 
@@ -170,8 +157,7 @@ def pump(source: str, port: int, seconds: float, counts: list[int]) -> None:
 
 
 def test_rate_limit_slows_a_greedy_client_and_spares_another():
-    server = start_server("--rate", "2000", "--burst", "100", "--metrics-port", "0")
-    try:
+    with start_server("--rate", "2000", "--burst", "100", "--metrics-port", "0") as server:
         other = [0]
         thread = threading.Thread(
             daemon=True, target=pump, args=("127.0.0.2", server.port, 3.0, other)
@@ -201,8 +187,6 @@ def test_rate_limit_slows_a_greedy_client_and_spares_another():
             if line.startswith("counter_server_throttled_seconds_total ")
         )
         assert throttled > 0, "the greedy client was never held back"
-    finally:
-        server.stop()
 
 
 def replies_within(socks: list[socket.socket], seconds: float) -> list[int]:
@@ -290,10 +274,9 @@ def test_a_client_gets_one_burst_however_many_connections_it_opens(store, tmp_pa
 def test_closing_every_connection_does_not_forget_the_debt(processes):
     """One connection at a time for 2 s: 100 frames, close, wait 0.3 s, reconnect.
     The client's bucket outlives its connections."""
-    server = start_server(
+    with start_server(
         "--rate", "10", "--burst", "100", "--max-conns-per-ip", "100", "--processes", processes
-    )
-    try:
+    ) as server:
         replies, started = 0, time.monotonic()
         while time.monotonic() - started < 2.0:
             with connect(server.port) as sock:
@@ -302,45 +285,36 @@ def test_closing_every_connection_does_not_forget_the_debt(processes):
             time.sleep(0.3)
         elapsed = time.monotonic() - started
         assert replies <= 100 + 10 * elapsed + 5, f"{replies} replies in {elapsed:.1f}s"
-    finally:
-        server.stop()
 
 
 # --- admission: allowlist and per-IP cap -----------------------------------------
 
 
 def test_allowlist_closes_other_peers_at_accept():
-    server = start_server("--allow", "127.0.0.2/32", "--allow", "10.0.0.0/8")
-    try:
+    with start_server("--allow", "127.0.0.2/32", "--allow", "10.0.0.0/8") as server:
         with connect_from("127.0.0.1", server.port) as sock:
             sock.sendall(frames(1))
             assert closed_without_reply(sock)
         with connect_from("127.0.0.2", server.port) as sock:
             sock.sendall(frames(1))
             assert recv_replies(sock, 1) == (1,)
-    finally:
-        server.stop()
     assert "connection from 127.0.0.1:" in server.stderr
     assert "closed: not allowed" in server.stderr
 
 
 def test_allowlist_with_ipv6():
-    server = start_server("--host", "::", "--allow", "::1/128")
-    try:
+    with start_server("--host", "::", "--allow", "::1/128") as server:
         with connect_from("::1", server.port, host="::1") as sock:
             sock.sendall(frames(2))
             assert recv_replies(sock, 1) == (2,)
         with connect_from("127.0.0.1", server.port) as sock:  # arrives as ::ffff:127.0.0.1
             sock.sendall(frames(2))
             assert closed_without_reply(sock)
-    finally:
-        server.stop()
     assert "closed: not allowed" in server.stderr
 
 
 def test_connections_per_ip_are_capped():
-    server = start_server("--max-conns-per-ip", "2")
-    try:
+    with start_server("--max-conns-per-ip", "2") as server:
         first, second = connect(server.port), connect(server.port)
         for sock in (first, second):
             sock.sendall(frames(0))
@@ -354,17 +328,12 @@ def test_connections_per_ip_are_capped():
         first.close()  # its slot is given back once the server sees the close
         assert served_within(server.port, 10, 1) == (2,)
         second.close()
-    finally:
-        server.stop()
     assert "closed: per ip limit" in server.stderr
 
 
 def test_a_per_ip_cap_that_is_not_below_the_pool_is_warned_about():
-    server = start_server("--max-conns-per-ip", "64", "--multiplier", "2")
-    try:
+    with start_server("--max-conns-per-ip", "64", "--multiplier", "2") as server:
         pool = server.pool_size
-    finally:
-        server.stop()
     assert (
         f"--max-conns-per-ip 64 is not below the pool of {pool}: one client can still take "
         f"every slot; use at most {pool // 2} (half the pool)"

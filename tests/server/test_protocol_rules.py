@@ -116,8 +116,7 @@ def test_truncated_frame_is_discarded(server):
 
 
 def test_overflow_at_the_top_of_the_range():
-    server = start_server()
-    try:
+    with start_server() as server:
         assert exchange(server.port, MAX_COUNTER - 1) == (MAX_COUNTER - 1,)
         with connect(server.port) as sock:
             sock.sendall(frames(1, 0, 1, 5))
@@ -128,8 +127,6 @@ def test_overflow_at_the_top_of_the_range():
             sock.sendall(frames(MAX_COUNTER))
             assert recv_until_closed(sock) == b""
         assert read_counter(server.port) == MAX_COUNTER
-    finally:
-        server.stop()
     assert "overflow" in server.stderr
     assert server.totals[1] == MAX_COUNTER
 
@@ -181,8 +178,7 @@ def test_120_concurrent_connections_get_exactly_every_value():
 
 
 def test_full_pool_makes_new_connections_wait_then_serves_them():
-    server = start_server("--multiplier", "1", "--evict-idle-after", "0")  # holders stay
-    try:
+    with start_server("--multiplier", "1", "--evict-idle-after", "0") as server:  # holders stay
         holders = [connect(server.port) for _ in range(server.pool_size)]
         for sock in holders:
             sock.sendall(frames(0))
@@ -199,8 +195,6 @@ def test_full_pool_makes_new_connections_wait_then_serves_them():
         assert decode_replies(recv_exactly(waiting, 8)) == (1,)
         for sock in [*holders, waiting]:
             sock.close()
-    finally:
-        server.stop()
     assert "connection pool full" in server.stderr
     assert "1 connections waiting to be accepted" in server.stderr
 

@@ -63,8 +63,7 @@ def on_disk_or_none(path: Path) -> int | None:
     ids=["processes-processes", "processes-single", "single-processes"],
 )
 def test_a_second_instance_on_a_served_port_is_refused(first, second):
-    owner = start_server(*first)
-    try:
+    with start_server(*first) as owner:
         before = exchange(owner.port, 1)[0]
         result = run_server_command(
             "--host", "127.0.0.1", "--port", str(owner.port), *second, timeout=30
@@ -77,13 +76,10 @@ def test_a_second_instance_on_a_served_port_is_refused(first, second):
         assert [exchange(owner.port, 1)[0] for _ in range(20)] == list(
             range(before + 1, before + 21)
         )
-    finally:
-        owner.stop()
 
 
 def test_a_refused_start_leaves_no_file_behind(tmp_path):
-    owner = start_server()
-    try:
+    with start_server() as owner:
         env = {**os.environ, "TMPDIR": str(tmp_path)}
         result = run_server_command(
             "--host", "127.0.0.1", "--port", str(owner.port), "--processes", "2",
@@ -91,8 +87,6 @@ def test_a_refused_start_leaves_no_file_behind(tmp_path):
         )  # fmt: skip
         assert result.returncode == 1, result
         assert list(tmp_path.iterdir()) == []  # no lock file or table leaked
-    finally:
-        owner.stop()
 
 
 def test_a_ready_file_in_a_missing_directory_is_a_usage_error(tmp_path):
@@ -132,13 +126,10 @@ def test_rolling_restart_on_one_state_file_loses_nothing(tmp_path):
     assert acked_b == list(range(final_a + 1, final_a + 101))
     b.signal(signal.SIGKILL)
     b.wait()
-    c = start_server("--state-file", str(path), "--fsync", "always")
-    try:
+    with start_server("--state-file", str(path), "--fsync", "always") as c:
         # Both bounds: every frame sent to B was acknowledged, none unanswered.
         assert c.ready.initial == acked_b[-1]
         assert read_counter(c.port) == acked_b[-1]
-    finally:
-        c.stop()
 
 
 def test_a_rolling_restart_under_load_answers_every_frame_it_applied(tmp_path):
@@ -175,12 +166,9 @@ def test_an_instance_that_waited_resumes_where_the_owner_stopped(tmp_path):
         exchange(old.port, 2)
     port = old.port
     assert old.stop() == 0
-    new = start_server("--state-file", str(path), "--port", str(port))
-    try:
+    with start_server("--state-file", str(path), "--port", str(port)) as new:
         assert new.ready.initial == 60
         assert exchange(port, 1) == (61,)
-    finally:
-        new.stop()
 
 
 # --- the state file deleted or damaged while the server runs ----------------------
@@ -212,11 +200,8 @@ def test_a_state_file_lost_while_running_is_restored(tmp_path, fsync, damage):
         assert server.stop() == 0
     assert "restoring it from the live value" in server.stderr
     assert server.totals[1] == last
-    again = start_server("--state-file", str(path))
-    try:
+    with start_server("--state-file", str(path)) as again:
         assert again.ready.initial == last
-    finally:
-        again.stop()
 
 
 def test_a_link_planted_where_the_old_temporary_name_was_is_never_written_through(tmp_path):
@@ -304,11 +289,10 @@ def test_healthz_is_503_while_the_state_file_cannot_be_written(tmp_path):
     directory = tmp_path / "state"
     directory.mkdir()
     path = directory / "counter.state"
-    server = start_server(
+    with start_server(
         "--state-file", str(path), "--fsync", "always", "--metrics-port", "0",
         "--log-format", "json",
-    )  # fmt: skip
-    try:
+    ) as server:  # fmt: skip
         assert http_get(server.metrics_url("/healthz")) == (200, "ok\n")
         exchange(server.port, 1)
         directory.rename(tmp_path / "gone")  # the file's directory disappears
@@ -328,8 +312,6 @@ def test_healthz_is_503_while_the_state_file_cannot_be_written(tmp_path):
         assert exchange(server.port, 1) == (3,)
         assert on_disk(path) >= 3
         assert "counter_server_healthy 1.0" in http_get(server.metrics_url())[1]
-    finally:
-        server.stop()
     # Every line on stderr is a JSON object, gevent's own reports included.
     lines = server.stderr.splitlines()
     assert any("cannot" in line for line in lines)

@@ -174,8 +174,7 @@ def test_a_burst_of_connections_is_spread_over_the_workers():
     """A worker ahead of the others lets them accept (server.workers.AcceptBalance), so a
     burst is shared out; before, whichever worker woke first took up to
     gevent's 100 in a row, and one worker got 34 to 40 of the 40."""
-    server = start_server("--processes", "2")
-    try:
+    with start_server("--processes", "2") as server:
         workers = worker_pids(server)
         before = {pid: socket_count(pid) for pid in workers}
         held = []
@@ -191,8 +190,6 @@ def test_a_burst_of_connections_is_spread_over_the_workers():
         share = {pid: socket_count(pid) - before[pid] for pid in workers}
         for sock in held:
             sock.close()
-    finally:
-        server.stop()
     assert sum(share.values()) == 40, share
     # Even is 20 each; unbalanced was 0 to 6 for one of them. A loaded machine
     # may delay one worker's accepts, so the bound leaves room.
@@ -203,8 +200,7 @@ def test_a_dead_worker_is_replaced_and_nothing_acknowledged_is_lost():
     # With the metrics endpoint: a replacement is forked from a parent that
     # serves it, and must leave the parent's endpoint alone (it once failed
     # with EBADF and a traceback at the next scrape).
-    server = start_server("--processes", "2", "--metrics-port", "0")
-    try:
+    with start_server("--processes", "2", "--metrics-port", "0") as server:
         first, second = worker_pids(server)
         assert exchange(server.port, 5) == (5,)
         assert http_get(server.metrics_url())[0] == 200
@@ -221,8 +217,6 @@ def test_a_dead_worker_is_replaced_and_nothing_acknowledged_is_lost():
         assert values == list(range(6, 26))  # the counter lived on in shared memory
         for _ in range(3):
             assert http_get(server.metrics_url("/healthz"))[0] == 200
-    finally:
-        server.stop()
     assert "Traceback" not in server.stderr and "Bad file descriptor" not in server.stderr
     assert "starting a new one" in server.stderr
     assert "killed by SIGKILL" in server.stderr
@@ -290,12 +284,9 @@ def test_a_worker_that_does_not_stop_is_killed_5s_after_the_shutdown_timeout():
 
 
 def test_auto_starts_one_worker_per_cpu():
-    server = start_server("--processes", "auto")
-    try:
+    with start_server("--processes", "auto") as server:
         assert len(worker_pids(server)) == len(os.sched_getaffinity(0))
         assert read_counter(server.port) == 0
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize(

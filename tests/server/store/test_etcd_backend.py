@@ -62,13 +62,10 @@ def test_two_instances_share_one_exact_counter_and_compares_are_retried(cluster)
 
 def test_the_counter_at_its_maximum_refuses_overflow(cluster):
     cluster.ctl("put", "counter", str(MAX_COUNTER - 2))
-    server = start_server("--backend", cluster.url())
-    try:
+    with start_server("--backend", cluster.url()) as server:
         assert exchange(server.port, 1, 1) == (MAX_COUNTER - 1, MAX_COUNTER)
         assert try_increment(server.port) is None  # refused: closed without a reply
         assert exchange(server.port, 0) == (MAX_COUNTER,)
-    finally:
-        server.stop()
     assert cluster.get() == str(MAX_COUNTER)
 
 
@@ -78,8 +75,7 @@ def test_a_key_that_is_not_a_counter(cluster):
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result
     assert "holds b'hello', not a counter" in result.stderr
     cluster.ctl("put", "counter", "5")
-    server = start_server("--backend", cluster.url(), "--metrics-port", "0")
-    try:
+    with start_server("--backend", cluster.url(), "--metrics-port", "0") as server:
         assert try_increment(server.port) == 6
         cluster.ctl("put", "counter", "oops")  # an operator's mistake, while it runs
         assert try_increment(server.port) is None
@@ -88,13 +84,10 @@ def test_a_key_that_is_not_a_counter(cluster):
         assert cluster.get() == "oops", "the server overwrote what it does not understand"
         cluster.ctl("put", "counter", "6")
         wait_until(lambda: try_increment(server.port) == 7, 5, "serving again")
-    finally:
-        server.stop()
 
 
 def test_the_key_set_lower_is_refused_until_restored(cluster):
-    server = start_server("--backend", cluster.url(), "--metrics-port", "0")
-    try:
+    with start_server("--backend", cluster.url(), "--metrics-port", "0") as server:
         assert exchange(server.port, *[1] * 20)[-1] == 20
         cluster.ctl("put", "counter", "3")
         assert try_increment(server.port) is None
@@ -103,15 +96,12 @@ def test_the_key_set_lower_is_refused_until_restored(cluster):
         assert cluster.get() == "3"
         cluster.ctl("put", "counter", "20")
         wait_until(lambda: try_increment(server.port) == 21, 5, "acknowledging again")
-    finally:
-        server.stop()
     assert "etcdctl put counter 20" in server.stderr
 
 
 @pytest.mark.parametrize("change", [("put", "counter", "3"), ("del", "counter")])
 def test_a_key_set_lower_or_deleted_while_idle_turns_health_503(cluster, change):
-    server = start_server("--backend", cluster.url(), "--metrics-port", "0")
-    try:
+    with start_server("--backend", cluster.url(), "--metrics-port", "0") as server:
         assert exchange(server.port, *[1] * 20)[-1] == 20
         assert http_get(server.metrics_url("/healthz"))[0] == 200
         assert cluster.ctl(*change).returncode == 0
@@ -123,13 +113,10 @@ def test_a_key_set_lower_or_deleted_while_idle_turns_health_503(cluster, change)
         cluster.ctl("put", "counter", "20")
         wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 200, 5, "200 again")
         assert try_increment(server.port) == 21
-    finally:
-        server.stop()
 
 
 def test_health_follows_the_cluster_without_traffic(cluster):
-    server = start_server("--backend", cluster.url(), "--metrics-port", "0")
-    try:
+    with start_server("--backend", cluster.url(), "--metrics-port", "0") as server:
         assert try_increment(server.port) == 1
         cluster.kill()
         gone = time.monotonic()
@@ -139,27 +126,21 @@ def test_health_follows_the_cluster_without_traffic(cluster):
         cluster.start()
         wait_until(lambda: try_increment(server.port) == 2, 20, "serving again")
         assert http_get(server.metrics_url("/healthz"))[0] == 200
-    finally:
-        server.stop()
 
 
 def test_an_instance_started_without_quorum_serves_once_there_is_one(cluster):
     cluster.kill("m1", "m2")
-    server = start_server("--backend", cluster.url(), "--metrics-port", "0")
-    try:
+    with start_server("--backend", cluster.url(), "--metrics-port", "0") as server:
         assert "cannot confirm reads yet" in server.stderr_path.read_text()
         wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 503, 5, "503")
         assert try_increment(server.port) is None
         cluster.start("m1", "m2")
         wait_until(lambda: try_increment(server.port) == 1, 20, "serving with a quorum")
-    finally:
-        server.stop()
     assert "Traceback" not in server.stderr
 
 
 def test_a_leader_change_under_load_with_processes(cluster):
-    server = start_server("--backend", cluster.url(), "--processes", "2")
-    try:
+    with start_server("--backend", cluster.url(), "--processes", "2") as server:
         load = Load([server.port], 8)
         time.sleep(1.5)
         leader = cluster.leader()
@@ -170,8 +151,6 @@ def test_a_leader_change_under_load_with_processes(cluster):
         resumed = load.last_reply() - killed_at
         time.sleep(0.5)
         values = load.finish()
-    finally:
-        server.stop()
     assert_exact(load.verdict(0, int(cluster.get())))
     print(f"\nleader killed: acknowledging again {resumed:.1f}s later; {len(values)} replies")
 
@@ -283,11 +262,8 @@ def test_authentication(cluster):
     assert "nope" not in wrong.stderr
     missing = run_server_command("--backend", cluster.url())
     assert missing.returncode == 1 and "requires a user and password" in missing.stderr, missing
-    server = start_server("--backend", cluster.url(userinfo="root:rootpw@"))
-    try:
+    with start_server("--backend", cluster.url(userinfo="root:rootpw@")) as server:
         assert exchange(server.port, 1, 2) == (1, 3)
-    finally:
-        server.stop()
     assert "rootpw" not in server.stdout + server.stderr
     assert cluster.get(user="root:rootpw") == "3"
     # A user with only the rights docs/operations.md lists.
@@ -296,11 +272,8 @@ def test_authentication(cluster):
                     ["role", "grant-permission", "counting", "readwrite", "counter/writers/",
                      "--prefix"], ["user", "grant-role", "counter", "counting"]):  # fmt: skip
         assert cluster.ctl(*command, user="root:rootpw").returncode == 0, command
-    server = start_server("--backend", cluster.url(userinfo="counter:counterpw@"))
-    try:
+    with start_server("--backend", cluster.url(userinfo="counter:counterpw@")) as server:
         assert exchange(server.port, 1, 2) == (4, 6)
-    finally:
-        server.stop()
     assert "Traceback" not in server.stderr and "permission" not in server.stderr
 
 
@@ -322,11 +295,8 @@ def test_tls(tmp_path, pki):
         absent = run_server_command("--backend", members.url(query=f"?ca={tmp_path}/absent.pem"))
         assert absent.returncode == 1 and absent.stderr.count("\n") == 1, absent
         assert f"ca=: cannot read {tmp_path}/absent.pem: no such file" in absent.stderr
-        server = start_server("--backend", members.url(query=f"?ca={pki['ca']}"))
-        try:
+        with start_server("--backend", members.url(query=f"?ca={pki['ca']}")) as server:
             assert exchange(server.port, 4) == (4,)
-        finally:
-            server.stop()
     finally:
         members.kill()
 

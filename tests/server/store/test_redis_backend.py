@@ -121,8 +121,7 @@ def test_unreachable_redis_closes_without_reply_then_recovers(tmp_path):
 
 def test_overflow_at_the_redis_limit_applies_the_frames_that_fit(redis_server):
     redis_server.cli("set", "counter", str(REDIS_MAX - 3))
-    server = start_server("--backend", redis_server.url())
-    try:
+    with start_server("--backend", redis_server.url()) as server:
         assert exchange(server.port, 1) == (REDIS_MAX - 2,)
         with connect(server.port) as sock:
             sock.sendall(frames(1, 1, 1, 1))
@@ -132,8 +131,6 @@ def test_overflow_at_the_redis_limit_applies_the_frames_that_fit(redis_server):
             sock.sendall(frames(2**63))  # beyond what Redis can hold at all
             assert recv_until_closed(sock) == b""
         assert exchange(server.port, 0) == (REDIS_MAX,)
-    finally:
-        server.stop()
     assert "overflow" in server.stderr
     assert "counts up to 2^63 - 1 (Redis's integer range)" in server.stdout + server.stderr
 

@@ -49,11 +49,10 @@ def test_a_password_and_an_acl_user(tmp_path):
     redis.start()
     try:
         for userinfo in (":s3cret", "counter:pw"):
-            server = start_server("--backend", f"redis://{userinfo}@127.0.0.1:{redis.port}/0")
-            try:
+            with start_server(
+                "--backend", f"redis://{userinfo}@127.0.0.1:{redis.port}/0"
+            ) as server:
                 assert exchange(server.port, 2)[0] >= 2
-            finally:
-                server.stop()
             assert "s3cret" not in server.stdout + server.stderr  # never printed
         wrong = run_server_command("--backend", f"redis://counter:nope@127.0.0.1:{redis.port}/0")
         assert wrong.returncode == 1
@@ -105,11 +104,8 @@ def test_tls_to_redis_with_a_ca(tmp_path, pki):
     redis, tls_port = tls_redis(tmp_path, pki)
     try:
         url = f"rediss://127.0.0.1:{tls_port}/0?key=tls&ca={pki['ca']}"
-        server = start_server("--backend", url)
-        try:
+        with start_server("--backend", url) as server:
             assert exchange(server.port, 5) == (5,)
-        finally:
-            server.stop()
         assert redis.cli("get", "tls") == "5"
         untrusted = run_server_command(
             "--backend", f"rediss://127.0.0.1:{tls_port}/0?ca={pki['stranger_ca']}"
@@ -347,8 +343,7 @@ def test_replicas_all_waits_for_every_replica_the_sentinels_know(tmp_path):
     with replicated_set(tmp_path) as (primary, replicas, sentinels):
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
         url = f"redis+sentinel://{hosts}/primary/0?key=counter&replicas=all"
-        server = start_server("--backend", url, "--metrics-port", "0")
-        try:
+        with start_server("--backend", url, "--metrics-port", "0") as server:
             assert exchange(server.port, 1, 1) == (1, 2)
             replicas[1].kill()
             wait_until(lambda: "connected_slaves:1" in primary.cli("info", "replication"), 10,
@@ -360,8 +355,6 @@ def test_replicas_all_waits_for_every_replica_the_sentinels_know(tmp_path):
             assert status == 503 and "only 1 of 2 replicas" in body, body
             replicas[1].start()
             wait_until(lambda: try_increment(server.port) is not None, 15, "acknowledging again")
-        finally:
-            server.stop()
         assert "Traceback" not in server.stderr
 
 
@@ -373,13 +366,10 @@ def test_replicas_all_refuses_when_the_sentinels_know_no_replica(tmp_path):
     try:
         wait_until(lambda: sentinel.primary() == alone.address, 15, "sentinel watching")
         url = f"redis+sentinel://127.0.0.1:{sentinel.port}/primary/0?replicas=all"
-        server = start_server("--backend", url, "--metrics-port", "0")
-        try:
+        with start_server("--backend", url, "--metrics-port", "0") as server:
             assert try_increment(server.port) is None
             status, body = http_get(server.metrics_url("/healthz"))
             assert status == 503 and "know no replica" in body, body
-        finally:
-            server.stop()
         startup = server.stdout.splitlines()[0]
         assert "but replicas=all: the sentinels know no replica" in startup, startup
         assert "reachable" not in server.stdout + server.stderr
@@ -436,11 +426,8 @@ def test_permanent_redis_mistakes_are_one_line_exit_1(tmp_path, pki):
         assert said.replace("NAME", "words") in line, line
         assert redis.cli("get", "words") == "hello"
         # The same Redis, rightly addressed, serves.
-        server = start_server("--backend", f"rediss://127.0.0.1:{tls_port}/0?ca={pki['ca']}")
-        try:
+        with start_server("--backend", f"rediss://127.0.0.1:{tls_port}/0?ca={pki['ca']}") as server:
             assert exchange(server.port, 3) == (3,)
-        finally:
-            server.stop()
     finally:
         sentinel.kill()
         redis.kill()

@@ -317,11 +317,10 @@ def assert_stall_reported(server, result: list) -> None:
 
 def test_a_commit_held_up_by_the_files_lock_is_reported_and_then_completes(tmp_path):
     path = tmp_path / "counter.state"
-    server = start_server(
+    with start_server(
         "--state-file", str(path), "--fsync", "always", "--metrics-port", "0",
         "--processes", "2",
-    )  # fmt: skip
-    try:
+    ) as server:  # fmt: skip
         assert recv_one(server.port) == 1
         # A POSIX record lock on the file, as a worker stopped in the middle
         # of its commit holds it (the instance's own flock is separate).
@@ -338,8 +337,6 @@ def test_a_commit_held_up_by_the_files_lock_is_reported_and_then_completes(tmp_p
         assert result == [2]
         wait_until(lambda: http_get(server.metrics_url("/healthz"))[0] == 200, 3, "200")
         assert metric(server.metrics_url(), "counter_server_state_lock_wait_seconds_total") > 2
-    finally:
-        server.stop()
     assert "Traceback" not in server.stderr
 
 
