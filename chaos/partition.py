@@ -245,11 +245,10 @@ class RedisStore:
             self._server(host, "--replicaof", self.net.ip(1), "6379")
         wait_until(lambda: self.servers[1].cli("info", "replication").count("state=online") == 2,
                    30, "both replicas in sync")  # fmt: skip
-        self.sentinels = [
-            Sentinel(self.workdir, self.servers[1], host=self.net.ip(h), port=26379,
-                     run_in=self.net.run_in(h), ask_from=self.net.run_in(5))
-            for h in self.sentinel_hosts
-        ]  # fmt: skip
+        for h in self.sentinel_hosts:  # each kept as it starts: the teardown kills it
+            self.sentinels.append(Sentinel(self.workdir, self.servers[1], host=self.net.ip(h),
+                                           port=26379, run_in=self.net.run_in(h),
+                                           ask_from=self.net.run_in(5)))  # fmt: skip
 
     def ready(self) -> None:
         wait_until(lambda: all(s.primary() == self.servers[1].address for s in self.sentinels),
@@ -412,15 +411,22 @@ def run_one(backend: str, nemesis: str, timing: dict, connections: int) -> dict:
         return measure(backend, nemesis, replies, unanswered, final,
                        (fault_at, healed_at, ended_at))  # fmt: skip
     finally:
-        for server in servers:
-            with contextlib.suppress(Exception):
-                server.stop(10)
-        for _, proc in recorders:
-            end(proc)
-        if store is not None:
-            store.kill()
-        net.teardown()
-        shutil.rmtree(workdir, ignore_errors=True)
+        # A second Ctrl-C (or SIGTERM sent to the whole process group as well
+        # as to this process) must not cut the teardown short.
+        held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for server in servers:
+                with contextlib.suppress(Exception):
+                    server.stop(10)
+            for _, proc in recorders:
+                end(proc)
+            if store is not None:
+                store.kill()
+            net.teardown()
+            shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            for signum, handler in held.items():
+                signal.signal(signum, handler)
 
 
 def measure(backend: str, nemesis: str, replies: list, unanswered: int, final: int,
