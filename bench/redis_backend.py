@@ -35,6 +35,8 @@ from bench.base import (
     start_redis,
     work_folder,
 )
+from counter_server.common.cli import convert
+from counter_server.common.values import positive_int
 from testing.procinfo import cpu_seconds
 from testing.stores import EtcdCluster
 
@@ -76,17 +78,18 @@ def run_instances(
 
 def main() -> int:
     args, duration, runs = options(__doc__)
+    members = convert(__doc__, "--etcd", args["--etcd"], positive_int) if args["--etcd"] else 0
     raise_file_limit()
     workdir = work_folder("bench-redis-")
     loadgen = build_loadgen(workdir)
     redis = start_redis(workdir)
-    etcd = EtcdCluster(workdir, int(args["--etcd"] or 0))
+    etcd = EtcdCluster(workdir, members)
     try:
         print(f"unpinned, 40 connections in all, {duration}s per run, median of {runs}")
         url = redis.url("bench")
         settings = {"memory, 1 instance": (None, 1), "Redis, 1 instance": (url, 1),
                     "Redis, 2 instances": (url, 2)}  # fmt: skip
-        if args["--etcd"]:
+        if members:
             etcd.start()
             etcd.wait_healthy()
             etcd_url = etcd.url("bench")
@@ -118,7 +121,7 @@ def main() -> int:
                 + (
                     f", etcd / Redis {medians['etcd, 1 instance'] / redis_one:.2f}x (1 instance),"
                     f" {medians['etcd, 2 instances'] / redis_two:.2f}x (2)"
-                    if args["--etcd"]
+                    if members
                     else ""
                 ),
                 flush=True,
