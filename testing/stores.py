@@ -105,8 +105,9 @@ class RedisServer:
 
 
 class Sentinel:
-    """A redis-sentinel watching ``primary`` under the name "primary"; a
-    failover after 1 s without it. ``config`` lines are added to its file."""
+    """A redis-sentinel watching ``primary`` under the name "primary",
+    started at once; a failover after 1 s without it. ``config`` lines are
+    added to its file."""
 
     def __init__(self, directory, primary: RedisServer, *config: str, host: str = LOOPBACK,
                  port: int | None = None, run_in: Sequence[str] = (),
@@ -230,6 +231,8 @@ class EtcdCluster:
         statuses = self._statuses()
         others = [s["Status"]["header"]["member_id"] for s in statuses
                   if s["Status"].get("leader") != s["Status"]["header"]["member_id"]]  # fmt: skip
+        if not others:
+            raise NotReady("etcdctl move-leader: no follower answered to take the lead")
         moved = self.ctl("move-leader", format(others[0], "x"))
         if moved.returncode:
             raise NotReady(f"etcdctl move-leader: {moved.stderr.strip()}")
