@@ -193,7 +193,7 @@ class EtcdStore:
         return _host(self.cluster.hosts[leader])
 
     def restart(self, host: int) -> None:
-        self.cluster.start(f"m{self.hosts.index(host)}", state="existing")
+        self.cluster.start(self.cluster.names[self.hosts.index(host)], state="existing")
 
     def planned_failover(self) -> int:
         leader = self.primary()

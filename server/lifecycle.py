@@ -43,15 +43,11 @@ from counter_server.server.errors import (
 from counter_server.server.limits import Bucket, client_ip, limits_for, peer_key
 from counter_server.server.stats import ServerStats
 from counter_server.server.store import CounterStore
+from counter_server.server.timeouts import TimeoutReaper, Watched
 
 if TYPE_CHECKING:
     from counter_server.server.cli import ServerSettings
     from counter_server.server.workers import Seat
-
-from counter_server.server.timeouts import (
-    TimeoutReaper,
-    Watched,
-)
 
 log = logging.getLogger("counter.server")
 

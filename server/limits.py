@@ -475,13 +475,13 @@ class SharedLimits:
         self, table: PeerTable, worker: int, allow: Sequence[Network], max_per_ip: int | None
     ) -> None:
         self.table, self._worker = table, worker
-        self._allow, self._max_per_ip = tuple(allow), max_per_ip
+        self._allow = Admission(allow)  # the allowlist only: the table counts the cap
+        self._max_per_ip = max_per_ip
         self.throttled_seconds = 0.0  # this worker's waits for tokens
 
     def admit(self, ip: str, key: str) -> SharedBucket | None:
         """As ``Limits.admit``, counted across every worker."""
-        if self._allow and not allowed(ip, self._allow):
-            raise TurnedAway(CloseReason.NOT_ALLOWED)
+        self._allow.admit(ip, key)
         self.table.enter(key, self._worker, self._max_per_ip)
         return SharedBucket(self, key) if self.table.rate else None
 
